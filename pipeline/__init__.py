@@ -1,0 +1,1 @@
+"""The driver: config models, stages and their keys, the CLI (``mid``, ``python -m pipeline``)."""

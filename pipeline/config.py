@@ -1,0 +1,243 @@
+"""The typed run configuration: one pydantic tree loaded from YAML.
+
+Everything is validated before Ray starts. Unknown keys are errors (a typo must not
+silently fall back to a default), and every error names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
+
+from workers.attacks import FAMILIES, parse_attack_name
+
+class Section(BaseModel):
+    """A config section: unknown keys are rejected with the list of allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                allowed = ", ".join(cls.model_fields)
+                raise ValueError(f"unknown key {unknown[0]!r} (allowed: {allowed})")
+        return data
+
+
+class DataConfig(Section):
+    source: Literal["digits", "mnist", "fashion-mnist"] = "digits"
+    path: str | None = Field(None, description="folder of the IDX files (mnist, fashion-mnist)")
+    image_size: PositiveInt | None = Field(None, description="resize images to this side (bilinear)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits only: share held out for test")
+    train_limit: PositiveInt | None = Field(None, description="use a seeded subset of the train split")
+    test_limit: PositiveInt | None = Field(None, description="use a seeded subset of the test split")
+
+    @model_validator(mode="after")
+    def _path_for_files(self):
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r} (a folder of IDX files)")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+
+
+class TeacherConfig(TrainConfig):
+    lambda_rec: float = Field(1.0, ge=0.0, description="weight of the L1 reconstruction loss")
+
+
+class ModelsConfig(Section):
+    arch: Literal["lenet"] = "lenet"
+    feature_dim: PositiveInt = 84
+    num_workers: PositiveInt = 2
+    baseline: TrainConfig = TrainConfig()
+    teacher: TeacherConfig = TeacherConfig(epochs=30)
+
+
+class PGDSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+    nb_iter: PositiveInt = 40
+    eps_iter: PositiveFloat = 0.01
+    rand_init: bool = True
+
+
+class MIMSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+    nb_iter: PositiveInt = 40
+    eps_iter: PositiveFloat = 0.01
+    decay_factor: float = Field(1.0, ge=0.0)
+
+
+class FGSMSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+
+
+class BIMSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+    nb_iter: PositiveInt = 40
+    eps_iter: PositiveFloat = 0.05
+
+
+class AttackSettings(Section):
+    """Settings per attack family; ``_N`` and ``_T`` variants of a family share them."""
+
+    PGD: PGDSettings = PGDSettings()
+    MIM: MIMSettings = MIMSettings()
+    FGSM: FGSMSettings = FGSMSettings()
+    BIM: BIMSettings = BIMSettings()
+
+    def family_settings(self) -> dict[str, dict[str, Any]]:
+        return {family: getattr(self, family).model_dump() for family in FAMILIES}
+
+
+def _check_attack_names(names: list[str]) -> list[str]:
+    for name in names:
+        parse_attack_name(name)  # raises "unknown attack 'X' (allowed: ...)"
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack names repeat: {names}")
+    return names
+
+
+class PoolConfig(Section):
+    attacks: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
+    source_model: Literal["baseline", "teacher"] = "baseline"
+    shard_size: PositiveInt = 256
+    batch_size: PositiveInt = 256
+    variants: PositiveInt = 1
+    compressor: Literal["zstd", "blosc", "none"] = "zstd"
+    num_actors: PositiveInt = 2
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, v: list[str]) -> list[str]:
+        _check_attack_names(v)
+        if len(v) < 2:
+            raise ValueError("MID holds one attack out per step: the pool needs at least 2 attacks")
+        return v
+
+
+class LossWeightsConfig(Section):
+    ac: float = Field(1.0, ge=0.0)
+    cc: float = Field(1.0, ge=0.0)
+    lc: float = Field(1.0, ge=0.0)
+
+
+class MIDConfig(Section):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = Field(1e-3, description="outer learning rate γ (Adam)")
+    inner_lr: PositiveFloat = Field(1e-3, description="inner step size α of the fast weights")
+    beta: float = Field(1.0, ge=0.0, description="weight of the meta-test loss")
+    temperature: PositiveFloat = 1.0
+    second_order: bool = True
+    init_student: Literal["teacher", "random"] = "teacher"
+    meta_train_weights: LossWeightsConfig = LossWeightsConfig(ac=1.5, cc=0.8, lc=1.0)
+    meta_test_weights: LossWeightsConfig = LossWeightsConfig()
+    num_workers: PositiveInt = 2
+
+
+class EvalConfig(Section):
+    known: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
+    unknown: list[str] = ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
+    batch_size: PositiveInt = 256
+    num_actors: PositiveInt = 2
+
+    @field_validator("known", "unknown")
+    @classmethod
+    def _known_attacks(cls, v: list[str]) -> list[str]:
+        return _check_attack_names(v)
+
+    @property
+    def attacks(self) -> list[str]:
+        return [*self.known, *self.unknown]
+
+
+class StoreConfig(Section):
+    url: str = Field("store", description="local folder or fsspec URL (file://, s3://, gs://)")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="an existing cluster ('auto'); none starts a local one")
+    num_cpus: PositiveInt | None = None
+    cpus_per_worker: PositiveFloat = Field(0.5, description="CPUs per Ray Train worker / actor")
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    attacks: AttackSettings = AttackSettings()
+    pool: PoolConfig = PoolConfig()
+    mid: MIDConfig = MIDConfig()
+    eval: EvalConfig = EvalConfig()
+    store: StoreConfig = StoreConfig()
+    ray: RayConfig = RayConfig()
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line per problem."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        allowed = (e.get("ctx") or {}).get("expected")
+        if allowed and e["type"] == "literal_error":
+            msg = f"{e['input']!r} is not allowed (allowed: {allowed})"
+        elif not isinstance(e.get("input"), (dict, list)) and e["type"] != "value_error":
+            msg = f"{e['input']!r}: {msg}"
+        lines.append(f"config error: {loc}: {msg}" if loc else f"config error: {msg}")
+    return "\n".join(lines)
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: --set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"config error: --set {text!r}: expected key.path=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), store: str | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path}: not valid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path}: the top level must be a mapping")
+    for text in overrides:
+        set_path(tree, *parse_override(text))
+    if store is not None:
+        set_path(tree, "store.url", store)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

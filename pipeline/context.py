@@ -1,0 +1,71 @@
+"""What every stage of a run shares: the config, the store, the output folder, a lazily
+started Ray, and the record of each stage's key, cache hit and seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.config import RunConfig
+
+
+@dataclass
+class StageRecord:
+    key: str
+    cache_hit: bool
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3), **self.details}
+
+
+class RunContext:
+    def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.root = cfg.store.url.rstrip("/")
+        self.stages: dict[str, StageRecord] = {}
+        self._ray_started = False
+
+    def say(self, message: str) -> None:
+        print(f"[mid] {message}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body fills ``record['key']`` and ``record['cache_hit']``."""
+        record: dict[str, Any] = {"details": {}}
+        start = time.perf_counter()
+        yield record
+        self.stages[name] = StageRecord(record["key"], record["cache_hit"], time.perf_counter() - start,
+                                        record["details"])
+        verb = "reused cached" if record["cache_hit"] else "built"
+        self.say(f"{name}: {verb} {record['key']} ({self.stages[name].seconds:.1f} s)")
+
+    def ensure_ray(self) -> None:
+        """Start (or join) Ray only when a stage has real work: a fully cached run needs none."""
+        if self._ray_started:
+            return
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            self.say("starting Ray" if self.cfg.ray.address is None else f"joining Ray at {self.cfg.ray.address}")
+            kwargs: dict[str, Any] = {"address": self.cfg.ray.address, "log_to_driver": True}
+            if self.cfg.ray.address is None:
+                # A laptop run: loopback only, no dashboard.
+                kwargs.update(num_cpus=self.cfg.ray.num_cpus, include_dashboard=False,
+                              _node_ip_address="127.0.0.1")
+            ray.init(**kwargs)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self._ray_started = True
+
+    def ray_train_storage(self) -> str:
+        path = self.out_dir / "ray_train"
+        path.mkdir(parents=True, exist_ok=True)
+        return os.fspath(path.resolve())

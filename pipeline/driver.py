@@ -1,0 +1,38 @@
+"""One run, stage after stage: ingest → baseline, teacher → pool → mid → eval → report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import report
+from pipeline.config import RunConfig
+from pipeline.context import RunContext
+from pipeline.stages import evaluate, ingest, mid, models, pool
+
+
+def prepare_pool(ctx: RunContext):
+    dataset = ingest.run(ctx)
+    baseline = models.run(ctx, dataset, "baseline")
+    teacher = models.run(ctx, dataset, "teacher")
+    source = baseline if ctx.cfg.pool.source_model == "baseline" else teacher
+    pool_keys = pool.run(ctx, dataset, source)
+    return dataset, baseline, teacher, pool_keys
+
+
+def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    ctx = RunContext(cfg, out_dir)
+    dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
+    student = mid.run(ctx, dataset, teacher, pool_keys)
+    defenses = {
+        "None": {"kind": "classifier", "key": baseline["key"], "sha256": baseline["sha256"]},
+        "MID": {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
+                "sha256": [student["sha256"], teacher["sha256"]]},
+    }
+    results = evaluate.run(ctx, dataset, defenses)
+    table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
+    stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
+    printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
+    print(printed, flush=True)
+    ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")
+    return {"defenses": table, "stages": stages}

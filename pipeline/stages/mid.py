@@ -1,0 +1,51 @@
+"""MID: Ray Train workers stream the dataset and every pool view through Ray Data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.context import RunContext
+from pipeline.stages.models import model_spec, train_with_ray
+from storage import checkpoints
+from storage.datasets import DatasetReader
+from storage.keys import content_key
+
+
+def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_keys: dict[str, str]) -> dict[str, Any]:
+    import ray.data
+
+    from storage.datasource import AlignedViewsDatasource
+    from workers.train_mid import train_mid_loop
+
+    m = ctx.cfg.mid
+    with ctx.stage("mid") as record:
+        key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
+                                  "pools": pool_keys, "mid": m.model_dump(), "seed": ctx.cfg.seed})
+        record["key"] = key
+        manifest = checkpoints.verify_checkpoint(ctx.root, key)
+        record["cache_hit"] = manifest is not None
+        if manifest is None:
+            ctx.ensure_ray()
+            ctx.say(f"mid: meta-training on {m.num_workers} Ray Train workers "
+                    f"({'second' if m.second_order else 'first'} order, held-out attack per step)")
+            source = AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys)
+            data = ray.data.read_datasource(source, override_num_blocks=4)
+            config = {"root": ctx.root, "checkpoint_key": key, "teacher_key": teacher["key"],
+                      "spec": model_spec(ctx, dataset).as_dict(), "seed": ctx.cfg.seed,
+                      "attacks": list(pool_keys), **m.model_dump(exclude={"num_workers"})}
+            train_with_ray(ctx, train_mid_loop, config, data, m.num_workers, f"mid-{key}")
+            manifest = checkpoints.verify_checkpoint(ctx.root, key)
+            if manifest is None:
+                raise RuntimeError(f"mid: training finished but checkpoint {key} is not in the store")
+        write_metrics(ctx, manifest["history"])
+        record["details"] = {"sha256": manifest["sha256"], "final_epoch": manifest["history"][-1]}
+    return manifest
+
+
+def write_metrics(ctx: RunContext, history: list[dict[str, Any]]) -> None:
+    import json
+
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(ctx.out_dir / "mid_metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")

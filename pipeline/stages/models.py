@@ -1,0 +1,70 @@
+"""Models: the baseline classifier and the teacher, trained with Ray Train on clean data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.context import RunContext
+from storage import checkpoints
+from storage.datasets import DatasetReader
+from storage.keys import content_key
+from workers.models import ModelSpec
+
+
+def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
+    channels, height, width = dataset.image_shape()
+    return ModelSpec(arch=ctx.cfg.models.arch, in_channels=channels, image_size=height,
+                     num_classes=dataset.num_classes, feature_dim=ctx.cfg.models.feature_dim)
+
+
+def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], dataset, num_workers: int, name: str) -> None:
+    """Run a train loop on ``num_workers`` Ray Train workers over a Ray Dataset."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, datasets={"train": dataset},
+        # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": ctx.cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=ctx.ray_train_storage()),
+    )
+    trainer.fit()
+
+
+def clean_dataset(ctx: RunContext, dataset: DatasetReader):
+    import ray.data
+
+    from storage.datasource import AlignedViewsDatasource
+
+    return ray.data.read_datasource(AlignedViewsDatasource(ctx.root, dataset.key, "train"),
+                                    override_num_blocks=4)
+
+
+def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
+    """Train (or reuse) the ``baseline`` or the ``teacher``; returns its checkpoint manifest."""
+    from workers.train_classifier import train_classifier_loop
+
+    settings = getattr(ctx.cfg.models, kind)
+    spec = model_spec(ctx, dataset)
+    with ctx.stage(kind) as record:
+        key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(),
+                                 "train": settings.model_dump(), "seed": ctx.cfg.seed,
+                                 "num_workers": ctx.cfg.models.num_workers})
+        record["key"] = key
+        manifest = checkpoints.verify_checkpoint(ctx.root, key)
+        record["cache_hit"] = manifest is not None
+        if manifest is None:
+            ctx.ensure_ray()
+            ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
+            config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
+                      "seed": ctx.cfg.seed, "epochs": settings.epochs, "batch_size": settings.batch_size,
+                      "lr": settings.lr, "lambda_rec": getattr(settings, "lambda_rec", 0.0)}
+            train_with_ray(ctx, train_classifier_loop, config, clean_dataset(ctx, dataset),
+                           ctx.cfg.models.num_workers, f"{kind}-{key}")
+            manifest = checkpoints.verify_checkpoint(ctx.root, key)
+            if manifest is None:
+                raise RuntimeError(f"{kind}: training finished but checkpoint {key} is not in the store")
+        record["details"] = {"sha256": manifest["sha256"],
+                             "train_accuracy": manifest["history"][-1]["train_accuracy"]}
+    return manifest

@@ -1,0 +1,56 @@
+"""The checkpoint store: safetensors weights plus a JSON manifest holding their sha256.
+
+Pool keys and downstream stage keys use that sha256, so a retrained model with different
+weights can never be mistaken for the one a pool was generated against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from storage import fs
+from storage.keys import sha256_bytes
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def checkpoint_url(root: str, key: str) -> str:
+    return fs.join(root, "checkpoints", key)
+
+
+def save_checkpoint(root: str, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write weights, then the manifest; a checkpoint without manifest is not committed."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    data = save_safetensors(tensors)
+    url = checkpoint_url(root, key)
+    fs.write_bytes_atomic(fs.join(url, WEIGHTS_FILE), data)
+    manifest = {"key": key, "sha256": sha256_bytes(data), "bytes": len(data), **meta}
+    fs.write_json_atomic(fs.join(url, MANIFEST_FILE), manifest)
+    return manifest
+
+
+def read_manifest(root: str, key: str) -> dict[str, Any] | None:
+    return fs.read_json(fs.join(checkpoint_url(root, key), MANIFEST_FILE))
+
+
+def load_checkpoint(root: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    manifest = read_manifest(root, key)
+    if manifest is None:
+        raise FileNotFoundError(f"checkpoint {key} is not in store {root}")
+    data = fs.read_bytes(fs.join(checkpoint_url(root, key), WEIGHTS_FILE))
+    if sha256_bytes(data) != manifest["sha256"]:
+        raise ValueError(f"checkpoint {key}: weights do not match the sha256 in its manifest")
+    return load_safetensors(data), manifest
+
+
+def verify_checkpoint(root: str, key: str) -> dict[str, Any] | None:
+    """The manifest when the checkpoint is committed and its weights hash right, else None."""
+    try:
+        return load_checkpoint(root, key)[1]
+    except (FileNotFoundError, ValueError):
+        return None

@@ -1,0 +1,71 @@
+"""A Ray Data datasource over the Zarr stores: rows of one dataset split, with the
+adversarial views of any number of pools aligned to them by sample index.
+
+Columns: ``index`` (int64), ``label`` (int64), ``clean`` (uint8 C×H×W) and one uint8 column
+per pool, named by its attack (``PGD_N``, ...). Every view of a row is the same sample.
+
+Written by hand because Ray's ``read_zarr`` reads one array per dataset (and targets Zarr
+format 2): aligned multi-array rows need one read task to open all the arrays of a range.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from storage.datasets import DatasetReader
+from storage.pools import PoolReader
+
+MIN_ROWS_PER_TASK = 256
+
+
+class AlignedViewsDatasource(Datasource):
+    def __init__(self, root: str, dataset_key: str, split: str,
+                 pools: dict[str, str] | None = None, variant: int = 0,
+                 block_rows: int = 1024):
+        super().__init__()
+        self.root, self.dataset_key, self.split = root, dataset_key, split
+        self.pools = dict(pools or {})
+        self.variant = variant
+        self.block_rows = block_rows
+        dataset = DatasetReader.open(root, dataset_key)
+        for key in self.pools.values():
+            PoolReader.open(root, key)  # refuse incomplete pools before any read task runs
+        self.num_rows = dataset.num_samples(split)
+        self.row_bytes = int(np.prod(dataset.image_shape())) * (1 + len(self.pools)) + 16
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        tasks = max(1, min(parallelism, self.num_rows // MIN_ROWS_PER_TASK))
+        bounds = np.linspace(0, self.num_rows, tasks + 1).astype(int)
+        read_tasks = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            meta = BlockMetadata(num_rows=int(stop - start), size_bytes=int((stop - start) * self.row_bytes),
+                                 exec_stats=None, input_files=None)
+            read_tasks.append(ReadTask(self._reader(int(start), int(stop)), meta,
+                                       per_task_row_limit=per_task_row_limit))
+        return read_tasks
+
+    def _reader(self, start: int, stop: int):
+        root, dataset_key, split, pools = self.root, self.dataset_key, self.split, self.pools
+        variant, block_rows = self.variant, self.block_rows
+
+        def read() -> Iterator:
+            dataset = DatasetReader.open(root, dataset_key)
+            readers = {name: PoolReader.open(root, key) for name, key in pools.items()}
+            for lo in range(start, stop, block_rows):
+                hi = min(lo + block_rows, stop)
+                images, labels = dataset.load(split, lo, hi)
+                batch = {"index": np.arange(lo, hi, dtype=np.int64), "label": labels.astype(np.int64),
+                         "clean": images}
+                for name, reader in readers.items():
+                    batch[name] = reader.adv(variant, lo, hi)
+                yield BlockAccessor.batch_to_block(batch)
+
+        return read

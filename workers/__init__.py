@@ -1,0 +1,1 @@
+"""What runs on Ray workers: models, attacks, the pool actor, MID, train loops, evaluation."""

@@ -1,0 +1,50 @@
+"""Build the models of a run from the checkpoint store."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from storage.checkpoints import load_checkpoint
+from workers.models import (Autoencoding, EncoderClassifier, ModelSpec, build_classifier_model,
+                            build_encoder, build_teacher)
+
+
+def _spec(manifest: dict) -> ModelSpec:
+    return ModelSpec(**manifest["spec"])
+
+
+def load_classifier(root: str, key: str) -> EncoderClassifier:
+    state, manifest = load_checkpoint(root, key)
+    model = build_classifier_model(_spec(manifest))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_teacher(root: str, key: str) -> Autoencoding:
+    state, manifest = load_checkpoint(root, key)
+    model = build_teacher(_spec(manifest))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_defended(root: str, student_key: str, teacher_key: str) -> EncoderClassifier:
+    """MID's final model C_t ∘ E_s: the teacher's classifier reading the student's features."""
+    teacher = load_teacher(root, teacher_key)
+    state, manifest = load_checkpoint(root, student_key)
+    student = build_encoder(_spec(manifest))
+    student.load_state_dict(state)
+    return EncoderClassifier(student, teacher.classifier).eval()
+
+
+def load_source_model(root: str, kind: str, key: str) -> nn.Module:
+    """The model a pool is generated against: a plain classifier, or the teacher's C ∘ E."""
+    if kind == "baseline":
+        return load_classifier(root, key)
+    teacher = load_teacher(root, key)
+    return EncoderClassifier(teacher.encoder, teacher.classifier).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, for a state dict with plain names."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,139 @@
+"""Meta Invariance Defense: the per-view losses and the meta step of DESIGN §3.
+
+Notation: frozen teacher encoder E_t, classifier C_t, decoder D_t; student encoder E_s(θ);
+p(z) = softmax(z / τ) over feature dimensions. For a view x̃_v of a clean batch (x, y):
+
+    AC_v = KL(p(E_t(x)) || p(E_s(x̃_v)))                 adversarial consistency
+    CC_v = KL(p(E_t(x)) || p(E_t(D_t(E_s(x̃_v)))))        cyclic consistency (through frozen D_t, E_t)
+    LC_v = CE(C_t(E_s(x̃_v)), y)                          label consistency
+    J(θ; V) = Σ_v ω_AC·AC_v + ω_CC·CC_v + ω_LC·LC_v
+
+One step holds out a* ∈ A: g = ∇θ J(θ; V), θ' = θ − α·g, L = J(θ; V) + β·J(θ'; {a*}).
+Fast weights are a dict of tensors evaluated with ``torch.func.functional_call``, never
+loaded into a module, so the graph from θ' back to θ is never cut (the defect of the
+authors' public code, where ``load_state_dict`` made the meta-test loss constant in θ).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ac: float = 1.0
+    cc: float = 1.0
+    lc: float = 1.0
+
+
+@dataclass(frozen=True)
+class MetaSettings:
+    inner_lr: float = 1e-4              # α
+    beta: float = 1.0                   # β
+    temperature: float = 1.0            # τ
+    second_order: bool = True
+    meta_train: LossWeights = field(default_factory=lambda: LossWeights(1.5, 0.8, 1.0))
+    meta_test: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class FrozenTeacher:
+    encoder: nn.Module
+    classifier: nn.Module
+    decoder: nn.Module
+
+    def __post_init__(self):
+        for module in (self.encoder, self.classifier, self.decoder):
+            module.eval()
+            module.requires_grad_(False)
+
+
+def _kl_per_sample(p_target: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    return F.kl_div(log_q, p_target, reduction="none").sum(-1)
+
+
+def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher: FrozenTeacher,
+                   views: list[torch.Tensor], labels: torch.Tensor, p_teacher: torch.Tensor,
+                   weights: LossWeights, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """J(params; views) and its AC / CC / LC parts (each summed over views, mean over batch).
+
+    All views go through the student in one forward pass: the student must not hold
+    batch statistics (LeNet has none), so this equals one pass per view.
+    """
+    num_views, batch = len(views), labels.shape[0]
+    z = functional_call(student, params, (torch.cat(views),))
+    p_rep = p_teacher.repeat(num_views, 1)
+    ac = _kl_per_sample(p_rep, z, temperature).view(num_views, batch).mean(1).sum()
+    cc = _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(num_views, batch).mean(1).sum()
+    lc = F.cross_entropy(teacher.classifier(z), labels.repeat(num_views), reduction="none").view(num_views, batch).mean(1).sum()
+    total = weights.ac * ac + weights.cc * cc + weights.lc * lc
+    return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item()}
+
+
+def draw_held_out(attacks: list[str], seed: int, step: int) -> str:
+    """The held-out attack of a step; every worker draws the same one for the same step."""
+    return random.Random(seed * 1_000_003 + step).choice(attacks)
+
+
+def meta_objective(student: nn.Module, teacher: FrozenTeacher, clean: torch.Tensor,
+                   adversarial: dict[str, torch.Tensor], labels: torch.Tensor, held_out: str,
+                   settings: MetaSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    """L(θ) = J(θ; V) + β·J(θ − α∇J(θ; V); {a*}) with V = ({clean} ∪ A) \\ {a*}."""
+    if held_out not in adversarial:
+        raise KeyError(f"held-out attack {held_out!r} is not among the views {sorted(adversarial)}")
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        p_teacher = F.softmax(teacher.encoder(clean) / settings.temperature, dim=-1)
+    train_views = [clean] + [x for name, x in adversarial.items() if name != held_out]
+    j_train, train_parts = view_objective(student, params, teacher, train_views, labels,
+                                          p_teacher, settings.meta_train, settings.temperature)
+    # retain_graph: J(θ; V) is differentiated again as part of L, also in first order.
+    grads = torch.autograd.grad(j_train, list(params.values()), create_graph=settings.second_order,
+                                retain_graph=True)
+    fast = {name: p - settings.inner_lr * (g if settings.second_order else g.detach())
+            for (name, p), g in zip(params.items(), grads)}
+    j_test, test_parts = view_objective(student, fast, teacher, [adversarial[held_out]], labels,
+                                        p_teacher, settings.meta_test, settings.temperature)
+    total = j_train + settings.beta * j_test
+    metrics = {"meta_train": j_train.item(), "meta_test": j_test.item(), "loss": total.item(),
+               **{f"{k}": train_parts[k] + test_parts[k] for k in ("ac", "cc", "lc")}}
+    return total, metrics
+
+
+def meta_gradients(student: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, list(student.parameters())))
+
+
+def average_across_workers(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean of each gradient over all workers, in one flat all-reduce.
+
+    DistributedDataParallel cannot wrap a step that calls ``torch.autograd.grad`` with
+    ``create_graph=True``, so the outer gradient is reduced explicitly, once per step.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    out, offset = [], 0
+    for g in grads:
+        out.append(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out
+
+
+def apply_gradients(student: nn.Module, grads: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    for p, g in zip(student.parameters(), grads):
+        p.grad = g
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,72 @@
+"""The pool-generation actor: attacks the fixed source model one shard at a time and
+writes each shard to the pool store, where it is checked and committed."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.datasets import DatasetReader
+from storage.pools import quantize, write_shard
+from workers.attacks import make_attack, random_targets
+from workers.loading import load_source_model
+from workers.models import to_float
+
+
+def shard_seed(seed: int, attack: str, shard: int, variant: int) -> int:
+    """A seed per (attack, shard, variant): a shard's content never depends on which
+    worker made it or in what order, so resumed pools equal uninterrupted ones."""
+    digest = hashlib.sha256(f"{seed}:{attack}:{shard}:{variant}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def success(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+            targeted: bool) -> int:
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    return int((pred == targets).sum() if targeted else (pred != labels).sum())
+
+
+class PoolGenerator:
+    def __init__(self, root: str, dataset_key: str, split: str, source_kind: str, source_key: str,
+                 num_classes: int, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.root = root
+        self.dataset = DatasetReader.open(root, dataset_key)
+        self.split = split
+        self.model = load_source_model(root, source_kind, source_key)
+        self.model.requires_grad_(False)
+        self.num_classes = num_classes
+
+    def generate(self, pool_key: str, attack_name: str, family_settings: dict[str, dict[str, Any]],
+                 shard: int, start: int, stop: int, variants: int, batch_size: int, seed: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        attack = make_attack(attack_name, family_settings)
+        clean_u8, labels_np = self.dataset.load(self.split, start, stop)
+        clean, labels = to_float(torch.from_numpy(clean_u8)), torch.from_numpy(labels_np)
+        adv_u8 = np.empty((variants, *clean_u8.shape), dtype=np.uint8)
+        targets_all = np.full((variants, len(labels_np)), -1, dtype=np.int64)
+        hits_float = hits_stored = 0
+        for variant in range(variants):
+            torch.manual_seed(shard_seed(seed, attack_name, shard, variant))
+            generator = torch.Generator().manual_seed(shard_seed(seed, attack_name + "/targets", shard, variant))
+            targets = random_targets(labels, self.num_classes, generator)
+            for lo in range(0, len(labels), batch_size):
+                hi = min(lo + batch_size, len(labels))
+                adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi])
+                stored = quantize(adv.numpy(), clean_u8[lo:hi], attack.eps)
+                adv_u8[variant, lo:hi] = stored
+                hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
+                hits_stored += success(self.model, to_float(torch.from_numpy(stored)), labels[lo:hi],
+                                       targets[lo:hi], attack.targeted)
+            if attack.targeted:
+                targets_all[variant] = targets.numpy()
+        total = variants * len(labels_np)
+        stats = {"success_rate_float": hits_float / total, "success_rate_stored": hits_stored / total,
+                 "seconds": time.perf_counter() - started}
+        return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
+                           adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_all, stats=stats)

@@ -1,0 +1,87 @@
+"""Ray Train loop for MID: stream clean images and every pool view, aligned by sample,
+and take the meta step of ``workers.mid`` with the outer gradient averaged across workers."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import ray.train
+import torch
+
+from storage.checkpoints import save_checkpoint
+from workers.progress import epoch_bar, quiet_ray_train
+from workers.loading import load_teacher
+from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
+                         average_across_workers, draw_held_out, meta_gradients, meta_objective)
+from workers.models import ModelSpec, build_encoder, to_float
+
+
+def meta_settings(config: dict[str, Any]) -> MetaSettings:
+    return MetaSettings(inner_lr=config["inner_lr"], beta=config["beta"], temperature=config["temperature"],
+                        second_order=config["second_order"],
+                        meta_train=LossWeights(**config["meta_train_weights"]),
+                        meta_test=LossWeights(**config["meta_test_weights"]))
+
+
+def initial_student(config: dict[str, Any], teacher_encoder: torch.nn.Module) -> torch.nn.Module:
+    """Same weights on every worker: a copy of E_t, or a seeded fresh encoder."""
+    if config["init_student"] == "teacher":
+        student = copy.deepcopy(teacher_encoder)
+    else:
+        torch.manual_seed(config["seed"])
+        student = build_encoder(ModelSpec(**config["spec"]))
+    student.train()
+    return student.requires_grad_(True)
+
+
+def train_mid_loop(config: dict[str, Any]) -> None:
+    quiet_ray_train()
+    torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
+    teacher_model = load_teacher(config["root"], config["teacher_key"])
+    teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
+    student = initial_student(config, teacher_model.encoder)
+    optimizer = torch.optim.Adam(student.parameters(), lr=config["lr"])
+    settings = meta_settings(config)
+    attacks = list(config["attacks"])
+    shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
+    history, step = [], 0
+    bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
+    for epoch in range(config["epochs"]):
+        start, waited, seen, sums = time.perf_counter(), 0.0, 0, {}
+        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+                                                local_shuffle_buffer_size=4 * config["batch_size"]))
+        while True:
+            fetch = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - fetch
+            if batch is None:
+                break
+            held_out = draw_held_out(attacks, config["seed"], step)
+            loss, metrics = meta_objective(
+                student, teacher, to_float(batch["clean"]),
+                {name: to_float(batch[name]) for name in attacks}, batch["label"], held_out, settings)
+            grads = average_across_workers(meta_gradients(student, loss))
+            apply_gradients(student, grads, optimizer)
+            step += 1
+            seen += len(batch["label"])
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        seconds = time.perf_counter() - start
+        steps_this_epoch = max(1, step - sum(h["steps"] for h in history))
+        epoch_metrics = {"epoch": epoch, "steps": steps_this_epoch, "samples_per_second": seen / seconds,
+                         "data_wait_fraction": waited / seconds, "seconds": seconds,
+                         "lr": optimizer.param_groups[0]["lr"],
+                         **{k: v / steps_this_epoch for k, v in sums.items()}}
+        history.append(epoch_metrics)
+        ray.train.report(epoch_metrics)
+        bar.set_description(f"MID training (loss {epoch_metrics['loss']:.3f}, "
+                            f"data wait {epoch_metrics['data_wait_fraction']:.0%})")
+        bar.update(1)
+    bar.close()
+    if rank == 0:
+        save_checkpoint(config["root"], config["checkpoint_key"], student.state_dict(),
+                        {"kind": "mid_student", "spec": config["spec"], "teacher_key": config["teacher_key"],
+                         "history": history})

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the tests that need it (loopback, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,65 @@
+"""Bad configs fail with one clear line, before any Ray work starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_config
+
+BAD_CONFIGS = {
+    "unknown key": ("mid:\n  epochs: 2\n  epoch_count: 3\n", "mid: unknown key 'epoch_count'"),
+    "negative eps": ("attacks:\n  PGD: {eps: -0.1}\n", "attacks.PGD.eps: -0.1: Input should be greater than 0"),
+    "unknown attack": ("pool:\n  attacks: [PGD_N, CW_Q]\n", "pool.attacks: unknown attack 'CW_Q'"),
+    "unknown eval attack": ("eval:\n  unknown: [JPEG_N]\n", "eval.unknown: unknown attack 'JPEG_N'"),
+    "bad source": ("data: {source: cifar}\n", "data.source: 'cifar' is not allowed"),
+}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_nonzero_with_one_line_before_ray(tmp_path, case):
+    text, expected = BAD_CONFIGS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run_cli("run", str(path), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), result.stderr
+    assert "Ray" not in result.stderr and "ray" not in result.stdout
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_unknown_key_names_the_allowed_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pool: {variant: 2}\n")
+    with pytest.raises(ConfigError, match=r"allowed: attacks, source_model, .*variants"):
+        load_config(path)
+
+
+def test_overrides_and_store(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmid: {epochs: 3}\n")
+    cfg = load_config(path, ["mid.epochs=7", "pool.attacks=[PGD_N, FGSM_T]", "attacks.PGD.eps=0.1"],
+                      store="s3://bucket/prefix")
+    assert cfg.mid.epochs == 7 and cfg.pool.attacks == ["PGD_N", "FGSM_T"]
+    assert cfg.attacks.PGD.eps == 0.1 and cfg.store.url == "s3://bucket/prefix"
+    with pytest.raises(ConfigError, match="mid: unknown key 'epoch'"):
+        load_config(path, ["mid.epoch=7"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(path, ["mid.epochs"])
+
+
+def test_files_need_a_path_and_configs_in_repo_are_valid():
+    with pytest.raises(ValueError, match="data.path is required"):
+        RunConfig.model_validate({"data": {"source": "mnist"}})
+    assert load_config("configs/digits.yaml").data.source == "digits"
+
+
+def test_validate_command_and_help():
+    assert run_cli("validate", "configs/digits.yaml").returncode == 0
+    help_text = run_cli("run", "--help").stdout
+    assert "--set" in help_text and "--store" in help_text and "--out" in help_text

@@ -1,0 +1,74 @@
+"""The whole pipeline through the CLI on a real local Ray instance, small sizes:
+ingest → baseline, teacher (Ray Train) → pool (Ray actors, advertorch, Zarr) → MID (Ray
+Train + Ray Data) → eval (Ray actors) → report; then a second run that reuses everything."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import zarr
+
+from storage import pools
+
+SMALL = [
+    "data.train_limit=512", "data.test_limit=96",
+    "models.baseline.epochs=10", "models.teacher.epochs=2", "mid.epochs=2",
+    "attacks.PGD.nb_iter=3", "attacks.MIM.nb_iter=3", "attacks.BIM.nb_iter=3",
+    "attacks.PGD.eps_iter=0.1", "attacks.MIM.eps_iter=0.1", "attacks.BIM.eps_iter=0.1",
+    "pool.shard_size=128", "eval.batch_size=48",
+]
+
+
+def mid_run(store, out):
+    args = [sys.executable, "-m", "pipeline", "run", "configs/digits.yaml", "--store", str(store), "--out", str(out)]
+    for override in SMALL:
+        args += ["--set", override]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, json.loads((out / "results.json").read_text())
+
+
+def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
+    store = tmp_path / "store"
+    first, results = mid_run(store, tmp_path / "run1")
+
+    # The table: both rows, benign + every attack + average, in percent.
+    attacks = ["PGD_N", "PGD_T", "MIM_N", "MIM_T", "FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
+    assert list(results["defenses"]) == ["None", "MID"]
+    for row in results["defenses"].values():
+        assert list(row["attacks"]) == attacks
+        values = [row["benign"], *row["attacks"].values()]
+        assert all(0 <= v <= 100 for v in values)
+        assert abs(row["avg"] - sum(values) / len(values)) < 0.02
+    assert results["defenses"]["None"]["benign"] > 30  # two epochs already learn something
+    report = (tmp_path / "run1" / "report.md").read_text()
+    assert "| None |" in report and "| MID |" in report and "Avg" in report
+    assert "| None |" in first.stdout
+
+    stages = results["stages"]
+    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "eval"]
+    assert not any(s["cache_hit"] for s in stages.values())
+
+    # Every stored adversarial example lies in the ε-ball of its clean image, and the
+    # attacks worked against the source model.
+    dataset_key = stages["ingest"]["key"]
+    clean = zarr.open_group(str(store / "datasets" / dataset_key), mode="r")["train/images"][:]
+    for attack, info in stages["pool"]["attacks"].items():
+        manifest = pools.read_manifest(str(store), info["key"])
+        assert manifest["complete"] and manifest["num_shards"] == 4
+        adv = zarr.open_group(str(store / "pools" / info["key"]), mode="r")["adv"][:]
+        assert adv.shape == (1, *clean.shape) and adv.dtype == np.uint8
+        assert np.abs(adv[0].astype(int) - clean.astype(int)).max() <= int(0.3 * 255)
+        assert info["success_rate_stored"] > 20, (attack, info)
+    assert (tmp_path / "run1" / "mid_metrics.jsonl").read_text().count("\n") == 2
+
+    # Second run: every stage is reused, and the cached stages are nearly free.
+    second, again = mid_run(store, tmp_path / "run2")
+    assert all(s["cache_hit"] for s in again["stages"].values())
+    assert again["defenses"] == results["defenses"]
+    assert "not regenerating" in second.stderr and "starting Ray" not in second.stderr
+    heavy = ["ingest", "baseline", "teacher", "pool"]
+    before = sum(stages[s]["seconds"] for s in heavy)
+    after = sum(again["stages"][s]["seconds"] for s in heavy)
+    assert after < 0.05 * before, (before, after)

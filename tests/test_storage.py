@@ -1,0 +1,107 @@
+"""Dataset, checkpoint and pool stores on real Zarr files on disk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage import checkpoints, datasets, pools
+from storage.keys import content_key
+from storage.raw import load_digits
+
+
+def test_dataset_round_trip_and_fingerprint(tmp_path):
+    raw = load_digits(0.2, seed=0)
+    manifest = datasets.write_dataset(str(tmp_path), "dataset-x", raw)
+    reader = datasets.DatasetReader.open(str(tmp_path), "dataset-x")
+    images, labels = reader.load("train")
+    np.testing.assert_array_equal(images, raw.train_images)
+    np.testing.assert_array_equal(labels, raw.train_labels)
+    assert reader.fingerprint == manifest["fingerprint"] == datasets.fingerprint(raw)
+    other = load_digits(0.2, seed=1)
+    assert datasets.fingerprint(other) != reader.fingerprint
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the ingest stage"):
+        datasets.DatasetReader.open(str(tmp_path), "dataset-nope")
+
+
+def test_checkpoint_sha_is_verified(tmp_path):
+    state = {"w": torch.randn(3, 4), "b": torch.zeros(4)}
+    manifest = checkpoints.save_checkpoint(str(tmp_path), "ck", state, {"kind": "test"})
+    loaded, again = checkpoints.load_checkpoint(str(tmp_path), "ck")
+    assert torch.equal(loaded["w"], state["w"]) and again["sha256"] == manifest["sha256"]
+    weights = tmp_path / "checkpoints" / "ck" / checkpoints.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the sha256"):
+        checkpoints.load_checkpoint(str(tmp_path), "ck")
+    assert checkpoints.verify_checkpoint(str(tmp_path), "ck") is None
+
+
+def test_content_keys_change_with_any_setting():
+    base = {"attack": "PGD_N", "settings": {"eps": 0.3}, "seed": 0}
+    assert content_key("pool", base) == content_key("pool", dict(base))
+    assert content_key("pool", base) != content_key("pool", {**base, "seed": 1})
+    assert content_key("pool", base) != content_key("pool", {**base, "settings": {"eps": 0.2}})
+
+
+@settings(max_examples=200, deadline=None)
+@given(eps=st.floats(0.001, 1.0), seed=st.integers(0, 2**31))
+def test_quantized_views_stay_in_the_ball_and_range(eps, seed):
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 256, (4, 1, 5, 5)).astype(np.uint8)
+    adv = clean / 255.0 + rng.uniform(-eps, eps, clean.shape) * rng.choice([1.0, 1.2], clean.shape)
+    stored = pools.quantize(adv, clean, eps)
+    pools.check_invariants(stored, clean, eps)
+    assert stored.dtype == np.uint8
+
+
+def test_invariant_check_rejects_views_outside_the_ball():
+    clean = np.full((2, 1, 2, 2), 100, np.uint8)
+    with pytest.raises(ValueError, match="leaves the ε-ball"):
+        pools.check_invariants(clean + 80, clean, 0.3)
+
+
+def make_pool(root, key, n=10, shard_size=4, variants=2):
+    pools.create_pool(root, key, num_samples=n, image_shape=(1, 2, 2), variants=variants,
+                      shard_size=shard_size, compressor="zstd", attrs={"attack": "PGD_N"})
+    return pools.shard_ranges(n, shard_size)
+
+
+def test_pool_commit_protocol(tmp_path):
+    root, key = str(tmp_path), "pool-a"
+    ranges = make_pool(root, key)
+    assert ranges == [(0, 4), (4, 8), (8, 10)]
+    clean = np.full((10, 1, 2, 2), 128, np.uint8)
+    for shard, (lo, hi) in enumerate(ranges[:2]):
+        adv = np.stack([clean[lo:hi] + 1, clean[lo:hi] - 1])
+        pools.write_shard(root, key, shard=shard, start=lo, stop=hi, eps=0.1, adv_u8=adv,
+                          clean_u8=clean[lo:hi], targets=np.full((2, hi - lo), -1), stats={})
+    with pytest.raises(RuntimeError, match="incomplete"):
+        pools.PoolReader.open(root, key)
+    with pytest.raises(RuntimeError, match="not committed"):
+        pools.finalize_pool(root, key, len(ranges), {})
+    pools.write_shard(root, key, shard=2, start=8, stop=10, eps=0.1, adv_u8=np.stack([clean[8:] + 1, clean[8:] - 1]),
+                      clean_u8=clean[8:], targets=np.full((2, 2), -1), stats={})
+    pools.finalize_pool(root, key, len(ranges), {})
+    reader = pools.PoolReader.open(root, key)
+    assert (reader.adv(0, 0, 10) == 129).all() and (reader.adv(1, 0, 10) == 127).all()
+    assert (reader.adv(2, 0, 10) == 129).all()  # epoch e reads variant e mod K
+    record = json.loads((tmp_path / "pools" / key / "commits" / "shard-00001.json").read_text())
+    assert record["start"] == 4 and len(record["sha256"]["adv"]) == 64
+
+
+def test_a_shard_outside_the_ball_is_never_written(tmp_path):
+    root, key = str(tmp_path), "pool-b"
+    make_pool(root, key)
+    clean = np.full((4, 1, 2, 2), 10, np.uint8)
+    with pytest.raises(ValueError, match="ε-ball"):
+        pools.write_shard(root, key, shard=0, start=0, stop=4, eps=0.01, adv_u8=np.stack([clean + 50] * 2),
+                          clean_u8=clean, targets=np.full((2, 4), -1), stats={})
+    assert pools.committed_shards(root, key) == {}

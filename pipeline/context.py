@@ -29,7 +29,10 @@ class RunContext:
     def __init__(self, cfg: RunConfig, out_dir: Path):
         self.cfg = cfg
         self.out_dir = out_dir
-        self.root = cfg.store.url.rstrip("/")
+        # Ray workers do not share the driver's working directory: a relative local store
+        # path must be made absolute before any worker sees it.
+        url = cfg.store.url.rstrip("/")
+        self.root = os.path.abspath(url) if "://" not in url else url
         self.stages: dict[str, StageRecord] = {}
         self._ray_started = False
 
@@ -55,13 +58,16 @@ class RunContext:
         import ray.data
 
         if not ray.is_initialized():
-            self.say("starting Ray" if self.cfg.ray.address is None else f"joining Ray at {self.cfg.ray.address}")
-            kwargs: dict[str, Any] = {"address": self.cfg.ray.address, "log_to_driver": True}
-            if self.cfg.ray.address is None:
+            # `ray job submit` sets RAY_ADDRESS: join that cluster instead of starting one.
+            address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+            if address is None:
+                self.say("starting a local Ray instance")
                 # A laptop run: loopback only, no dashboard.
-                kwargs.update(num_cpus=self.cfg.ray.num_cpus, include_dashboard=False,
-                              _node_ip_address="127.0.0.1")
-            ray.init(**kwargs)
+                ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=True)
+            else:
+                self.say(f"joining Ray at {address}")
+                ray.init(address=address, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
         self._ray_started = True
 

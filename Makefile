@@ -1,0 +1,33 @@
+# Two commands for a new user: `make demo` (install + the digits run) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/digits
+
+.PHONY: install demo test bench clean help
+
+help:
+	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
+	@echo "make test   install (if needed) and run the test suite on a local Ray instance"
+	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
+
+$(BIN)/mid: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# A torch wheel that pip's own configuration provides locally (e.g. a CPU build in a
+	# find-links folder) is installed first, so the project's `torch` requirement is
+	# already met and pip never reaches for a CUDA build. Elsewhere this finds nothing
+	# and the ordinary torch from the index is installed with the project.
+	-$(BIN)/pip install --quiet --no-index --no-deps torch 2>/dev/null
+	$(BIN)/pip install --quiet -e ".[test]"
+	@touch $@
+
+install: $(BIN)/mid
+
+demo: install
+	$(BIN)/mid run configs/digits.yaml --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -p no:cacheprovider -q tests
+
+clean:
+	rm -rf runs store

@@ -13,10 +13,12 @@ from storage import pools
 
 SMALL = [
     "data.train_limit=512", "data.test_limit=96",
-    "models.baseline.epochs=10", "models.teacher.epochs=2", "mid.epochs=2",
+    "models.baseline.epochs=10", "models.teacher.epochs=10", "mid.epochs=2",
     "attacks.PGD.nb_iter=3", "attacks.MIM.nb_iter=3", "attacks.BIM.nb_iter=3",
+    # Strong attacks whatever the demo's ε, so that "the attack worked" is a real check.
+    "attacks.PGD.eps=0.3", "attacks.MIM.eps=0.3", "attacks.BIM.eps=0.3", "attacks.FGSM.eps=0.3",
     "attacks.PGD.eps_iter=0.1", "attacks.MIM.eps_iter=0.1", "attacks.BIM.eps_iter=0.1",
-    "pool.shard_size=128", "eval.batch_size=48",
+    "pool.shard_size=128", "pool.variants=2", "eval.batch_size=48",
 ]
 
 
@@ -58,10 +60,15 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
         manifest = pools.read_manifest(str(store), info["key"])
         assert manifest["complete"] and manifest["num_shards"] == 4
         adv = zarr.open_group(str(store / "pools" / info["key"]), mode="r")["adv"][:]
-        assert adv.shape == (1, *clean.shape) and adv.dtype == np.uint8
-        assert np.abs(adv[0].astype(int) - clean.astype(int)).max() <= int(0.3 * 255)
+        assert adv.dtype == np.uint8
+        assert np.abs(adv.astype(int) - clean[None].astype(int)).max() <= int(0.3 * 255)
+        if attack == "MIM_N":  # deterministic: one variant serves every epoch
+            assert adv.shape == (1, *clean.shape)
+        else:  # random start or random targets: K variants that differ
+            assert adv.shape == (2, *clean.shape) and (adv[0] != adv[1]).any()
         assert info["success_rate_stored"] > 20, (attack, info)
-    assert (tmp_path / "run1" / "mid_metrics.jsonl").read_text().count("\n") == 2
+    epochs = [json.loads(line) for line in (tmp_path / "run1" / "mid_metrics.jsonl").read_text().splitlines()]
+    assert [e["variant"] for e in epochs] == [0, 1]  # epoch e reads variant e mod K
 
     # Second run: every stage is reused, and the cached stages are nearly free.
     second, again = mid_run(store, tmp_path / "run2")

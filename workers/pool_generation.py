@@ -42,8 +42,8 @@ class PoolGenerator:
         self.model.requires_grad_(False)
         self.num_classes = num_classes
 
-    def generate(self, pool_key: str, attack_name: str, family_settings: dict[str, dict[str, Any]],
-                 shard: int, start: int, stop: int, variants: int, batch_size: int, seed: int) -> dict[str, Any]:
+    def generate(self, pool_key: str, attack_name: str, variants: int, shard: int, start: int, stop: int, *,
+                 family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int) -> dict[str, Any]:
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
         clean_u8, labels_np = self.dataset.load(self.split, start, stop)

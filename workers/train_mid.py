@@ -18,6 +18,10 @@ from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradien
 from workers.models import ModelSpec, build_encoder, to_float
 
 
+def variant_dataset_name(variant: int) -> str:
+    return f"train_variant_{variant}"
+
+
 def meta_settings(config: dict[str, Any]) -> MetaSettings:
     return MetaSettings(inner_lr=config["inner_lr"], beta=config["beta"], temperature=config["temperature"],
                         second_order=config["second_order"],
@@ -45,12 +49,13 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(student.parameters(), lr=config["lr"])
     settings = meta_settings(config)
     attacks = list(config["attacks"])
-    shard = ray.train.get_dataset_shard("train")
+    shards = [ray.train.get_dataset_shard(variant_dataset_name(k)) for k in range(config["variants"])]
     rank = ray.train.get_context().get_world_rank()
     history, step = [], 0
     bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
     for epoch in range(config["epochs"]):
         start, waited, seen, sums = time.perf_counter(), 0.0, 0, {}
+        shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
         batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
                                                 local_shuffle_buffer_size=4 * config["batch_size"]))
         while True:
@@ -71,7 +76,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
         steps_this_epoch = max(1, step - sum(h["steps"] for h in history))
-        epoch_metrics = {"epoch": epoch, "steps": steps_this_epoch, "samples_per_second": seen / seconds,
+        epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps_this_epoch, "samples_per_second": seen / seconds,
                          "data_wait_fraction": waited / seconds, "seconds": seconds,
                          "lr": optimizer.param_groups[0]["lr"],
                          **{k: v / steps_this_epoch for k, v in sums.items()}}

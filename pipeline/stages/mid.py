@@ -15,7 +15,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
     import ray.data
 
     from storage.datasource import AlignedViewsDatasource
-    from workers.train_mid import train_mid_loop
+    from workers.train_mid import train_mid_loop, variant_dataset_name
 
     m = ctx.cfg.mid
     with ctx.stage("mid") as record:
@@ -28,12 +28,16 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
             ctx.ensure_ray()
             ctx.say(f"mid: meta-training on {m.num_workers} Ray Train workers "
                     f"({'second' if m.second_order else 'first'} order, held-out attack per step)")
-            source = AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys)
-            data = ray.data.read_datasource(source, override_num_blocks=4)
+            # One dataset per pool variant; epoch e streams variant e mod K (DESIGN §4).
+            variants = {variant_dataset_name(k): ray.data.read_datasource(
+                            AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys, variant=k),
+                            override_num_blocks=4)
+                        for k in range(ctx.cfg.pool.variants)}
             config = {"root": ctx.root, "checkpoint_key": key, "teacher_key": teacher["key"],
                       "spec": model_spec(ctx, dataset).as_dict(), "seed": ctx.cfg.seed,
-                      "attacks": list(pool_keys), **m.model_dump(exclude={"num_workers"})}
-            train_with_ray(ctx, train_mid_loop, config, data, m.num_workers, f"mid-{key}")
+                      "attacks": list(pool_keys), "variants": ctx.cfg.pool.variants,
+                      **m.model_dump(exclude={"num_workers"})}
+            train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, f"mid-{key}")
             manifest = checkpoints.verify_checkpoint(ctx.root, key)
             if manifest is None:
                 raise RuntimeError(f"mid: training finished but checkpoint {key} is not in the store")

@@ -17,13 +17,15 @@ def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
                      num_classes=dataset.num_classes, feature_dim=ctx.cfg.models.feature_dim)
 
 
-def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], dataset, num_workers: int, name: str) -> None:
-    """Run a train loop on ``num_workers`` Ray Train workers over a Ray Dataset."""
+def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
+                   num_workers: int, name: str) -> None:
+    """Run a train loop on ``num_workers`` Ray Train workers; each named Ray Dataset is
+    split across them."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets={"train": dataset},
+        loop, train_loop_config=loop_config, datasets=datasets,
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": ctx.cfg.ray.cpus_per_worker}),
@@ -60,7 +62,7 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
             config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
                       "seed": ctx.cfg.seed, "epochs": settings.epochs, "batch_size": settings.batch_size,
                       "lr": settings.lr, "lambda_rec": getattr(settings, "lambda_rec", 0.0)}
-            train_with_ray(ctx, train_classifier_loop, config, clean_dataset(ctx, dataset),
+            train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
                            ctx.cfg.models.num_workers, f"{kind}-{key}")
             manifest = checkpoints.verify_checkpoint(ctx.root, key)
             if manifest is None:

@@ -10,9 +10,14 @@ from pipeline.context import RunContext
 from storage import pools
 from storage.datasets import DatasetReader
 from storage.keys import content_key
-from workers.attacks import parse_attack_name
+from workers.attacks import make_attack, parse_attack_name
 
 SPLIT = "train"
+
+
+def stored_variants(ctx: RunContext, attack: str) -> int:
+    """K random-start variants for a stochastic attack, one for a deterministic one."""
+    return ctx.cfg.pool.variants if make_attack(attack, ctx.cfg.attacks.family_settings()).stochastic else 1
 
 
 def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], attack: str) -> str:
@@ -21,7 +26,7 @@ def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], at
     return content_key("pool", {
         "dataset": dataset.fingerprint, "split": SPLIT, "source_sha256": source["sha256"],
         "attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-        "seed": ctx.cfg.seed, "variants": p.variants, "encoding": pools.ENCODING["kind"],
+        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": pools.ENCODING["kind"],
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
     })
 
@@ -41,13 +46,14 @@ def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict
                 continue
             family, _ = parse_attack_name(attack)
             pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
-                              variants=p.variants, shard_size=p.shard_size, compressor=p.compressor,
+                              variants=stored_variants(ctx, attack), shard_size=p.shard_size, compressor=p.compressor,
                               attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
                                      "dataset": dataset.fingerprint, "split": SPLIT,
                                      "source_model": {"kind": p.source_model, **source_summary(source)},
                                      "seed": ctx.cfg.seed})
             done = pools.committed_shards(ctx.root, key)
-            todo += [(key, attack, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
+            todo += [(key, attack, stored_variants(ctx, attack), i, lo, hi)
+                     for i, (lo, hi) in enumerate(ranges) if i not in done]
             if done:
                 ctx.say(f"pool {attack}: resuming, {len(done)}/{len(ranges)} shards already committed")
         for attack, hit in hits.items():
@@ -90,8 +96,8 @@ def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], to
     family_settings = ctx.cfg.attacks.family_settings()
     ctx.say(f"pool: generating {len(todo)} shards on {len(actors)} actors against the {p.source_model}")
     work = ActorPool(actors).map_unordered(
-        lambda actor, t: actor.generate.remote(t[0], t[1], family_settings, t[2], t[3], t[4],
-                                               p.variants, p.batch_size, ctx.cfg.seed), todo)
+        lambda actor, t: actor.generate.remote(*t, family_settings=family_settings, batch_size=p.batch_size,
+                                               seed=ctx.cfg.seed), todo)
     for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):
         pass
     for actor in actors:

@@ -27,6 +27,14 @@ class Attack:
         return f"{self.family}_{'T' if self.targeted else 'N'}"
 
     @property
+    def stochastic(self) -> bool:
+        """Whether two runs can differ: a random start, or random target labels.
+
+        A deterministic attack's variants would be identical copies, so its pool keeps one.
+        """
+        return self.targeted or bool(self.settings.get("rand_init", False))
+
+    @property
     def eps(self) -> float:
         return float(self.settings["eps"])
 

@@ -25,11 +25,6 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    return fs.exists(path)
-
-
 def read_json(url: str) -> dict[str, Any] | None:
     fs, path = filesystem(url)
     try:
@@ -40,29 +35,17 @@ def read_json(url: str) -> dict[str, Any] | None:
 
 
 def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
-    """Write JSON so that a reader sees either nothing or the whole document.
-
-    Object stores replace a key atomically on PUT; a local file system needs a temporary
-    name and a rename, otherwise a killed writer leaves a truncated record behind.
-    """
-    data = json.dumps(payload, indent=2, sort_keys=True, default=str)
-    fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if is_local(url):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "w") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "w") as f:
-            f.write(data)
+    write_bytes_atomic(url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a file so that a reader sees either nothing or the whole of it.
+
+    Object stores replace a key atomically on PUT; a local file system needs a temporary
+    name and a rename, otherwise a killed writer leaves a truncated file behind.
+    """
     fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     if is_local(url):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with fs.open(tmp, "wb") as f:

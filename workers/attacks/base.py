@@ -6,6 +6,7 @@ An attack is named ``FAMILY_N`` (untargeted) or ``FAMILY_T`` (targeted to a rand
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from workers import advertorch_compat  # noqa: F401  (must precede any advertorch import)
 
 
-class Attack:
+class Attack(ABC):
     family: ClassVar[str]
     settings_fields: ClassVar[tuple[str, ...]]
 
@@ -38,9 +39,9 @@ class Attack:
     def eps(self) -> float:
         return float(self.settings["eps"])
 
+    @abstractmethod
     def build(self, model: nn.Module):
         """The advertorch adversary for this attack against ``model``."""
-        raise NotImplementedError  # each family file overrides this
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None = None) -> torch.Tensor:

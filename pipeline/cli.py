@@ -19,7 +19,9 @@ EPILOG = """\
 examples:
   mid run configs/digits.yaml --out runs/digits
   mid run configs/digits.yaml --set mid.epochs=5 --set pool.attacks='[PGD_N, MIM_N]'
-  mid run configs/mnist.yaml --set data.path=../shared/data/mnist --store s3://bucket/mid
+  mid pool configs/digits.yaml --set pool.attacks='[PGD_N, PGD_T, MIM_N, MIM_T, FGSM_N, BIM_N]'
+  mid cache ls --json; mid cache verify; mid cache gc --dry-run
+  mid run configs/digits.yaml --store s3://bucket/mid
   ray job submit --working-dir . -- python -m pipeline run configs/digits.yaml
 """
 
@@ -43,12 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, metavar="DIR",
                      help="the run's output folder for report.md, results.json, metrics "
                           "(default: runs/<config name>)")
+    pool = with_config("pool", "run the stages up to the attacker pool (ingest, baseline, teacher, pool)")
+    pool.add_argument("--out", default=None, metavar="DIR", help="the run's output folder (default: runs/<name>)")
     with_config("validate", "check a config (and overrides) without running anything")
+
+    cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
+                                description="list, verify or clean what a store holds")
+    cache.add_argument("--store", default="store", metavar="URL", help="the store (default: store)")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("ls", help="every entry: kind, key, attack, samples, bytes, complete, created")
+    ls.add_argument("--json", action="store_true")
+    verify = actions.add_parser("verify", help="re-hash committed data; exits 1 naming any mismatch")
+    verify.add_argument("key", nargs="?", help="one entry (default: all)")
+    verify.add_argument("--json", action="store_true")
+    gc = actions.add_parser("gc", help="remove uncommitted leftovers and entries no run references")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cache":
+        from pipeline import cache
+
+        if args.action == "ls":
+            return cache.ls(args.store, args.json)
+        if args.action == "verify":
+            return cache.verify(args.store, args.key, args.json)
+        return cache.gc(args.store, args.dry_run)
     # Validation first: a bad config must fail before anything heavy is imported or started.
     from pipeline.config import ConfigError, load_config
 
@@ -63,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import driver
 
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    driver.run(cfg, out_dir)
+    if args.command == "pool":
+        driver.run_pool(cfg, out_dir)
+    else:
+        driver.run(cfg, out_dir)
     return 0
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
+from storage.pools import INT8_MAX_EPS
 from workers.attacks import FAMILIES, parse_attack_name
 
 class Section(BaseModel):
@@ -113,7 +114,9 @@ class PoolConfig(Section):
     source_model: Literal["baseline", "teacher"] = "baseline"
     shard_size: PositiveInt = 256
     batch_size: PositiveInt = 256
-    variants: PositiveInt = 1
+    variants: PositiveInt = Field(1, description="random-start variants per sample; epoch e reads e mod K")
+    encoding: Literal["int8_delta", "uint8"] = Field(
+        "int8_delta", description="int8 deltas against the clean image (1/255 units), or uint8 images")
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     num_actors: PositiveInt = 2
 
@@ -183,6 +186,18 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
+
+
+    @model_validator(mode="after")
+    def _encoding_holds_eps(self):
+        if self.pool.encoding == "int8_delta":
+            for attack in self.pool.attacks:
+                family, _ = parse_attack_name(attack)
+                eps = getattr(self.attacks, family).eps
+                if eps > INT8_MAX_EPS:
+                    raise ValueError(f"pool.encoding: int8_delta holds deltas up to 127/255, but "
+                                     f"attacks.{family}.eps is {eps}; use pool.encoding: uint8")
+        return self
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,7 @@ from pipeline import report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
+from storage import catalog
 
 
 def prepare_pool(ctx: RunContext):
@@ -18,6 +19,17 @@ def prepare_pool(ctx: RunContext):
     source = baseline if ctx.cfg.pool.source_model == "baseline" else teacher
     pool_keys = pool.run(ctx, dataset, source)
     return dataset, baseline, teacher, pool_keys
+
+
+def run_pool(cfg: RunConfig, out_dir: Path) -> dict[str, str]:
+    """The stages up to the pool; records them under the ref ``<name>-pool``."""
+    ctx = RunContext(cfg, out_dir)
+    dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
+    catalog.write_ref(ctx.root, f"{cfg.name}-pool", {name: rec.key for name, rec in ctx.stages.items()} | {
+        "checkpoints": [baseline["key"], teacher["key"]], "pools": pool_keys})
+    for name, rec in ctx.stages.items():
+        print(f"{name:<9} {rec.key:<34} {'cached' if rec.cache_hit else 'built':<7} {rec.seconds:8.1f} s")
+    return pool_keys
 
 
 def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -32,6 +44,9 @@ def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     results = evaluate.run(ctx, dataset, defenses)
     table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
+    # The run's ref keeps everything it used alive through `mid cache gc`.
+    catalog.write_ref(ctx.root, cfg.name, {name: rec.key for name, rec in ctx.stages.items()} | {
+        "checkpoints": [baseline["key"], teacher["key"], student["key"]], "pools": pool_keys})
     printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")

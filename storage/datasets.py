@@ -34,14 +34,18 @@ def chunk_rows(sample_bytes: int, target_bytes: int = TARGET_CHUNK_BYTES) -> int
 
 
 def fingerprint(raw: RawDataset) -> str:
+    return fingerprint_arrays({split: raw.split(split) for split in SPLITS}, raw.class_names)
+
+
+def fingerprint_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names) -> str:
     """sha256 over every split's pixels, labels and the class names."""
     h = hashlib.sha256()
     for split in SPLITS:
-        images, labels = raw.split(split)
-        h.update(f"{split}:{images.shape}:{labels.shape}".encode())
+        images, labels = splits[split]
+        h.update(f"{split}:{tuple(images.shape)}:{tuple(labels.shape)}".encode())
         h.update(np.ascontiguousarray(images).tobytes())
         h.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
-    h.update("\n".join(raw.class_names).encode())
+    h.update("\n".join(class_names).encode())
     return h.hexdigest()
 
 

@@ -65,7 +65,7 @@ class AlignedViewsDatasource(Datasource):
                 batch = {"index": np.arange(lo, hi, dtype=np.int64), "label": labels.astype(np.int64),
                          "clean": images}
                 for name, reader in readers.items():
-                    batch[name] = reader.adv(variant, lo, hi)
+                    batch[name] = reader.adv(variant, lo, hi, clean_u8=images)
                 yield BlockAccessor.batch_to_block(batch)
 
         return read

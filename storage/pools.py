@@ -1,11 +1,14 @@
 """The pool store: one Zarr group per (attack, source model, dataset split, settings) key.
 
-Layout under ``<store>/pools/<key>/``::
+Layout under ``<store>/pools/<key>/`` (storage/FORMAT.md has the full description)::
 
-    adv       uint8 (K, N, C, H, W)  K random-start variants; chunk = (1, shard_size, C, H, W)
-    target    int64 (K, N)           target labels of a targeted attack, -1 when untargeted
-    commits/shard-00003.json         one record per committed shard (range, sha256, stats)
-    manifest.json                    written once every shard is committed (= complete)
+    adv | delta   (K, N, C, H, W)  K random-start variants, one chunk = (1, shard_size, C, H, W)
+                  uint8 images (encoding "uint8") or int8 deltas against the clean image in
+                  1/255 units (encoding "int8_delta")
+    target        int64 (K, N)     target labels of a targeted attack, -1 when untargeted
+    commits/shard-00003.json       one record per committed shard: range, sha256 per chunk,
+                                   success rates before and after quantization, settings
+    manifest.json                  written once every shard is committed (= complete)
 
 A shard is a contiguous range of samples aligned to chunk boundaries; its arrays are
 written first and its commit record last, so a reader never trusts a half-written shard.
@@ -13,6 +16,7 @@ written first and its commit record last, so a reader never trusts a half-writte
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +24,18 @@ import numpy as np
 import zarr
 
 from storage import fs
+from storage.datasets import DatasetReader
 from storage.keys import sha256_bytes
 
-FORMAT_VERSION = 1
-ENCODING = {"kind": "uint8", "decode": "x = adv / 255.0 (float in [0, 1])"}
+FORMAT_VERSION = 2  # 2: int8_delta encoding, one sha256 per chunk in commit records
 COMPRESSORS = ("zstd", "blosc", "none")
+ENCODINGS = {
+    "uint8": {"array": "adv", "dtype": "uint8",
+              "decode": "x = adv[k, i] / 255 (float in [0, 1])"},
+    "int8_delta": {"array": "delta", "dtype": "int8",
+                   "decode": "x = (clean[i] + delta[k, i]) / 255, clean = datasets/<dataset_key>/<split>/images"},
+}
+INT8_MAX_EPS = 127 / 255  # the largest ε whose deltas fit int8 exactly
 
 
 def pool_url(root: str, key: str) -> str:
@@ -49,13 +60,18 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
+def ball_radius(eps: float) -> int:
+    """ε in whole grey levels: the largest integer delta that stays inside the ε-ball."""
+    return int(np.floor(eps * 255 + 1e-6))
+
+
 def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float) -> np.ndarray:
     """Round an adversarial float image to uint8 and project it back into the ε-ball.
 
     Rounding alone can leave the ball (ε = 0.3 is 76.5/255), so the delta is clipped to the
     largest whole number of grey levels inside it, then to the valid pixel range.
     """
-    radius = int(np.floor(eps * 255 + 1e-6))
+    radius = ball_radius(eps)
     delta = np.rint(adv.astype(np.float64) * 255.0) - clean_u8.astype(np.int32)
     delta = np.clip(delta, -radius, radius)
     return np.clip(clean_u8.astype(np.int32) + delta, 0, 255).astype(np.uint8)
@@ -64,28 +80,45 @@ def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float) -> np.ndarray:
 def check_invariants(adv_u8: np.ndarray, clean_u8: np.ndarray, eps: float) -> None:
     """Every stored sample lies in the ε-ball around its clean image (uint8 keeps [0, 255])."""
     if adv_u8.dtype != np.uint8:
-        raise TypeError(f"stored adversarial views must be uint8, got {adv_u8.dtype}")
-    radius = int(np.floor(eps * 255 + 1e-6))
+        raise TypeError(f"adversarial views must be uint8 images, got {adv_u8.dtype}")
+    radius = ball_radius(eps)
     worst = np.abs(adv_u8.astype(np.int32) - clean_u8.astype(np.int32)).max(initial=0)
     if worst > radius:
         raise ValueError(f"adversarial view leaves the ε-ball: {worst}/255 > {radius}/255")
 
 
-def create_pool(root: str, key: str, *, num_samples: int, image_shape: tuple[int, ...],
-                variants: int, shard_size: int, compressor: str, attrs: dict[str, Any]) -> None:
+def encode(adv_u8: np.ndarray, clean_u8: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "uint8":
+        return adv_u8
+    delta = adv_u8.astype(np.int16) - clean_u8.astype(np.int16)
+    if np.abs(delta).max(initial=0) > 127:
+        raise ValueError("int8_delta cannot hold a delta beyond 127/255; use encoding uint8")
+    return delta.astype(np.int8)
+
+
+def decode(stored: np.ndarray, clean_u8: np.ndarray | None, encoding: str) -> np.ndarray:
+    if encoding == "uint8":
+        return stored
+    return (clean_u8.astype(np.int16) + stored.astype(np.int16)).astype(np.uint8)
+
+
+def create_pool(root: str, key: str, *, num_samples: int, image_shape: tuple[int, ...], variants: int,
+                shard_size: int, compressor: str, encoding: str, attrs: dict[str, Any]) -> None:
     """Create the pool's arrays once; an existing pool with the same key is kept as it is."""
-    url = pool_url(root, key)
-    group = zarr.open_group(fs.zarr_store(url), mode="a")
-    if "adv" in group and "target" in group:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r} (allowed: {', '.join(ENCODINGS)})")
+    spec = ENCODINGS[encoding]
+    group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="a")
+    if spec["array"] in group and "target" in group:
         return
-    group.attrs.update({"format_version": FORMAT_VERSION, "encoding": ENCODING,
-                        "shard_size": shard_size, "variants": variants, **attrs})
-    group.create_array("adv", shape=(variants, num_samples, *image_shape), dtype="uint8",
+    group.attrs.update({"format_version": FORMAT_VERSION, "encoding": {"kind": encoding, **spec},
+                        "num_samples": num_samples, "shard_size": shard_size, "variants": variants,
+                        "created": time.time(), **attrs})
+    group.create_array(spec["array"], shape=(variants, num_samples, *image_shape), dtype=spec["dtype"],
                        chunks=(1, shard_size, *image_shape), compressors=_codec(compressor),
                        fill_value=0, overwrite=True)
     group.create_array("target", shape=(variants, num_samples), dtype="int64",
-                       chunks=(1, shard_size), compressors=_codec(compressor),
-                       fill_value=-1, overwrite=True)
+                       chunks=(1, shard_size), compressors=_codec(compressor), fill_value=-1, overwrite=True)
 
 
 def committed_shards(root: str, key: str) -> dict[int, dict[str, Any]]:
@@ -102,22 +135,32 @@ def committed_shards(root: str, key: str) -> dict[int, dict[str, Any]]:
     return records
 
 
+def _chunk_hashes(stored: np.ndarray) -> list[str]:
+    """sha256 of each variant's chunk of a shard, over its decoded-from-Zarr contents."""
+    return [sha256_bytes(np.ascontiguousarray(chunk).tobytes()) for chunk in stored]
+
+
 def write_shard(root: str, key: str, *, shard: int, start: int, stop: int, eps: float,
                 adv_u8: np.ndarray, clean_u8: np.ndarray, targets: np.ndarray,
                 stats: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard (all variants), check it, then commit it. Returns the commit record."""
+    """Check, encode and write one shard (all variants), then commit it."""
     if adv_u8.shape[1] != stop - start:
         raise ValueError(f"shard {shard}: {adv_u8.shape[1]} samples for range [{start}, {stop})")
+    group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="r+")
+    encoding = group.attrs["encoding"]
     for variant in adv_u8:
         check_invariants(variant, clean_u8, eps)
-    group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="r+")
-    group["adv"][:, start:stop] = adv_u8
-    group["target"][:, start:stop] = targets.astype(np.int64)
+    stored = np.stack([encode(v, clean_u8, encoding["kind"]) for v in adv_u8])
+    if not all(np.array_equal(decode(s, clean_u8, encoding["kind"]), v) for s, v in zip(stored, adv_u8)):
+        raise ValueError(f"shard {shard}: encoding {encoding['kind']} does not round-trip")
+    targets = targets.astype(np.int64)
+    group[encoding["array"]][:, start:stop] = stored
+    group["target"][:, start:stop] = targets
     record = {
         "shard": shard, "start": start, "stop": stop,
-        "sha256": {"adv": sha256_bytes(np.ascontiguousarray(adv_u8).tobytes()),
-                   "target": sha256_bytes(np.ascontiguousarray(targets.astype(np.int64)).tobytes())},
-        "stats": stats,
+        "sha256": {encoding["array"]: _chunk_hashes(stored), "target": _chunk_hashes(targets)},
+        "stats": stats, "attack": group.attrs.get("attack"), "settings": group.attrs.get("settings"),
+        "committed": time.time(),
     }
     fs.write_json_atomic(_commit_url(root, key, shard), record)
     return record
@@ -134,27 +177,54 @@ def finalize_pool(root: str, key: str, num_shards: int, extra: dict[str, Any]) -
     if missing:
         raise RuntimeError(f"pool {key}: shards {missing[:10]} are not committed")
     group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="r")
-    manifest = {"key": key, "complete": True, "num_shards": num_shards,
-                "attrs": dict(group.attrs), **extra,
-                "shards": [records[i] for i in range(num_shards)]}
+    manifest = {"key": key, "complete": True, "num_shards": num_shards, "attrs": dict(group.attrs),
+                "completed": time.time(), **extra, "shards": [records[i] for i in range(num_shards)]}
     fs.write_json_atomic(fs.join(pool_url(root, key), "manifest.json"), manifest)
     return manifest
 
 
+def verify_pool(root: str, key: str) -> list[str]:
+    """Re-hash every committed chunk; one line per problem, naming pool, shard and array."""
+    group = zarr.open_group(fs.zarr_store(pool_url(root, key), read_only=True), mode="r")
+    version = group.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        return [f"pool {key}: written in pool format version {version}; this version verifies {FORMAT_VERSION}"]
+    problems = []
+    for shard, record in sorted(committed_shards(root, key).items()):
+        for array, expected in record["sha256"].items():
+            try:
+                actual = _chunk_hashes(group[array][:, record["start"]:record["stop"]])
+            except Exception as e:  # a chunk that no longer decompresses is corrupt too
+                problems.append(f"pool {key} shard {shard} array {array}: unreadable ({type(e).__name__}: {e})")
+                continue
+            for variant, (want, got) in enumerate(zip(expected, actual)):
+                if want != got:
+                    problems.append(f"pool {key} shard {shard} array {array} variant {variant}: "
+                                    f"sha256 {got[:12]}… does not match the commit record {want[:12]}…")
+    return problems
+
+
 @dataclass
 class PoolReader:
+    """Decoded uint8 views of a complete pool (or, when asked, of its committed shards)."""
+
     root: str
     key: str
-    manifest: dict[str, Any]
+    attrs: dict[str, Any]
+    committed: dict[int, dict[str, Any]]
+    complete: bool
 
     @classmethod
-    def open(cls, root: str, key: str) -> "PoolReader":
+    def open(cls, root: str, key: str, allow_partial: bool = False) -> "PoolReader":
         manifest = read_manifest(root, key)
-        if manifest is None or not manifest.get("complete"):
-            done = len(committed_shards(root, key))
-            raise RuntimeError(f"pool {key} is incomplete ({done} shards committed); "
-                               f"run the pool stage to finish it")
-        return cls(root, key, manifest)
+        if manifest is not None and manifest.get("complete"):
+            return cls(root, key, manifest["attrs"], {s["shard"]: s for s in manifest["shards"]}, True)
+        committed = committed_shards(root, key)
+        if not allow_partial:
+            raise RuntimeError(f"pool {key} is incomplete ({len(committed)} shards committed); "
+                               f"run the pool stage to finish it, or read it with allow_partial=True")
+        group = zarr.open_group(fs.zarr_store(pool_url(root, key), read_only=True), mode="r")
+        return cls(root, key, dict(group.attrs), committed, False)
 
     @property
     def group(self) -> zarr.Group:
@@ -162,7 +232,28 @@ class PoolReader:
 
     @property
     def variants(self) -> int:
-        return int(self.manifest["attrs"]["variants"])
+        return int(self.attrs["variants"])
 
-    def adv(self, variant: int, start: int, stop: int) -> np.ndarray:
-        return self.group["adv"][variant % self.variants, start:stop]
+    @property
+    def encoding(self) -> str:
+        return self.attrs["encoding"]["kind"]
+
+    def committed_ranges(self) -> list[tuple[int, int]]:
+        return [(r["start"], r["stop"]) for _, r in sorted(self.committed.items())]
+
+    def _check_committed(self, start: int, stop: int) -> None:
+        if self.complete:
+            return
+        covered = sum(max(0, min(stop, hi) - max(start, lo)) for lo, hi in self.committed_ranges())
+        if covered < stop - start:
+            raise RuntimeError(f"pool {self.key}: samples [{start}, {stop}) are not all committed")
+
+    def adv(self, variant: int, start: int, stop: int, clean_u8: np.ndarray | None = None) -> np.ndarray:
+        """uint8 adversarial images of samples [start, stop); epoch e reads variant e mod K."""
+        self._check_committed(start, stop)
+        array = self.attrs["encoding"]["array"]
+        stored = self.group[array][variant % self.variants, start:stop]
+        if self.encoding == "int8_delta" and clean_u8 is None:
+            dataset = DatasetReader.open(self.root, self.attrs["dataset_key"])
+            clean_u8 = dataset.images(self.attrs["split"])[start:stop]
+        return decode(stored, clean_u8, self.encoding)

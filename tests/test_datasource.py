@@ -16,7 +16,8 @@ def build_store(root, n_pools=2):
     for p in range(n_pools):
         key = f"pool-{p}"
         pools.create_pool(root, key, num_samples=n, image_shape=clean.shape[1:], variants=2,
-                          shard_size=500, compressor="zstd", attrs={})
+                          shard_size=500, compressor="zstd", encoding=["uint8", "int8_delta"][p % 2],
+                          attrs={"dataset_key": "dataset-d", "split": "train"})
         for shard, (lo, hi) in enumerate(pools.shard_ranges(n, 500)):
             # Each view encodes its own sample index and variant, so misalignment shows.
             adv = np.stack([np.clip(clean[lo:hi].astype(int) + (1 if v == 0 else -1) * (p + 1), 0, 255)
@@ -54,6 +55,6 @@ def test_incomplete_pools_are_refused(tmp_path):
     root = str(tmp_path)
     raw, keys = build_store(root, n_pools=1)
     pools.create_pool(root, "pool-partial", num_samples=len(raw.train_labels), image_shape=(1, 8, 8),
-                      variants=1, shard_size=500, compressor="none", attrs={})
+                      variants=1, shard_size=500, compressor="none", encoding="uint8", attrs={})
     with pytest.raises(RuntimeError, match="incomplete"):
         AlignedViewsDatasource(root, "dataset-d", "train", pools={**keys, "X": "pool-partial"})

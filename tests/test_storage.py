@@ -68,15 +68,16 @@ def test_invariant_check_rejects_views_outside_the_ball():
         pools.check_invariants(clean + 80, clean, 0.3)
 
 
-def make_pool(root, key, n=10, shard_size=4, variants=2):
+def make_pool(root, key, n=10, shard_size=4, variants=2, encoding="uint8", compressor="zstd"):
     pools.create_pool(root, key, num_samples=n, image_shape=(1, 2, 2), variants=variants,
-                      shard_size=shard_size, compressor="zstd", attrs={"attack": "PGD_N"})
+                      shard_size=shard_size, compressor=compressor, encoding=encoding, attrs={"attack": "PGD_N"})
     return pools.shard_ranges(n, shard_size)
 
 
-def test_pool_commit_protocol(tmp_path):
+@pytest.mark.parametrize("encoding", ["uint8", "int8_delta"])
+def test_pool_commit_protocol(tmp_path, encoding):
     root, key = str(tmp_path), "pool-a"
-    ranges = make_pool(root, key)
+    ranges = make_pool(root, key, encoding=encoding)
     assert ranges == [(0, 4), (4, 8), (8, 10)]
     clean = np.full((10, 1, 2, 2), 128, np.uint8)
     for shard, (lo, hi) in enumerate(ranges[:2]):
@@ -85,16 +86,23 @@ def test_pool_commit_protocol(tmp_path):
                           clean_u8=clean[lo:hi], targets=np.full((2, hi - lo), -1), stats={})
     with pytest.raises(RuntimeError, match="incomplete"):
         pools.PoolReader.open(root, key)
+    partial = pools.PoolReader.open(root, key, allow_partial=True)
+    assert partial.committed_ranges() == [(0, 4), (4, 8)]
+    assert (partial.adv(0, 0, 8, clean[:8]) == 129).all()
+    with pytest.raises(RuntimeError, match=r"\[4, 10\) are not all committed"):
+        partial.adv(0, 4, 10, clean[4:])
     with pytest.raises(RuntimeError, match="not committed"):
         pools.finalize_pool(root, key, len(ranges), {})
     pools.write_shard(root, key, shard=2, start=8, stop=10, eps=0.1, adv_u8=np.stack([clean[8:] + 1, clean[8:] - 1]),
                       clean_u8=clean[8:], targets=np.full((2, 2), -1), stats={})
     pools.finalize_pool(root, key, len(ranges), {})
     reader = pools.PoolReader.open(root, key)
-    assert (reader.adv(0, 0, 10) == 129).all() and (reader.adv(1, 0, 10) == 127).all()
-    assert (reader.adv(2, 0, 10) == 129).all()  # epoch e reads variant e mod K
+    assert (reader.adv(0, 0, 10, clean) == 129).all() and (reader.adv(1, 0, 10, clean) == 127).all()
+    assert (reader.adv(2, 0, 10, clean) == 129).all()  # epoch e reads variant e mod K
+    assert pools.verify_pool(root, key) == []
     record = json.loads((tmp_path / "pools" / key / "commits" / "shard-00001.json").read_text())
-    assert record["start"] == 4 and len(record["sha256"]["adv"]) == 64
+    array = "adv" if encoding == "uint8" else "delta"
+    assert record["start"] == 4 and [len(h) for h in record["sha256"][array]] == [64, 64]  # one per chunk
 
 
 def test_a_shard_outside_the_ball_is_never_written(tmp_path):
@@ -105,3 +113,22 @@ def test_a_shard_outside_the_ball_is_never_written(tmp_path):
         pools.write_shard(root, key, shard=0, start=0, stop=4, eps=0.01, adv_u8=np.stack([clean + 50] * 2),
                           clean_u8=clean, targets=np.full((2, 4), -1), stats={})
     assert pools.committed_shards(root, key) == {}
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_verify_names_the_pool_shard_and_array_of_a_corrupted_chunk(tmp_path, compressor):
+    root, key = str(tmp_path), "pool-c"
+    ranges = make_pool(root, key, variants=1, compressor=compressor)
+    rng = np.random.default_rng(0)
+    clean = rng.integers(10, 240, (10, 1, 2, 2)).astype(np.uint8)
+    for shard, (lo, hi) in enumerate(ranges):
+        pools.write_shard(root, key, shard=shard, start=lo, stop=hi, eps=0.1, adv_u8=clean[None, lo:hi] + 3,
+                          clean_u8=clean[lo:hi], targets=np.full((1, hi - lo), -1), stats={})
+    pools.finalize_pool(root, key, len(ranges), {})
+    assert pools.verify_pool(root, key) == []
+    chunk = tmp_path / "pools" / key / "adv" / "c" / "0" / "1" / "0" / "0" / "0"  # variant 0, shard 1
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    problems = pools.verify_pool(root, key)
+    assert len(problems) == 1 and problems[0].startswith(f"pool {key} shard 1 array adv"), problems

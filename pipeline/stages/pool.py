@@ -26,7 +26,7 @@ def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], at
     return content_key("pool", {
         "dataset": dataset.fingerprint, "split": SPLIT, "source_sha256": source["sha256"],
         "attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": pools.ENCODING["kind"],
+        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": p.encoding,
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
     })
 
@@ -47,8 +47,9 @@ def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict
             family, _ = parse_attack_name(attack)
             pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
                               variants=stored_variants(ctx, attack), shard_size=p.shard_size, compressor=p.compressor,
+                              encoding=p.encoding,
                               attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-                                     "dataset": dataset.fingerprint, "split": SPLIT,
+                                     "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
                                      "source_model": {"kind": p.source_model, **source_summary(source)},
                                      "seed": ctx.cfg.seed})
             done = pools.committed_shards(ctx.root, key)

@@ -51,14 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
                                 description="list, verify or clean what a store holds")
-    cache.add_argument("--store", default="store", metavar="URL", help="the store (default: store)")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", default="store", metavar="URL", help="the store: folder or fsspec URL (default: store)")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = actions.add_parser("ls", help="every entry: kind, key, attack, samples, bytes, complete, created")
-    ls.add_argument("--json", action="store_true")
-    verify = actions.add_parser("verify", help="re-hash committed data; exits 1 naming any mismatch")
+    ls = actions.add_parser("ls", parents=[store], help="every entry: kind, key, attack, samples, bytes, complete, created")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = actions.add_parser("verify", parents=[store],
+                                help="re-hash committed data; exits 1 naming the entry, shard and array of any mismatch")
     verify.add_argument("key", nargs="?", help="one entry (default: all)")
-    verify.add_argument("--json", action="store_true")
-    gc = actions.add_parser("gc", help="remove uncommitted leftovers and entries no run references")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    gc = actions.add_parser("gc", parents=[store],
+                            help="remove uncommitted leftovers and entries that no run's ref (STORE/refs/) names")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 

@@ -1,0 +1,100 @@
+"""`mid pool` and `mid cache` on a real store: reuse per attack, ls, verify, gc."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage import pools
+
+TINY = ["data.train_limit=256", "data.test_limit=32", "models.baseline.epochs=2", "models.teacher.epochs=2",
+        "attacks.PGD.nb_iter=3", "attacks.PGD.eps_iter=0.04", "attacks.MIM.nb_iter=3", "attacks.MIM.eps_iter=0.04",
+        "attacks.BIM.nb_iter=3", "attacks.BIM.eps_iter=0.04", "pool.shard_size=64"]
+SHARDS = 4  # 256 samples / 64
+
+
+def mid(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def mid_pool(store, out, attacks):
+    args = ["pool", "configs/digits.yaml", "--store", str(store), "--out", str(out)]
+    for override in [*TINY, f"pool.attacks=[{', '.join(attacks)}]"]:
+        args += ["--set", override]
+    return mid(*args)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool-cli") / "store"
+    first = mid_pool(root, root.parent / "out", ["PGD_N", "MIM_N"])
+    assert f"pool: generating {2 * SHARDS} shards" in first.stderr
+    return root
+
+
+def cache_ls(store):
+    return {e["key"]: e for e in json.loads(mid("cache", "ls", "--store", str(store), "--json").stdout)}
+
+
+def test_growing_the_pool_generates_only_the_new_attacks(store):
+    grown = mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N", "FGSM_N", "BIM_N"])
+    assert "pool PGD_N: complete pool" in grown.stderr and "pool MIM_N: complete pool" in grown.stderr
+    assert f"pool: generating {2 * SHARDS} shards" in grown.stderr  # FGSM_N and BIM_N only
+    entries = cache_ls(store)
+    attacks = sorted(e["attack"] for e in entries.values() if e["kind"] == "pool")
+    assert attacks == ["BIM_N", "FGSM_N", "MIM_N", "PGD_N"]
+    for e in entries.values():
+        assert e["complete"] and e["bytes"] > 0
+        if e["kind"] == "pool":
+            assert e["samples"] == 256 and e["created"] > 0
+
+
+def test_identical_settings_never_regenerate(store):
+    before = {e["attack"]: k for k, e in cache_ls(store).items() if e["kind"] == "pool"}
+    again = mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N"])  # identical settings: nothing new
+    assert "pool: generating" not in again.stderr and "starting a local Ray instance" not in again.stderr
+    assert {e["attack"]: k for k, e in cache_ls(store).items() if e["kind"] == "pool"} == before
+
+
+def test_verify_names_a_corrupted_chunk(store):
+    assert mid("cache", "verify", "--store", str(store)).returncode == 0
+    key = next(k for k, e in cache_ls(store).items() if e.get("attack") == "PGD_N")
+    chunk = Path(store) / "pools" / key / "delta" / "c" / "0" / "2" / "0" / "0" / "0"  # variant 0, shard 2
+    original = chunk.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    try:
+        result = mid("cache", "verify", key, "--store", str(store), check=False)
+        assert result.returncode == 1
+        assert f"pool {key} shard 2 array delta" in result.stderr
+        as_json = json.loads(mid("cache", "verify", "--store", str(store), "--json", check=False).stdout)
+        assert [e["key"] for e in as_json if not e["ok"]] == [key]
+    finally:
+        chunk.write_bytes(original)
+    assert mid("cache", "verify", "--store", str(store)).returncode == 0
+
+
+def test_gc_removes_leftovers_and_unreferenced_entries(store):
+    # A leftover of a killed generation: arrays created, nothing committed.
+    pools.create_pool(str(store), "pool-leftover", num_samples=256, image_shape=(1, 16, 16), variants=1,
+                      shard_size=64, compressor="zstd", encoding="uint8", attrs={"attack": "PGD_T"})
+    tmp_file = Path(store) / "results" / "x.json.tmp-0123"
+    tmp_file.parent.mkdir(exist_ok=True)
+    tmp_file.write_text("{")
+    # The last pool run of this config used only PGD_N and MIM_N: FGSM_N and BIM_N lost their ref.
+    mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N"])
+    dry = mid("cache", "gc", "--store", str(store), "--dry-run").stdout
+    assert "pool-leftover (uncommitted leftover" in dry and "temporary file" in dry
+    assert dry.count("not referenced by any run") == 2
+    assert "pool-leftover" in cache_ls(store)  # a dry run removes nothing
+    mid("cache", "gc", "--store", str(store))
+    left = cache_ls(store)
+    assert sorted(e["attack"] for e in left.values() if e["kind"] == "pool") == ["MIM_N", "PGD_N"]
+    assert not tmp_file.exists()
+    assert mid("cache", "verify", "--store", str(store)).returncode == 0

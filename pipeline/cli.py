@@ -88,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: valid")
         return 0
     from pipeline import driver
+    from pipeline.context import PipelineError
 
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    if args.command == "pool":
-        driver.run_pool(cfg, out_dir)
-    else:
-        driver.run(cfg, out_dir)
+    try:
+        if args.command == "pool":
+            driver.run_pool(cfg, out_dir)
+        else:
+            driver.run(cfg, out_dir)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -172,7 +172,8 @@ class StoreConfig(Section):
 class RayConfig(Section):
     address: str | None = Field(None, description="an existing cluster ('auto'); none starts a local one")
     num_cpus: PositiveInt | None = None
-    cpus_per_worker: PositiveFloat = Field(0.5, description="CPUs per Ray Train worker / actor")
+    cpus_per_worker: PositiveFloat = Field(0.5, description="CPUs per Ray Train worker (leave some for Ray Data)")
+    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs per pool-generation or evaluation actor")
 
 
 class RunConfig(Section):

@@ -14,6 +14,10 @@ from typing import Any, Iterator
 from pipeline.config import RunConfig
 
 
+class PipelineError(RuntimeError):
+    """A failure the user can act on; the CLI prints its message without a traceback."""
+
+
 @dataclass
 class StageRecord:
     key: str

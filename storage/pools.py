@@ -48,7 +48,9 @@ def _commit_url(root: str, key: str, shard: int) -> str:
 
 def _codec(compressor: str):
     if compressor == "zstd":
-        return [zarr.codecs.ZstdCodec(level=3)]
+        # Pools are written once at attack speed (~100 KB/s) and read many times: the slowest,
+        # strongest zstd level costs nothing visible to write and decompresses as fast as level 3.
+        return [zarr.codecs.ZstdCodec(level=19)]
     if compressor == "blosc":
         return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
     if compressor == "none":

@@ -63,3 +63,12 @@ def test_validate_command_and_help():
     assert run_cli("validate", "configs/digits.yaml").returncode == 0
     help_text = run_cli("run", "--help").stdout
     assert "--set" in help_text and "--store" in help_text and "--out" in help_text
+
+
+def test_training_that_would_starve_ray_data_is_refused(tmp_path):
+    """2 workers x 1 CPU on a 2-CPU Ray leave nothing for Ray Data: fail, don't hang."""
+    result = run_cli("run", "configs/digits.yaml", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"),
+                     "--set", "ray.num_cpus=2", "--set", "ray.cpus_per_worker=1", "--set", "data.train_limit=64")
+    assert result.returncode == 1
+    assert "error: baseline-" in result.stderr and "take all 2 CPUs of the Ray cluster" in result.stderr
+    assert "Traceback" not in result.stderr

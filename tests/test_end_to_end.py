@@ -59,7 +59,9 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     for attack, info in stages["pool"]["attacks"].items():
         manifest = pools.read_manifest(str(store), info["key"])
         assert manifest["complete"] and manifest["num_shards"] == 4
-        adv = zarr.open_group(str(store / "pools" / info["key"]), mode="r")["adv"][:]
+        reader = pools.PoolReader.open(str(store), info["key"])
+        assert reader.encoding == "int8_delta"  # the default: compact deltas against the clean image
+        adv = np.stack([reader.adv(k, 0, len(clean)) for k in range(reader.variants)])
         assert adv.dtype == np.uint8
         assert np.abs(adv.astype(int) - clean[None].astype(int)).max() <= int(0.3 * 255)
         if attack == "MIM_N":  # deterministic: one variant serves every epoch

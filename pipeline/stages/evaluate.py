@@ -45,7 +45,7 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
     n = dataset.num_samples("test")
     tasks = [(defense, attack, lo, min(lo + e.batch_size, n))
              for defense in defenses for attack in [None, *e.attacks] for lo in range(0, n, e.batch_size)]
-    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_worker)(Evaluator)
+    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor)(Evaluator)
     model_refs = {name: {k: v for k, v in d.items() if k != "sha256"} for name, d in defenses.items()}
     actors = [actor_cls.remote(ctx.root, dataset.key, model_refs, ctx.cfg.attacks.family_settings(),
                                dataset.num_classes, ctx.cfg.seed) for _ in range(e.num_actors)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.context import RunContext
+from pipeline.context import PipelineError, RunContext
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -21,9 +21,18 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                    num_workers: int, name: str) -> None:
     """Run a train loop on ``num_workers`` Ray Train workers; each named Ray Dataset is
     split across them."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Data's read tasks need CPUs of their own; if the workers take them all, training
+    # waits for data forever instead of failing. Refuse before starting.
+    total = ray.cluster_resources().get("CPU", 0)
+    wanted = num_workers * ctx.cfg.ray.cpus_per_worker
+    if wanted >= total:
+        raise PipelineError(f"{name}: {num_workers} workers x ray.cpus_per_worker={ctx.cfg.ray.cpus_per_worker} "
+                           f"take all {total:g} CPUs of the Ray cluster and leave none for Ray Data; lower "
+                           f"ray.cpus_per_worker (e.g. {total / (num_workers + 1):.2g}) or the number of workers")
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets,
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.

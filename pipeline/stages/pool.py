@@ -6,7 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.context import RunContext
+from pipeline.context import PipelineError, RunContext
 from storage import pools
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -91,7 +91,7 @@ def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], to
 
     ctx.ensure_ray()
     p = ctx.cfg.pool
-    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_worker)(PoolGenerator)
+    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor)(PoolGenerator)
     actors = [actor_cls.remote(ctx.root, dataset.key, SPLIT, p.source_model, source["key"], dataset.num_classes)
               for _ in range(min(p.num_actors, len(todo)))]
     family_settings = ctx.cfg.attacks.family_settings()
@@ -99,7 +99,15 @@ def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], to
     work = ActorPool(actors).map_unordered(
         lambda actor, t: actor.generate.remote(*t, family_settings=family_settings, batch_size=p.batch_size,
                                                seed=ctx.cfg.seed), todo)
-    for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):
-        pass
-    for actor in actors:
-        ray.kill(actor)
+    done = 0
+    try:
+        for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):
+            done += 1
+    except ray.exceptions.RayActorError as e:
+        # A lost worker or node costs only the shards in flight: every committed shard stays.
+        raise PipelineError(f"pool generation stopped after {done}/{len(todo)} shards: a pool actor died "
+                           f"({type(e).__name__}). Committed shards are kept; rerun the same command "
+                           f"to generate only the missing ones.") from None
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -1,0 +1,164 @@
+"""The pipeline against an S3 store: a real S3 API (moto's server on loopback), the real
+CLI in a subprocess, Ray workers that reach the bucket only through the environment.
+
+s3fs takes its endpoint from ``FSSPEC_S3_ENDPOINT_URL`` (fsspec turns every
+``FSSPEC_<PROTOCOL>_<KWARG>`` variable into a default keyword of that protocol's file
+system) and its credentials from the usual ``AWS_*`` variables; a local Ray instance
+started by the CLI passes the driver's environment on to its workers and actors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "mid-test"
+PREFIX = f"s3://{BUCKET}/mid"
+
+TINY = [
+    "data.train_limit=256", "data.test_limit=48",
+    "models.baseline.epochs=2", "models.teacher.epochs=2", "mid.epochs=1",
+    "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
+    "attacks.PGD.eps_iter=0.05", "attacks.MIM.eps_iter=0.05", "attacks.BIM.eps_iter=0.05",
+    "pool.attacks=[PGD_N, MIM_N]", "pool.shard_size=64", "pool.variants=2",
+    "eval.known=[PGD_N, MIM_N]", "eval.unknown=[FGSM_N]", "eval.batch_size=48",
+]
+
+moto_server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    assert os.path.exists(moto_server), "moto_server is missing: pip install -e '.[test]' installs moto[server]"
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}")
+                time.sleep(0.2)
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        env.pop("RAY_ADDRESS", None)  # a local Ray instance that inherits this environment
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def mid(env, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def with_overrides(*args: str) -> list[str]:
+    out = list(args)
+    for override in TINY:
+        out += ["--set", override]
+    return out
+
+
+def list_bucket(env) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def test_pool_on_s3_then_cache_ls_and_verify(s3_env, tmp_path):
+    result = mid(s3_env, *with_overrides("pool", "configs/digits.yaml", "--store", PREFIX,
+                                         "--out", str(tmp_path / "pool")))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "starting a local Ray instance" in result.stderr
+
+    keys = list_bucket(s3_env)
+    assert not any(k.startswith("store/") or k.startswith("/") for k in keys)
+    for folder in ("datasets", "checkpoints", "pools", "refs"):
+        assert any(k.startswith(f"mid/{folder}/") for k in keys), (folder, keys[:20])
+    assert any(k.endswith("/commits/shard-00003.json") for k in keys)  # 256 samples / 64 per shard
+
+    listed = mid(s3_env, "cache", "ls", "--store", PREFIX, "--json", timeout=120)
+    assert listed.returncode == 0, listed.stderr[-4000:]
+    entries = json.loads(listed.stdout)
+    by_kind: dict[str, list[dict]] = {}
+    for e in entries:
+        by_kind.setdefault(e["kind"], []).append(e)
+    assert len(by_kind.get("dataset", [])) == 1
+    assert len(by_kind.get("checkpoint", [])) == 2  # baseline and teacher
+    assert sorted(e["attack"] for e in by_kind.get("pool", [])) == ["MIM_N", "PGD_N"]
+    for e in entries:
+        assert e["complete"] and e["bytes"] > 0, e
+    for e in by_kind["pool"]:
+        assert e["samples"] == 256
+
+    verified = mid(s3_env, "cache", "verify", "--store", PREFIX, timeout=300)
+    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-4000:]
+    assert verified.stdout.count(": ok") == len(entries)
+
+    # The same store again: every stage is a cache hit, no Ray needed.
+    again = mid(s3_env, *with_overrides("pool", "configs/digits.yaml", "--store", PREFIX,
+                                        "--out", str(tmp_path / "pool2")))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "not regenerating" in again.stderr
+    assert "starting a local Ray instance" not in again.stderr
+
+
+def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
+    """`mid run` on the store the first test filled: MID and eval read everything from S3."""
+    out = tmp_path / "run"
+    pools_before = any(k.startswith("mid/pools/") for k in list_bucket(s3_env))
+    result = mid(s3_env, *with_overrides("run", "configs/digits.yaml", "--store", PREFIX, "--out", str(out)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    stages = results["stages"]
+    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "eval"]
+    if pools_before:  # after the first test: the cached stages are read back from S3
+        assert all(stages[s]["cache_hit"] for s in ("ingest", "baseline", "teacher", "pool"))
+    assert not stages["mid"]["cache_hit"]
+    assert list(results["defenses"]) == ["None", "MID"]
+    keys = list_bucket(s3_env)
+    student = [k for k in keys if k.startswith(f"mid/checkpoints/{stages['mid']['key']}/")]
+    assert any(k.endswith("model.safetensors") for k in student), stages["mid"]["key"]
+    assert any(k.startswith("mid/results/") for k in keys)
+    assert (out / "mid_metrics.jsonl").read_text().strip()

@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--compressors", default=",".join(pools.COMPRESSORS))
+    p.add_argument("--delta-steps", default="1", help="comma-separated delta grids in grey levels (1 = exact)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="write the pools under this folder and keep them")
@@ -98,12 +99,12 @@ def folder_bytes(path: Path, sub: str | None = None) -> int:
     return sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) if base.exists() else 0
 
 
-def store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8, targets, stats, shard_size):
+def store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8, targets, stats, shard_size, step):
     n = len(clean_u8)
     ranges = pools.shard_ranges(n, shard_size)
     started = time.perf_counter()
     pools.create_pool(root, key, num_samples=n, image_shape=clean_u8.shape[1:], variants=1,
-                      shard_size=shard_size, compressor=compressor, encoding=encoding,
+                      shard_size=shard_size, compressor=compressor, encoding=encoding, delta_step=step,
                       attrs={"attack": attack.name, "settings": attack.settings, "dataset_key": None,
                              "split": "train", "seed": 0})
     target_col = targets if attack.targeted else np.full(n, -1, dtype=np.int64)
@@ -118,6 +119,34 @@ def store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8, ta
     read_s = time.perf_counter() - started
     assert not pools.verify_pool(root, key)
     return decoded, write_s, read_s
+
+
+def measure(root, name, attack, encoding, compressor, step, model, clean_u8, adv_u8, y, targets, stats,
+            float_hits, rate_float, float_bytes, shard_size, attack_s, linf) -> dict:
+    """Store one view set with one encoding, compressor and delta grid; size and success after."""
+    key = f"pool-{name}-{encoding}-{compressor}-step{step}"
+    decoded, write_s, read_s = store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8,
+                                              targets.numpy(), stats, shard_size, step)
+    assert np.array_equal(decoded, adv_u8)
+    stored_hits = hits(model, to_float(torch.from_numpy(decoded)), y, targets, attack.targeted)
+    rate_stored = float(stored_hits.float().mean()) * 100
+    url = Path(pools.pool_url(root, key))
+    view_bytes = folder_bytes(url, pools.ENCODINGS[encoding]["array"]) + folder_bytes(url, "target")
+    per_view = view_bytes / len(y)
+    return {
+        "attack": name, "encoding": encoding, "compressor": compressor, "delta_step": step,
+        "bytes_per_view": round(per_view, 1),
+        "bytes_per_view_with_metadata": round(folder_bytes(url) / len(y), 1),
+        "ratio_to_float32": round(float_bytes / per_view, 2),
+        "ratio_to_float32_with_metadata": round(float_bytes * len(y) / folder_bytes(url), 2),
+        "success_float": round(rate_float, 2), "success_stored": round(rate_stored, 2),
+        "success_change_points": round(rate_stored - rate_float, 2),
+        "flipped_samples": int((float_hits != stored_hits).sum()),
+        "meets_10x": float_bytes / per_view >= 10,
+        "meets_0.5_points": abs(rate_stored - rate_float) <= 0.5,
+        "write_seconds": round(write_s, 3), "read_decode_seconds": round(read_s, 3),
+        "attack_seconds": round(attack_s, 1), "max_linf_float": round(linf, 4),
+    }
 
 
 def main(argv=None) -> dict:
@@ -158,40 +187,19 @@ def main(argv=None) -> dict:
         adv = torch.cat([attack.perturb(model, clean[lo:hi], y[lo:hi], targets[lo:hi])
                          for lo, hi in pools.shard_ranges(len(y), args.batch_size)])
         attack_s = time.perf_counter() - t0
-        adv_u8 = pools.quantize(adv.numpy(), clean_u8, attack.eps)
         float_hits = hits(model, adv, y, targets, attack.targeted)
         rate_float = float(float_hits.float().mean()) * 100
-        quantized_hits = hits(model, to_float(torch.from_numpy(adv_u8)), y, targets, attack.targeted)
-        stats = {"success_rate_float": rate_float / 100,
-                 "success_rate_stored": float(quantized_hits.float().mean())}
         linf = float((adv - clean).abs().max())
-        for encoding in ENCODINGS:
-            for compressor in args.compressors.split(","):
-                key = f"pool-{name}-{encoding}-{compressor}"
-                decoded, write_s, read_s = store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8,
-                                                          targets.numpy(), stats, args.shard_size)
-                assert np.array_equal(decoded, adv_u8)
-                stored_hits = hits(model, to_float(torch.from_numpy(decoded)), y, targets, attack.targeted)
-                rate_stored = float(stored_hits.float().mean()) * 100
-                url = Path(pools.pool_url(root, key))
-                array = pools.ENCODINGS[encoding]["array"]
-                view_bytes = folder_bytes(url, array) + folder_bytes(url, "target")
-                total_bytes = folder_bytes(url)
-                per_view = view_bytes / len(y)
-                results.append({
-                    "attack": name, "encoding": encoding, "compressor": compressor,
-                    "bytes_per_view": round(per_view, 1),
-                    "bytes_per_view_with_metadata": round(total_bytes / len(y), 1),
-                    "ratio_to_float32": round(float_bytes / per_view, 2),
-                    "ratio_to_float32_with_metadata": round(float_bytes * len(y) / total_bytes, 2),
-                    "success_float": round(rate_float, 2), "success_stored": round(rate_stored, 2),
-                    "success_change_points": round(rate_stored - rate_float, 2),
-                    "flipped_samples": int((float_hits != stored_hits).sum()),
-                    "meets_10x": float_bytes / per_view >= 10,
-                    "meets_0.5_points": abs(rate_stored - rate_float) <= 0.5,
-                    "write_seconds": round(write_s, 3), "read_decode_seconds": round(read_s, 3),
-                    "attack_seconds": round(attack_s, 1), "max_linf_float": round(linf, 4),
-                })
+        for step in (int(v) for v in args.delta_steps.split(",")):
+            adv_u8 = pools.quantize(adv.numpy(), clean_u8, attack.eps, step)
+            quantized_hits = hits(model, to_float(torch.from_numpy(adv_u8)), y, targets, attack.targeted)
+            stats = {"success_rate_float": rate_float / 100,
+                     "success_rate_stored": float(quantized_hits.float().mean())}
+            for encoding in ENCODINGS:
+                for compressor in args.compressors.split(","):
+                    results.append(measure(root, name, attack, encoding, compressor, step, model, clean_u8, adv_u8,
+                                           y, targets, stats, float_hits, rate_float, float_bytes, args.shard_size,
+                                           attack_s, linf))
     if tmp is not None:
         tmp.cleanup()
     report = {

@@ -117,6 +117,8 @@ class PoolConfig(Section):
     variants: PositiveInt = Field(1, description="random-start variants per sample; epoch e reads e mod K")
     encoding: Literal["int8_delta", "uint8"] = Field(
         "int8_delta", description="int8 deltas against the clean image (1/255 units), or uint8 images")
+    delta_step: PositiveInt = Field(
+        1, le=16, description="store deltas on a grid of this many grey levels (1 = exact uint8 rounding)")
     compressor: Literal["zstd", "blosc", "none"] = "zstd"
     num_actors: PositiveInt = 2
 
@@ -195,7 +197,7 @@ class RunConfig(Section):
             for attack in self.pool.attacks:
                 family, _ = parse_attack_name(attack)
                 eps = getattr(self.attacks, family).eps
-                if eps > INT8_MAX_EPS:
+                if eps > INT8_MAX_EPS * self.pool.delta_step:
                     raise ValueError(f"pool.encoding: int8_delta holds deltas up to 127/255, but "
                                      f"attacks.{family}.eps is {eps}; use pool.encoding: uint8")
         return self

@@ -33,7 +33,7 @@ ENCODINGS = {
     "uint8": {"array": "adv", "dtype": "uint8",
               "decode": "x = adv[k, i] / 255 (float in [0, 1])"},
     "int8_delta": {"array": "delta", "dtype": "int8",
-                   "decode": "x = (clean[i] + delta[k, i]) / 255, clean = datasets/<dataset_key>/<split>/images"},
+                   "decode": "x = (clean[i] + step * delta[k, i]) / 255, clean = datasets/<dataset_key>/<split>/images"},
 }
 INT8_MAX_EPS = 127 / 255  # the largest ε whose deltas fit int8 exactly
 
@@ -67,16 +67,20 @@ def ball_radius(eps: float) -> int:
     return int(np.floor(eps * 255 + 1e-6))
 
 
-def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float) -> np.ndarray:
+def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float, step: int = 1) -> np.ndarray:
     """Round an adversarial float image to uint8 and project it back into the ε-ball.
 
-    Rounding alone can leave the ball (ε = 0.3 is 76.5/255), so the delta is clipped to the
-    largest whole number of grey levels inside it, then to the valid pixel range.
+    The delta against the clean image is rounded to a multiple of ``step`` grey levels
+    (1: plain uint8 rounding; larger steps trade exactness for size, and the pool records
+    the attack's success before and after). Rounding alone can leave the ball (ε = 0.3 is
+    76.5/255), so the delta is clipped to the largest multiple of ``step`` inside it, then,
+    staying on the grid, to the valid pixel range.
     """
-    radius = ball_radius(eps)
-    delta = np.rint(adv.astype(np.float64) * 255.0) - clean_u8.astype(np.int32)
-    delta = np.clip(delta, -radius, radius)
-    return np.clip(clean_u8.astype(np.int32) + delta, 0, 255).astype(np.uint8)
+    clean = clean_u8.astype(np.int32)
+    limit = ball_radius(eps) // step
+    code = np.clip(np.rint((adv.astype(np.float64) * 255.0 - clean) / step), -limit, limit)
+    code = np.clip(code, np.ceil(-clean / step), np.floor((255 - clean) / step))
+    return (clean + code.astype(np.int32) * step).astype(np.uint8)
 
 
 def check_invariants(adv_u8: np.ndarray, clean_u8: np.ndarray, eps: float) -> None:
@@ -89,23 +93,27 @@ def check_invariants(adv_u8: np.ndarray, clean_u8: np.ndarray, eps: float) -> No
         raise ValueError(f"adversarial view leaves the ε-ball: {worst}/255 > {radius}/255")
 
 
-def encode(adv_u8: np.ndarray, clean_u8: np.ndarray, encoding: str) -> np.ndarray:
+def encode(adv_u8: np.ndarray, clean_u8: np.ndarray, encoding: str, step: int = 1) -> np.ndarray:
+    """uint8: the images; int8_delta: (adv − clean) / step, exact for deltas on the step grid."""
     if encoding == "uint8":
         return adv_u8
     delta = adv_u8.astype(np.int16) - clean_u8.astype(np.int16)
-    if np.abs(delta).max(initial=0) > 127:
-        raise ValueError("int8_delta cannot hold a delta beyond 127/255; use encoding uint8")
-    return delta.astype(np.int8)
+    if (delta % step).any():
+        raise ValueError(f"deltas are not multiples of delta_step={step}; quantize with the same step")
+    code = delta // step
+    if np.abs(code).max(initial=0) > 127:
+        raise ValueError("int8_delta cannot hold a delta beyond 127 steps; use encoding uint8")
+    return code.astype(np.int8)
 
 
-def decode(stored: np.ndarray, clean_u8: np.ndarray | None, encoding: str) -> np.ndarray:
+def decode(stored: np.ndarray, clean_u8: np.ndarray | None, encoding: str, step: int = 1) -> np.ndarray:
     if encoding == "uint8":
         return stored
-    return (clean_u8.astype(np.int16) + stored.astype(np.int16)).astype(np.uint8)
+    return (clean_u8.astype(np.int16) + stored.astype(np.int16) * step).astype(np.uint8)
 
 
 def create_pool(root: str, key: str, *, num_samples: int, image_shape: tuple[int, ...], variants: int,
-                shard_size: int, compressor: str, encoding: str, attrs: dict[str, Any]) -> None:
+                shard_size: int, compressor: str, encoding: str, attrs: dict[str, Any], delta_step: int = 1) -> None:
     """Create the pool's arrays once; an existing pool with the same key is kept as it is."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r} (allowed: {', '.join(ENCODINGS)})")
@@ -113,7 +121,7 @@ def create_pool(root: str, key: str, *, num_samples: int, image_shape: tuple[int
     group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="a")
     if spec["array"] in group and "target" in group:
         return
-    group.attrs.update({"format_version": FORMAT_VERSION, "encoding": {"kind": encoding, **spec},
+    group.attrs.update({"format_version": FORMAT_VERSION, "encoding": {"kind": encoding, "step": delta_step, **spec},
                         "num_samples": num_samples, "shard_size": shard_size, "variants": variants,
                         "created": time.time(), **attrs})
     group.create_array(spec["array"], shape=(variants, num_samples, *image_shape), dtype=spec["dtype"],
@@ -152,8 +160,9 @@ def write_shard(root: str, key: str, *, shard: int, start: int, stop: int, eps: 
     encoding = group.attrs["encoding"]
     for variant in adv_u8:
         check_invariants(variant, clean_u8, eps)
-    stored = np.stack([encode(v, clean_u8, encoding["kind"]) for v in adv_u8])
-    if not all(np.array_equal(decode(s, clean_u8, encoding["kind"]), v) for s, v in zip(stored, adv_u8)):
+    kind, step = encoding["kind"], encoding.get("step", 1)
+    stored = np.stack([encode(v, clean_u8, kind, step) for v in adv_u8])
+    if not all(np.array_equal(decode(s, clean_u8, kind, step), v) for s, v in zip(stored, adv_u8)):
         raise ValueError(f"shard {shard}: encoding {encoding['kind']} does not round-trip")
     targets = targets.astype(np.int64)
     group[encoding["array"]][:, start:stop] = stored
@@ -258,4 +267,4 @@ class PoolReader:
         if self.encoding == "int8_delta" and clean_u8 is None:
             dataset = DatasetReader.open(self.root, self.attrs["dataset_key"])
             clean_u8 = dataset.images(self.attrs["split"])[start:stop]
-        return decode(stored, clean_u8, self.encoding)
+        return decode(stored, clean_u8, self.encoding, self.attrs["encoding"].get("step", 1))

@@ -62,6 +62,20 @@ def test_quantized_views_stay_in_the_ball_and_range(eps, seed):
     assert stored.dtype == np.uint8
 
 
+@settings(max_examples=200, deadline=None)
+@given(eps=st.floats(0.01, 0.49), step=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_delta_grid_stays_in_the_ball_and_round_trips_int8(eps, step, seed):
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 256, (3, 1, 6, 6)).astype(np.uint8)
+    adv = clean / 255.0 + rng.uniform(-1.5 * eps, 1.5 * eps, clean.shape)
+    stored = pools.quantize(adv, clean, eps, step)
+    pools.check_invariants(stored, clean, eps)
+    delta = stored.astype(int) - clean.astype(int)
+    assert not (delta % step).any()
+    code = pools.encode(stored, clean, "int8_delta", step)
+    assert np.array_equal(pools.decode(code, clean, "int8_delta", step), stored)
+
+
 def test_invariant_check_rejects_views_outside_the_ball():
     clean = np.full((2, 1, 2, 2), 100, np.uint8)
     with pytest.raises(ValueError, match="leaves the ε-ball"):

@@ -43,7 +43,8 @@ class PoolGenerator:
         self.num_classes = num_classes
 
     def generate(self, pool_key: str, attack_name: str, variants: int, shard: int, start: int, stop: int, *,
-                 family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int) -> dict[str, Any]:
+                 family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,
+                 delta_step: int = 1) -> dict[str, Any]:
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
         clean_u8, labels_np = self.dataset.load(self.split, start, stop)
@@ -58,7 +59,7 @@ class PoolGenerator:
             for lo in range(0, len(labels), batch_size):
                 hi = min(lo + batch_size, len(labels))
                 adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi])
-                stored = quantize(adv.numpy(), clean_u8[lo:hi], attack.eps)
+                stored = quantize(adv.numpy(), clean_u8[lo:hi], attack.eps, delta_step)
                 adv_u8[variant, lo:hi] = stored
                 hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
                 hits_stored += success(self.model, to_float(torch.from_numpy(stored)), labels[lo:hi],

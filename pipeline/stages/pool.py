@@ -26,7 +26,7 @@ def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], at
     return content_key("pool", {
         "dataset": dataset.fingerprint, "split": SPLIT, "source_sha256": source["sha256"],
         "attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": p.encoding,
+        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": p.encoding, "delta_step": p.delta_step,
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
     })
 
@@ -47,7 +47,7 @@ def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict
             family, _ = parse_attack_name(attack)
             pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
                               variants=stored_variants(ctx, attack), shard_size=p.shard_size, compressor=p.compressor,
-                              encoding=p.encoding,
+                              encoding=p.encoding, delta_step=p.delta_step,
                               attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
                                      "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
                                      "source_model": {"kind": p.source_model, **source_summary(source)},
@@ -98,7 +98,7 @@ def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], to
     ctx.say(f"pool: generating {len(todo)} shards on {len(actors)} actors against the {p.source_model}")
     work = ActorPool(actors).map_unordered(
         lambda actor, t: actor.generate.remote(*t, family_settings=family_settings, batch_size=p.batch_size,
-                                               seed=ctx.cfg.seed), todo)
+                                               seed=ctx.cfg.seed, delta_step=p.delta_step), todo)
     done = 0
     try:
         for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):

@@ -119,7 +119,7 @@ class PoolConfig(Section):
         "int8_delta", description="int8 deltas against the clean image (1/255 units), or uint8 images")
     delta_step: PositiveInt = Field(
         1, le=16, description="store deltas on a grid of this many grey levels (1 = exact uint8 rounding)")
-    compressor: Literal["zstd", "blosc", "none"] = "zstd"
+    compressor: Literal["zstd", "lzma", "blosc", "none"] = "zstd"
     num_actors: PositiveInt = 2
 
     @field_validator("attacks")

@@ -17,6 +17,7 @@ written first and its commit record last, so a reader never trusts a half-writte
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,11 @@ from storage import fs
 from storage.datasets import DatasetReader
 from storage.keys import sha256_bytes
 
+# zarr warns each time it builds a numcodecs codec (lzma) from metadata; FORMAT.md says it once.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
 FORMAT_VERSION = 2  # 2: int8_delta encoding, one sha256 per chunk in commit records
-COMPRESSORS = ("zstd", "blosc", "none")
+COMPRESSORS = ("zstd", "lzma", "blosc", "none")
 ENCODINGS = {
     "uint8": {"array": "adv", "dtype": "uint8",
               "decode": "x = adv[k, i] / 255 (float in [0, 1])"},
@@ -51,6 +55,12 @@ def _codec(compressor: str):
         # Pools are written once at attack speed (~100 KB/s) and read many times: the slowest,
         # strongest zstd level costs nothing visible to write and decompresses as fast as level 3.
         return [zarr.codecs.ZstdCodec(level=19)]
+    if compressor == "lzma":
+        # Smallest pools (context modelling beats zstd on deltas) at slower reads; a numcodecs
+        # codec, outside the Zarr v3 spec: other readers need numcodecs (storage/FORMAT.md).
+        import numcodecs.zarr3
+
+        return [numcodecs.zarr3.LZMA(preset=9)]
     if compressor == "blosc":
         return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
     if compressor == "none":

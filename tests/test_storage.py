@@ -88,10 +88,10 @@ def make_pool(root, key, n=10, shard_size=4, variants=2, encoding="uint8", compr
     return pools.shard_ranges(n, shard_size)
 
 
-@pytest.mark.parametrize("encoding", ["uint8", "int8_delta"])
-def test_pool_commit_protocol(tmp_path, encoding):
+@pytest.mark.parametrize("encoding,compressor", [("uint8", "zstd"), ("int8_delta", "zstd"), ("int8_delta", "lzma")])
+def test_pool_commit_protocol(tmp_path, encoding, compressor):
     root, key = str(tmp_path), "pool-a"
-    ranges = make_pool(root, key, encoding=encoding)
+    ranges = make_pool(root, key, encoding=encoding, compressor=compressor)
     assert ranges == [(0, 4), (4, 8), (8, 10)]
     clean = np.full((10, 1, 2, 2), 128, np.uint8)
     for shard, (lo, hi) in enumerate(ranges[:2]):
@@ -129,7 +129,7 @@ def test_a_shard_outside_the_ball_is_never_written(tmp_path):
     assert pools.committed_shards(root, key) == {}
 
 
-@pytest.mark.parametrize("compressor", ["none", "zstd"])
+@pytest.mark.parametrize("compressor", ["none", "zstd", "lzma", "blosc"])
 def test_verify_names_the_pool_shard_and_array_of_a_corrupted_chunk(tmp_path, compressor):
     root, key = str(tmp_path), "pool-c"
     ranges = make_pool(root, key, variants=1, compressor=compressor)

@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.stages.models import model_spec, train_with_ray
+from pipeline.stages.models import model_spec, read_views, train_with_ray
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 
 
 def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_keys: dict[str, str]) -> dict[str, Any]:
-    import ray.data
-
     from storage.datasource import AlignedViewsDatasource
     from workers.train_mid import train_mid_loop, variant_dataset_name
 
@@ -29,9 +27,8 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
             ctx.say(f"mid: meta-training on {m.num_workers} Ray Train workers "
                     f"({'second' if m.second_order else 'first'} order, held-out attack per step)")
             # One dataset per pool variant; epoch e streams variant e mod K (DESIGN §4).
-            variants = {variant_dataset_name(k): ray.data.read_datasource(
-                            AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys, variant=k),
-                            override_num_blocks=4)
+            variants = {variant_dataset_name(k): read_views(
+                            AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys, variant=k))
                         for k in range(ctx.cfg.pool.variants)}
             config = {"root": ctx.root, "checkpoint_key": key, "teacher_key": teacher["key"],
                       "spec": model_spec(ctx, dataset).as_dict(), "seed": ctx.cfg.seed,

@@ -43,13 +43,28 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     trainer.fit()
 
 
-def clean_dataset(ctx: RunContext, dataset: DatasetReader):
+OBJECT_STORE_SHARE = 0.25  # at most this share of the object store holds a cached dataset
+
+
+def read_views(source):
+    """A Ray Dataset over ``source``, kept in the object store when it fits comfortably.
+
+    Streaming restarts the read pipeline every epoch, and the first batches of each epoch
+    wait for it (14-24% of MID's step time on digits); a small dataset is read once and
+    materialized instead. Larger ones keep streaming from the store.
+    """
+    import ray
     import ray.data
 
+    data = ray.data.read_datasource(source, override_num_blocks=4)
+    budget = OBJECT_STORE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+    return data.materialize() if source.estimate_inmemory_data_size() <= budget else data
+
+
+def clean_dataset(ctx: RunContext, dataset: DatasetReader):
     from storage.datasource import AlignedViewsDatasource
 
-    return ray.data.read_datasource(AlignedViewsDatasource(ctx.root, dataset.key, "train"),
-                                    override_num_blocks=4)
+    return read_views(AlignedViewsDatasource(ctx.root, dataset.key, "train"))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:

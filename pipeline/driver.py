@@ -21,12 +21,17 @@ def prepare_pool(ctx: RunContext):
     return dataset, baseline, teacher, pool_keys
 
 
+def record_ref(ctx: RunContext, name: str, checkpoint_keys: list[str], pool_keys: dict[str, str]) -> None:
+    """Name every key the run used in ``STORE/refs/<name>.json``; `mid cache gc` keeps them."""
+    catalog.write_ref(ctx.root, name, {stage: rec.key for stage, rec in ctx.stages.items()} | {
+        "checkpoints": checkpoint_keys, "pools": pool_keys})
+
+
 def run_pool(cfg: RunConfig, out_dir: Path) -> dict[str, str]:
     """The stages up to the pool; records them under the ref ``<name>-pool``."""
     ctx = RunContext(cfg, out_dir)
     dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
-    catalog.write_ref(ctx.root, f"{cfg.name}-pool", {name: rec.key for name, rec in ctx.stages.items()} | {
-        "checkpoints": [baseline["key"], teacher["key"]], "pools": pool_keys})
+    record_ref(ctx, f"{cfg.name}-pool", [baseline["key"], teacher["key"]], pool_keys)
     for name, rec in ctx.stages.items():
         print(f"{name:<9} {rec.key:<34} {'cached' if rec.cache_hit else 'built':<7} {rec.seconds:8.1f} s")
     return pool_keys
@@ -44,9 +49,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     results = evaluate.run(ctx, dataset, defenses)
     table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    # The run's ref keeps everything it used alive through `mid cache gc`.
-    catalog.write_ref(ctx.root, cfg.name, {name: rec.key for name, rec in ctx.stages.items()} | {
-        "checkpoints": [baseline["key"], teacher["key"], student["key"]], "pools": pool_keys})
+    record_ref(ctx, cfg.name, [baseline["key"], teacher["key"], student["key"]], pool_keys)
     printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")

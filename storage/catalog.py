@@ -68,10 +68,9 @@ def list_entries(root: str) -> list[Entry]:
                              _created(fs.join(url, checkpoints.MANIFEST_FILE))))
     for key in _children(root, "pools"):
         manifest = pools.read_manifest(root, key) or {}
-        url = pools.pool_url(root, key)
-        attrs = manifest.get("attrs") or fs.read_json(fs.join(url, "zarr.json")) or {}
-        attrs = attrs.get("attributes", attrs)
-        entries.append(Entry("pool", key, bool(manifest.get("complete")), _bytes(url), attrs.get("created"),
+        attrs = pools.read_attrs(root, key)
+        entries.append(Entry("pool", key, bool(manifest.get("complete")), _bytes(pools.pool_url(root, key)),
+                             attrs.get("created"),
                              attack=attrs.get("attack"), samples=attrs.get("num_samples")))
     for name in _children(root, "results"):
         if name.endswith(".json"):

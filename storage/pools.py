@@ -191,6 +191,15 @@ def read_manifest(root: str, key: str) -> dict[str, Any] | None:
     return fs.read_json(fs.join(pool_url(root, key), "manifest.json"))
 
 
+def read_attrs(root: str, key: str) -> dict[str, Any]:
+    """A pool's group attributes, complete or not ({} when its group was never created)."""
+    manifest = read_manifest(root, key)
+    if manifest is not None:
+        return manifest["attrs"]
+    metadata = fs.read_json(fs.join(pool_url(root, key), "zarr.json")) or {}
+    return metadata.get("attributes", {})
+
+
 def finalize_pool(root: str, key: str, num_shards: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Mark the pool complete once every shard has a commit record."""
     records = committed_shards(root, key)

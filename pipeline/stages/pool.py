@@ -45,16 +45,16 @@ def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict
             if hits[attack]:
                 continue
             family, _ = parse_attack_name(attack)
+            variants = stored_variants(ctx, attack)
             pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
-                              variants=stored_variants(ctx, attack), shard_size=p.shard_size, compressor=p.compressor,
+                              variants=variants, shard_size=p.shard_size, compressor=p.compressor,
                               encoding=p.encoding, delta_step=p.delta_step,
                               attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
                                      "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
                                      "source_model": {"kind": p.source_model, **source_summary(source)},
                                      "seed": ctx.cfg.seed})
             done = pools.committed_shards(ctx.root, key)
-            todo += [(key, attack, stored_variants(ctx, attack), i, lo, hi)
-                     for i, (lo, hi) in enumerate(ranges) if i not in done]
+            todo += [(key, attack, variants, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
             if done:
                 ctx.say(f"pool {attack}: resuming, {len(done)}/{len(ranges)} shards already committed")
         for attack, hit in hits.items():

@@ -9,7 +9,8 @@ from pathlib import Path
 DESCRIPTION = """\
 Meta Invariance Defense, end to end on Ray: ingest a dataset, train a baseline and a
 teacher, generate the attacker pool once (cached, content-addressed), meta-train the
-student on the cached pool, and evaluate None and MID under known and unknown attacks.
+student on the cached pool, train the adversarial-training baselines (AT, TRADES), and
+evaluate every defense under known and unknown attacks.
 
 Every stage's output is keyed by a hash of its inputs and settings, so a second run
 reuses what exists: only what changed is recomputed.
@@ -18,6 +19,7 @@ reuses what exists: only what changed is recomputed.
 EPILOG = """\
 examples:
   mid run configs/digits.yaml --out runs/digits
+  mid run configs/mnist.yaml --profile fast --set data.path=../shared/data/mnist
   mid run configs/digits.yaml --set mid.epochs=5 --set pool.attacks='[PGD_N, MIM_N]'
   mid pool configs/digits.yaml --set pool.attacks='[PGD_N, PGD_T, MIM_N, MIM_T, FGSM_N, BIM_N]'
   mid cache ls --json; mid cache verify; mid cache gc --dry-run
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=None, metavar="URL",
                        help="store for datasets, checkpoints and pools: a folder or an fsspec URL "
                             "(default: store.url of the config, 'store')")
+        p.add_argument("--profile", default=None, metavar="NAME",
+                       help="apply a named profile from the config's 'profiles:' section before "
+                            "--set (e.g. 'fast' in configs/mnist.yaml)")
         return p
 
     run = with_config("run", "run every stage and write the robustness report")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides, args.store)
+        cfg = load_config(args.config, args.overrides, args.store, args.profile)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

@@ -57,19 +57,33 @@ class TeacherConfig(TrainConfig):
     lambda_rec: float = Field(1.0, ge=0.0, description="weight of the L1 reconstruction loss")
 
 
+class PGDSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+    nb_iter: PositiveInt = 40
+    eps_iter: PositiveFloat = 0.01
+    rand_init: bool = True
+
+
+class AdversarialTrainConfig(TrainConfig):
+    """Training on an attack generated online against the model being trained."""
+
+    attack: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of attacks.PGD for the training attack, e.g. {nb_iter: 10}")
+
+
+class TradesConfig(AdversarialTrainConfig):
+    beta: float = Field(6.0, ge=0.0, description="weight of the KL robustness term (TRADES' 1/λ)")
+
+
 class ModelsConfig(Section):
     arch: Literal["lenet"] = "lenet"
     feature_dim: PositiveInt = 84
     num_workers: PositiveInt = 2
     baseline: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig(epochs=30)
-
-
-class PGDSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
-    nb_iter: PositiveInt = 40
-    eps_iter: PositiveFloat = 0.01
-    rand_init: bool = True
+    at: AdversarialTrainConfig = Field(AdversarialTrainConfig(), description="Madry PGD adversarial training (row AT)")
+    trades: TradesConfig = Field(TradesConfig(), description="TRADES (row TRADES)")
 
 
 class MIMSettings(Section):
@@ -149,13 +163,23 @@ class MIDConfig(Section):
     meta_train_weights: LossWeightsConfig = LossWeightsConfig(ac=1.5, cc=0.8, lc=1.0)
     meta_test_weights: LossWeightsConfig = LossWeightsConfig()
     num_workers: PositiveInt = 2
+    bf16: bool = Field(False, description="autocast forward passes to bfloat16 (GPU workers, ray.use_gpu)")
 
 
 class EvalConfig(Section):
+    defenses: list[Literal["None", "AT", "TRADES", "MID"]] = Field(
+        ["None", "AT", "MID"], description="rows of the table, in order")
     known: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
     unknown: list[str] = ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
     batch_size: PositiveInt = 256
     num_actors: PositiveInt = 2
+
+    @field_validator("defenses")
+    @classmethod
+    def _unique_defenses(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"needs at least one defense and no repeats, got {v}")
+        return v
 
     @field_validator("known", "unknown")
     @classmethod
@@ -176,6 +200,9 @@ class RayConfig(Section):
     num_cpus: PositiveInt | None = None
     cpus_per_worker: PositiveFloat = Field(0.5, description="CPUs per Ray Train worker (leave some for Ray Data)")
     cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs per pool-generation or evaluation actor")
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
+    max_failures: int = Field(2, ge=-1, description="restarts of a training run from its last epoch "
+                                                     "checkpoint after a worker or node dies (-1: no limit)")
 
 
 class RunConfig(Section):
@@ -201,6 +228,22 @@ class RunConfig(Section):
                     raise ValueError(f"pool.encoding: int8_delta holds deltas up to 127/255, but "
                                      f"attacks.{family}.eps is {eps}; use pool.encoding: uint8")
         return self
+
+    @model_validator(mode="after")
+    def _training_attacks_valid(self):
+        for kind in ("at", "trades"):
+            try:
+                self.training_attack(kind)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(["models", kind, "attack", *(str(p) for p in first["loc"])])
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def training_attack(self, kind: str) -> PGDSettings:
+        """The PGD settings of ``models.<kind>``: attacks.PGD with that section's overrides."""
+        overrides = getattr(self.models, kind).attack
+        return PGDSettings.model_validate({**self.attacks.PGD.model_dump(), **overrides})
 
 
 class ConfigError(ValueError):
@@ -241,7 +284,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), store: str | None = None) -> RunConfig:
+def merge_profile(tree: dict[str, Any], profile: dict[str, Any]) -> None:
+    """Nested mappings merge key by key; anything else replaces the config's value."""
+    for key, value in profile.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            merge_profile(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = (), store: str | None = None,
+                profile: str | None = None) -> RunConfig:
+    """The config at ``path``; then the named profile of its ``profiles:`` section, the
+    ``--set`` overrides and the store, in that order."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config error: {path}: no such file")
@@ -251,6 +306,13 @@ def load_config(path: str | Path, overrides: list[str] = (), store: str | None =
         raise ConfigError(f"config error: {path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path}: the top level must be a mapping")
+    profiles = tree.pop("profiles", None) or {}
+    if profile is not None:
+        if profile not in profiles or not isinstance(profiles[profile], dict):
+            available = ", ".join(profiles) or "none"
+            raise ConfigError(f"config error: --profile {profile!r}: {path} defines no such profile "
+                              f"(available: {available})")
+        merge_profile(tree, profiles[profile])
     for text in overrides:
         set_path(tree, *parse_override(text))
     if store is not None:

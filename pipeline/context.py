@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.config import RunConfig
+from storage import checkpoints, fs
 
 
 class PipelineError(RuntimeError):
@@ -75,7 +76,19 @@ class RunContext:
         ray.data.DataContext.get_current().enable_progress_bars = False
         self._ray_started = True
 
-    def ray_train_storage(self) -> str:
-        path = self.out_dir / "ray_train"
-        path.mkdir(parents=True, exist_ok=True)
-        return os.fspath(path.resolve())
+    def ray_train_storage(self) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train: the store's ``train/`` folder.
+
+        Ray Train reads and writes through pyarrow; a remote store's fsspec file system is
+        handed to it through pyarrow's FSSpecHandler, so the same credentials and endpoint
+        serve checkpoints and data.
+        """
+        url = checkpoints.train_runs_url(self.root)
+        if fs.is_local(url):
+            path = url.removeprefix("file://")
+            os.makedirs(path, exist_ok=True)
+            return path, None
+        import pyarrow.fs
+
+        filesystem, path = fs.filesystem(url)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))

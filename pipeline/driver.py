@@ -1,11 +1,11 @@
-"""One run, stage after stage: ingest → baseline, teacher → pool → mid → eval → report."""
+"""One run, stage after stage: ingest → baseline, teacher → pool → mid, AT, TRADES → eval → report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from pipeline import report
+from pipeline import metrics, report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
@@ -37,19 +37,32 @@ def run_pool(cfg: RunConfig, out_dir: Path) -> dict[str, str]:
     return pool_keys
 
 
+def classifier_row(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "classifier", "key": manifest["key"], "sha256": manifest["sha256"]}
+
+
 def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     ctx = RunContext(cfg, out_dir)
     dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
-    student = mid.run(ctx, dataset, teacher, pool_keys)
-    defenses = {
-        "None": {"kind": "classifier", "key": baseline["key"], "sha256": baseline["sha256"]},
-        "MID": {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
-                "sha256": [student["sha256"], teacher["sha256"]]},
-    }
+    trained = {"baseline": baseline, "teacher": teacher}
+    defenses = {}
+    for row in cfg.eval.defenses:  # the table's rows, in the config's order
+        if row == "None":
+            defenses[row] = classifier_row(baseline)
+        elif row == "MID":
+            student = trained["mid"] = mid.run(ctx, dataset, teacher, pool_keys)
+            defenses[row] = {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
+                             "sha256": [student["sha256"], teacher["sha256"]]}
+        else:
+            kind = row.lower()
+            trained[kind] = models.run(ctx, dataset, kind)
+            defenses[row] = classifier_row(trained[kind])
+    for stage, manifest in trained.items():
+        metrics.write_history(out_dir, stage, manifest["history"])
     results = evaluate.run(ctx, dataset, defenses)
     table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    record_ref(ctx, cfg.name, [baseline["key"], teacher["key"], student["key"]], pool_keys)
+    record_ref(ctx, cfg.name, [m["key"] for m in trained.values()], pool_keys)
     printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")

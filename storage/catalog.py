@@ -136,6 +136,10 @@ def garbage(root: str) -> list[tuple[str, str, int]]:
             found.append((url, "uncommitted leftover", entry.bytes))
         elif entry.key not in keep:
             found.append((url, "not referenced by any run", entry.bytes))
+    runs = checkpoints.train_runs_url(root)
+    for name in _children(root, "train"):
+        url = fs.join(runs, name)
+        found.append((url, "resume state of an unfinished training run", _bytes(url)))
     filesystem, base = fs.filesystem(root)
     if filesystem.exists(base):
         for path in filesystem.find(base):

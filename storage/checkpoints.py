@@ -19,6 +19,15 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
+def train_runs_url(root: str) -> str:
+    """Ray Train's storage: per-epoch resume state of training stages still in progress.
+
+    A stage's run folder is named after its content key, so a rerun finds its state; it is
+    removed once the stage's final checkpoint is committed under ``checkpoints/``.
+    """
+    return fs.join(root, "train")
+
+
 def checkpoint_url(root: str, key: str) -> str:
     return fs.join(root, "checkpoints", key)
 

@@ -14,6 +14,7 @@ from storage import pools
 SMALL = [
     "data.train_limit=512", "data.test_limit=96",
     "models.baseline.epochs=10", "models.teacher.epochs=10", "mid.epochs=2",
+    "models.at.epochs=2", "models.at.attack.nb_iter=3",
     "attacks.PGD.nb_iter=3", "attacks.MIM.nb_iter=3", "attacks.BIM.nb_iter=3",
     # Strong attacks whatever the demo's ε, so that "the attack worked" is a real check.
     "attacks.PGD.eps=0.3", "attacks.MIM.eps=0.3", "attacks.BIM.eps=0.3", "attacks.FGSM.eps=0.3",
@@ -37,7 +38,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
 
     # The table: both rows, benign + every attack + average, in percent.
     attacks = ["PGD_N", "PGD_T", "MIM_N", "MIM_T", "FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
-    assert list(results["defenses"]) == ["None", "MID"]
+    assert list(results["defenses"]) == ["None", "AT", "MID"]
     for row in results["defenses"].values():
         assert list(row["attacks"]) == attacks
         values = [row["benign"], *row["attacks"].values()]
@@ -45,11 +46,11 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
         assert abs(row["avg"] - sum(values) / len(values)) < 0.02
     assert results["defenses"]["None"]["benign"] > 30  # two epochs already learn something
     report = (tmp_path / "run1" / "report.md").read_text()
-    assert "| None |" in report and "| MID |" in report and "Avg" in report
+    assert "| None |" in report and "| AT |" in report and "| MID |" in report and "Avg" in report
     assert "| None |" in first.stdout
 
     stages = results["stages"]
-    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "eval"]
+    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "at", "mid", "eval"]
     assert not any(s["cache_hit"] for s in stages.values())
 
     # Every stored adversarial example lies in the ε-ball of its clean image, and the
@@ -69,7 +70,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
         else:  # random start or random targets: K variants that differ
             assert adv.shape == (2, *clean.shape) and (adv[0] != adv[1]).any()
         assert info["success_rate_stored"] > 20, (attack, info)
-    epochs = [json.loads(line) for line in (tmp_path / "run1" / "mid_metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (tmp_path / "run1" / "metrics" / "mid.jsonl").read_text().splitlines()]
     assert [e["variant"] for e in epochs] == [0, 1]  # epoch e reads variant e mod K
 
     # Second run: every stage is reused, and the cached stages are nearly free.

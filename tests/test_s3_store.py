@@ -161,4 +161,4 @@ def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
     student = [k for k in keys if k.startswith(f"mid/checkpoints/{stages['mid']['key']}/")]
     assert any(k.endswith("model.safetensors") for k in student), stages["mid"]["key"]
     assert any(k.startswith("mid/results/") for k in keys)
-    assert (out / "mid_metrics.jsonl").read_text().strip()
+    assert (out / "metrics" / "mid.jsonl").read_text().strip()

@@ -1,5 +1,9 @@
-"""Ray Train loop for the baseline (cross-entropy) and the teacher (cross-entropy + λ·L1
-reconstruction), both on clean data streamed from the dataset store through Ray Data."""
+"""Ray Train loop for every classifier of the table but MID's: the baseline (cross-entropy),
+the teacher (cross-entropy + λ·L1 reconstruction), and the adversarial-training baselines
+AT (Madry PGD) and TRADES, all streaming clean data from the dataset store through Ray Data.
+
+Each epoch ends with a Ray Train checkpoint; a restarted worker group resumes from it.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,26 @@ import torch
 import torch.nn.functional as F
 
 from storage.checkpoints import save_checkpoint
-from workers.progress import epoch_bar, quiet_ray_train
+from workers.adversarial_training import madry_loss, trades_loss
+from workers.epoch_checkpoint import report_epoch, restore_state
 from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
+from workers.progress import epoch_bar, quiet_ray_train
+
+PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step; keeps data wait small
+
+
+def objective(kind: str, config: dict[str, Any], model, x: torch.Tensor, y: torch.Tensor):
+    """(loss, clean or adversarial logits) of one batch for a model of this ``kind``."""
+    if kind == "teacher":
+        logits, reconstruction = model(x)
+        return F.cross_entropy(logits, y) + config["lambda_rec"] * F.l1_loss(reconstruction, x), logits
+    if kind == "at":
+        return madry_loss(model, unwrap(model), x, y, config["attack"])
+    if kind == "trades":
+        return trades_loss(model, unwrap(model), x, y, config["attack"], config["beta"])
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
 
 
 def train_classifier_loop(config: dict[str, Any]) -> None:
@@ -22,39 +43,45 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
     spec = ModelSpec(**config["spec"])
-    is_teacher = config["kind"] == "teacher"
-    model = build_teacher(spec) if is_teacher else build_classifier_model(spec)
-    model = ray.train.torch.prepare_model(model)
+    kind = config["kind"]
+    model = build_teacher(spec) if kind == "teacher" else build_classifier_model(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    history, first_epoch = [], 0
+    state = restore_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, first_epoch = state["history"], state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
-    history = []
-    bar = epoch_bar(f"{config['kind']} training", config["epochs"], show=rank == 0)
-    for epoch in range(config["epochs"]):
+    bar = epoch_bar(f"{kind} training", config["epochs"], show=rank == 0)
+    bar.update(first_epoch)
+    for epoch in range(first_epoch, config["epochs"]):
         start, seen, correct, total_loss = time.perf_counter(), 0, 0, 0.0
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
+                                              prefetch_batches=PREFETCH_BATCHES,
                                               local_shuffle_buffer_size=4 * config["batch_size"]):
             x, y = to_float(batch["clean"]), batch["label"]
-            if is_teacher:
-                logits, reconstruction = model(x)
-                loss = F.cross_entropy(logits, y) + config["lambda_rec"] * F.l1_loss(reconstruction, x)
-            else:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+            loss, logits = objective(kind, config, model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             total_loss += loss.item() * len(y)
+        seconds = time.perf_counter() - start
         metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
-                   "seconds": time.perf_counter() - start}
+                   "samples_per_second": seen / seconds, "seconds": seconds,
+                   "lr": optimizer.param_groups[0]["lr"], "resumed": state is not None and epoch == first_epoch}
         history.append(metrics)
-        ray.train.report(metrics)
-        bar.set_description(f"{config['kind']} training (loss {metrics['loss']:.3f}, "
+        report_epoch(metrics, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "epoch": epoch, "history": history})
+        bar.set_description(f"{kind} training (loss {metrics['loss']:.3f}, "
                             f"train acc {metrics['train_accuracy']:.1f}%)")
         bar.update(1)
     bar.close()
     if rank == 0:
         save_checkpoint(config["root"], config["checkpoint_key"], unwrap(model).state_dict(),
-                        {"kind": config["kind"], "spec": spec.as_dict(), "history": history})
+                        {"kind": kind, "spec": spec.as_dict(), "history": history})

@@ -1,18 +1,25 @@
 """Ray Train loop for MID: stream clean images and every pool view, aligned by sample,
-and take the meta step of ``workers.mid`` with the outer gradient averaged across workers."""
+and take the meta step of ``workers.mid`` with the outer gradient averaged across workers.
+
+Each epoch ends with a Ray Train checkpoint; a restarted worker group resumes from it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 
 from storage.checkpoints import save_checkpoint
-from workers.progress import epoch_bar, quiet_ray_train
+from workers.epoch_checkpoint import report_epoch, restore_state
 from workers.loading import load_teacher
+from workers.progress import epoch_bar, quiet_ray_train
+from workers.train_classifier import PREFETCH_BATCHES
 from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
                          average_across_workers, draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_encoder, to_float
@@ -40,23 +47,41 @@ def initial_student(config: dict[str, Any], teacher_encoder: torch.nn.Module) ->
     return student.requires_grad_(True)
 
 
+def autocast(config: dict[str, Any], device: torch.device):
+    """bfloat16 autocast of the forward passes on GPU workers when ``mid.bf16`` is set.
+
+    Gradients and the fast weights stay float32 (autocast keeps parameters in their dtype).
+    """
+    if config["bf16"] and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_mid_loop(config: dict[str, Any]) -> None:
     quiet_ray_train()
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
-    teacher_model = load_teacher(config["root"], config["teacher_key"])
+    device = ray.train.torch.get_device()
+    teacher_model = load_teacher(config["root"], config["teacher_key"]).to(device)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
-    student = initial_student(config, teacher_model.encoder)
+    student = initial_student(config, teacher_model.encoder).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config["lr"])
+    history, first_epoch, step = [], 0, 0
+    state = restore_state()
+    if state is not None:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     settings = meta_settings(config)
     attacks = list(config["attacks"])
     shards = [ray.train.get_dataset_shard(variant_dataset_name(k)) for k in range(config["variants"])]
     rank = ray.train.get_context().get_world_rank()
-    history, step = [], 0
     bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
-    for epoch in range(config["epochs"]):
-        start, waited, seen, sums = time.perf_counter(), 0.0, 0, {}
+    bar.update(first_epoch)
+    for epoch in range(first_epoch, config["epochs"]):
+        start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
-        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
+                                                prefetch_batches=PREFETCH_BATCHES,
                                                 local_shuffle_buffer_size=4 * config["batch_size"]))
         while True:
             fetch = time.perf_counter()
@@ -65,23 +90,26 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             if batch is None:
                 break
             held_out = draw_held_out(attacks, config["seed"], step)
-            loss, metrics = meta_objective(
-                student, teacher, to_float(batch["clean"]),
-                {name: to_float(batch[name]) for name in attacks}, batch["label"], held_out, settings)
+            with autocast(config, device):
+                loss, metrics = meta_objective(
+                    student, teacher, to_float(batch["clean"]),
+                    {name: to_float(batch[name]) for name in attacks}, batch["label"], held_out, settings)
             grads = average_across_workers(meta_gradients(student, loss))
             apply_gradients(student, grads, optimizer)
             step += 1
+            steps += 1
             seen += len(batch["label"])
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
-        steps_this_epoch = max(1, step - sum(h["steps"] for h in history))
-        epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps_this_epoch, "samples_per_second": seen / seconds,
-                         "data_wait_fraction": waited / seconds, "seconds": seconds,
-                         "lr": optimizer.param_groups[0]["lr"],
-                         **{k: v / steps_this_epoch for k, v in sums.items()}}
+        epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps,
+                         "samples_per_second": seen / seconds, "data_wait_fraction": waited / seconds,
+                         "seconds": seconds, "lr": optimizer.param_groups[0]["lr"],
+                         "resumed": state is not None and epoch == first_epoch,
+                         **{k: v / max(steps, 1) for k, v in sums.items()}}
         history.append(epoch_metrics)
-        ray.train.report(epoch_metrics)
+        report_epoch(epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch, "step": step, "history": history})
         bar.set_description(f"MID training (loss {epoch_metrics['loss']:.3f}, "
                             f"data wait {epoch_metrics['data_wait_fraction']:.0%})")
         bar.update(1)

@@ -1,11 +1,13 @@
-"""Models: the baseline classifier and the teacher, trained with Ray Train on clean data."""
+"""Models: the baseline, the teacher, and the adversarial-training baselines AT and TRADES,
+trained with Ray Train on the dataset store; and the Ray Train setup every training stage
+shares (fault tolerance, per-epoch checkpoints in the store)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pipeline.context import PipelineError, RunContext
-from storage import checkpoints
+from storage import checkpoints, fs
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.models import ModelSpec
@@ -20,9 +22,15 @@ def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
 def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
                    num_workers: int, name: str) -> None:
     """Run a train loop on ``num_workers`` Ray Train workers; each named Ray Dataset is
-    split across them."""
+    split across them.
+
+    The run lives in the store's ``train/<name>`` folder, ``name`` being the stage and its
+    content key: a worker or node that dies restarts the worker group from the last epoch
+    checkpoint (up to ``ray.max_failures`` times), and a rerun after the driver died
+    resumes there too. The folder is removed once the stage's checkpoint is committed.
+    """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Ray Data's read tasks need CPUs of their own; if the workers take them all, training
@@ -33,14 +41,22 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
         raise PipelineError(f"{name}: {num_workers} workers x ray.cpus_per_worker={ctx.cfg.ray.cpus_per_worker} "
                            f"take all {total:g} CPUs of the Ray cluster and leave none for Ray Data; lower "
                            f"ray.cpus_per_worker (e.g. {total / (num_workers + 1):.2g}) or the number of workers")
+    storage_path, storage_filesystem = ctx.ray_train_storage()
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets,
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=ctx.cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": ctx.cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=ctx.ray_train_storage()),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             failure_config=FailureConfig(max_failures=ctx.cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
+
+
+def discard_resume_state(ctx: RunContext, name: str) -> None:
+    """Once a stage's checkpoint is committed, its Ray Train run folder is only bytes."""
+    fs.remove(fs.join(checkpoints.train_runs_url(ctx.root), name))
 
 
 OBJECT_STORE_SHARE = 0.25  # at most this share of the object store holds a cached dataset
@@ -67,15 +83,24 @@ def clean_dataset(ctx: RunContext, dataset: DatasetReader):
     return read_views(AlignedViewsDatasource(ctx.root, dataset.key, "train"))
 
 
+def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
+    """Everything a model's training depends on besides the data and the architecture."""
+    settings = getattr(ctx.cfg.models, kind).model_dump(exclude={"attack"})
+    if kind in ("at", "trades"):
+        settings["attack"] = ctx.cfg.training_attack(kind).model_dump()
+    return settings
+
+
 def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
-    """Train (or reuse) the ``baseline`` or the ``teacher``; returns its checkpoint manifest."""
+    """Train (or reuse) the ``baseline``, the ``teacher``, or the ``at`` / ``trades``
+    baseline; returns its checkpoint manifest."""
     from workers.train_classifier import train_classifier_loop
 
-    settings = getattr(ctx.cfg.models, kind)
+    settings = training_settings(ctx, kind)
     spec = model_spec(ctx, dataset)
     with ctx.stage(kind) as record:
         key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(),
-                                 "train": settings.model_dump(), "seed": ctx.cfg.seed,
+                                 "train": settings, "seed": ctx.cfg.seed,
                                  "num_workers": ctx.cfg.models.num_workers})
         record["key"] = key
         manifest = checkpoints.verify_checkpoint(ctx.root, key)
@@ -84,13 +109,14 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
             ctx.ensure_ray()
             ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
             config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
-                      "seed": ctx.cfg.seed, "epochs": settings.epochs, "batch_size": settings.batch_size,
-                      "lr": settings.lr, "lambda_rec": getattr(settings, "lambda_rec", 0.0)}
+                      "seed": ctx.cfg.seed, **settings}
+            name = f"{kind}-{key}"
             train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
-                           ctx.cfg.models.num_workers, f"{kind}-{key}")
+                           ctx.cfg.models.num_workers, name)
             manifest = checkpoints.verify_checkpoint(ctx.root, key)
             if manifest is None:
                 raise RuntimeError(f"{kind}: training finished but checkpoint {key} is not in the store")
+            discard_resume_state(ctx, name)
         record["details"] = {"sha256": manifest["sha256"],
                              "train_accuracy": manifest["history"][-1]["train_accuracy"]}
     return manifest

@@ -1,0 +1,70 @@
+"""Fault tolerance of training: a Ray Train worker killed mid-run (SIGKILL) is replaced,
+and the worker group resumes from the last per-epoch checkpoint in the store, not from
+scratch; the run then finishes and cleans its resume state away."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TINY = [
+    "data.train_limit=1024", "data.test_limit=32", "eval.defenses=[None, MID]",
+    "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=8",
+    "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
+    "pool.variants=1", "pool.shard_size=512", "eval.batch_size=32",
+]
+
+
+def descendants(root_pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``root_pid``, from ``ps``."""
+    rows = [line.split(None, 2) for line in
+            subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]
+    children: dict[int, list[tuple[int, str]]] = {}
+    for row in rows:
+        if len(row) == 3:
+            children.setdefault(int(row[1]), []).append((int(row[0]), row[2]))
+    found, todo = [], [root_pid]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            found.append((pid, args))
+            todo.append(pid)
+    return found
+
+
+def mid_checkpoint_registered(store: Path) -> bool:
+    """Whether Ray Train has registered a MID epoch checkpoint: a checkpoint folder alone can
+    still be waiting for the other workers' reports, and a kill then restarts at epoch 0."""
+    return any((store / "train").glob("mid-*/checkpoint_manager_snapshot.json"))
+
+
+def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline", "run", "configs/digits.yaml", "--store", str(store), "--out", str(out)]
+    for override in TINY:
+        args += ["--set", override]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    killed = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if killed is None and mid_checkpoint_registered(store):
+            workers = [pid for pid, cmd in descendants(proc.pid) if "RayTrainWorker" in cmd]
+            if workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed = workers[-1]
+        time.sleep(0.05)
+    rc = proc.wait(timeout=max(1, deadline - time.time()))
+    text = (tmp_path / "log.txt").read_text()
+    assert rc == 0, text[-4000:]
+    assert killed is not None, "MID finished before a worker could be killed"
+
+    history = [json.loads(line) for line in (out / "metrics" / "mid.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(8))  # every epoch once, none repeated
+    resumed = [h["epoch"] for h in history if h["resumed"]]
+    assert len(resumed) == 1 and resumed[0] > 0, history  # picked up after a checkpoint, not at epoch 0
+    assert not list((store / "train").iterdir())  # resume state is gone once the stage committed
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["defenses"]) == ["None", "MID"]

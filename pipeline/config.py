@@ -43,7 +43,8 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.source != "digits" and not self.path:
-            raise ValueError(f"data.path is required for source {self.source!r} (a folder of IDX files)")
+            raise ValueError(f"data.path is required for source {self.source!r}: the folder of its IDX "
+                             f"files, e.g. --set data.path=../shared/data/mnist")
         return self
 
 

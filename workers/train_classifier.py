@@ -56,6 +56,7 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
+    world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
     bar = epoch_bar(f"{kind} training", config["epochs"], show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
@@ -73,7 +74,7 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
             total_loss += loss.item() * len(y)
         seconds = time.perf_counter() - start
         metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
-                   "samples_per_second": seen / seconds, "seconds": seconds,
+                   "samples_per_second": seen * world_size / seconds, "seconds": seconds,
                    "lr": optimizer.param_groups[0]["lr"], "resumed": state is not None and epoch == first_epoch}
         history.append(metrics)
         report_epoch(metrics, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),

@@ -75,6 +75,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     attacks = list(config["attacks"])
     shards = [ray.train.get_dataset_shard(variant_dataset_name(k)) for k in range(config["variants"])]
     rank = ray.train.get_context().get_world_rank()
+    world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
     bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
@@ -103,7 +104,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
         epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps,
-                         "samples_per_second": seen / seconds, "data_wait_fraction": waited / seconds,
+                         "samples_per_second": seen * world_size / seconds, "data_wait_fraction": waited / seconds,
                          "seconds": seconds, "lr": optimizer.param_groups[0]["lr"],
                          "resumed": state is not None and epoch == first_epoch,
                          **{k: v / max(steps, 1) for k, v in sums.items()}}

@@ -160,6 +160,8 @@ class MIDConfig(Section):
     beta: float = Field(1.0, ge=0.0, description="weight of the meta-test loss")
     temperature: PositiveFloat = 1.0
     second_order: bool = True
+    batch_views: bool | Literal["auto"] = Field(
+        "auto", description="meta-train views in one forward pass; auto: on GPU yes, on CPU no (faster there)")
     init_student: Literal["teacher", "random"] = "teacher"
     meta_train_weights: LossWeightsConfig = LossWeightsConfig(ac=1.5, cc=0.8, lc=1.0)
     meta_test_weights: LossWeightsConfig = LossWeightsConfig()

@@ -127,3 +127,14 @@ def test_held_out_draw_is_uniform_and_shared_by_workers():
     assert draws == [draw_held_out(ATTACKS, seed=0, step=s) for s in range(4000)]
     for name in ATTACKS:
         assert 0.2 < draws.count(name) / len(draws) < 0.3
+
+
+def test_views_one_pass_or_one_per_view_give_the_same_loss_and_meta_gradient():
+    student, teacher, clean, views, labels = tiny_problem()
+    results = []
+    for batch_views in (True, False):
+        settings = MetaSettings(**{**SETTINGS.__dict__, "batch_views": batch_views})
+        loss, _ = meta_objective(student, teacher, clean, views, labels, "MIM_N", settings)
+        results.append((loss.item(), flat(meta_gradients(student, loss))))
+    assert abs(results[0][0] - results[1][0]) < 1e-12
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)

@@ -29,9 +29,12 @@ def variant_dataset_name(variant: int) -> str:
     return f"train_variant_{variant}"
 
 
-def meta_settings(config: dict[str, Any]) -> MetaSettings:
+def meta_settings(config: dict[str, Any], device: torch.device) -> MetaSettings:
+    batch_views = config["batch_views"]
+    if batch_views == "auto":  # one pass per view on CPU, all views at once on GPU (measured)
+        batch_views = device.type == "cuda"
     return MetaSettings(inner_lr=config["inner_lr"], beta=config["beta"], temperature=config["temperature"],
-                        second_order=config["second_order"],
+                        second_order=config["second_order"], batch_views=batch_views,
                         meta_train=LossWeights(**config["meta_train_weights"]),
                         meta_test=LossWeights(**config["meta_test_weights"]))
 
@@ -71,7 +74,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
-    settings = meta_settings(config)
+    settings = meta_settings(config, device)
     attacks = list(config["attacks"])
     shards = [ray.train.get_dataset_shard(variant_dataset_name(k)) for k in range(config["variants"])]
     rank = ray.train.get_context().get_world_rank()

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("key", nargs="?", help="one entry (default: all)")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     gc = actions.add_parser("gc", parents=[store],
-                            help="remove uncommitted leftovers and entries that no run's ref (STORE/refs/) names")
+                            help="remove uncommitted leftovers, entries that no run's ref (STORE/refs/) names, "
+                                 "and the resume state of unfinished training runs (STORE/train/)")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 

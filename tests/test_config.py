@@ -13,6 +13,10 @@ BAD_CONFIGS = {
     "unknown attack": ("pool:\n  attacks: [PGD_N, CW_Q]\n", "pool.attacks: unknown attack 'CW_Q'"),
     "unknown eval attack": ("eval:\n  unknown: [JPEG_N]\n", "eval.unknown: unknown attack 'JPEG_N'"),
     "bad source": ("data: {source: cifar}\n", "data.source: 'cifar' is not allowed"),
+    "unknown defense": ("eval: {defenses: [None, Distill]}\n", "eval.defenses.1: 'Distill' is not allowed"),
+    "AT attack key": ("models: {at: {attack: {steps: 10}}}\n", "models.at.attack: unknown key 'steps'"),
+    "AT attack value": ("models: {trades: {attack: {eps: 2}}}\n",
+                        "models.trades.attack.eps: Input should be less than or equal to 1"),
 }
 
 
@@ -57,12 +61,37 @@ def test_files_need_a_path_and_configs_in_repo_are_valid():
     with pytest.raises(ValueError, match="data.path is required"):
         RunConfig.model_validate({"data": {"source": "mnist"}})
     assert load_config("configs/digits.yaml").data.source == "digits"
+    with pytest.raises(ConfigError, match=r"data.path is required .* --set data.path="):
+        load_config("configs/mnist.yaml")
+    mnist = load_config("configs/mnist.yaml", ["data.path=/data/mnist"])
+    assert (mnist.attacks.PGD.eps, mnist.attacks.PGD.nb_iter, mnist.mid.epochs, mnist.mid.batch_size) == (0.3, 40, 120, 256)
+
+
+def test_profiles_merge_before_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: full\nmid: {epochs: 120, lr: 1.0e-4}\n"
+                    "profiles:\n  fast: {name: quick, mid: {epochs: 5}}\n")
+    assert load_config(path).mid.epochs == 120  # a profile applies only when asked for
+    fast = load_config(path, profile="fast")
+    assert (fast.name, fast.mid.epochs, fast.mid.lr) == ("quick", 5, 1e-4)  # merged key by key
+    assert load_config(path, ["mid.epochs=9"], profile="fast").mid.epochs == 9  # --set wins
+    with pytest.raises(ConfigError, match=r"--profile 'slow': .* no such profile \(available: fast\)"):
+        load_config(path, profile="slow")
+    fast_mnist = load_config("configs/mnist.yaml", ["data.path=/data/mnist"], profile="fast")
+    assert fast_mnist.data.train_limit and fast_mnist.attacks.PGD.nb_iter == 40
+
+
+def test_training_attack_inherits_attacks_pgd(tmp_path):
+    cfg = load_config("configs/digits.yaml", ["models.at.attack.nb_iter=10"])
+    at = cfg.training_attack("at")
+    assert (at.eps, at.nb_iter, at.eps_iter) == (cfg.attacks.PGD.eps, 10, cfg.attacks.PGD.eps_iter)
+    assert cfg.training_attack("trades").nb_iter == cfg.attacks.PGD.nb_iter
 
 
 def test_validate_command_and_help():
     assert run_cli("validate", "configs/digits.yaml").returncode == 0
     help_text = run_cli("run", "--help").stdout
-    assert "--set" in help_text and "--store" in help_text and "--out" in help_text
+    assert "--set" in help_text and "--store" in help_text and "--out" in help_text and "--profile" in help_text
 
 
 def test_training_that_would_starve_ray_data_is_refused(tmp_path):

@@ -3,8 +3,10 @@ ingest → baseline, teacher (Ray Train) → pool (Ray actors, advertorch, Zarr)
 Train + Ray Data) → eval (Ray actors) → report; then a second run that reuses everything."""
 
 import json
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -21,6 +23,23 @@ SMALL = [
     "attacks.PGD.eps_iter=0.1", "attacks.MIM.eps_iter=0.1", "attacks.BIM.eps_iter=0.1",
     "pool.shard_size=128", "pool.variants=2", "eval.batch_size=48",
 ]
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] read back from TensorBoard event files (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return found
 
 
 def mid_run(store, out):
@@ -72,6 +91,13 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
         assert info["success_rate_stored"] > 20, (attack, info)
     epochs = [json.loads(line) for line in (tmp_path / "run1" / "metrics" / "mid.jsonl").read_text().splitlines()]
     assert [e["variant"] for e in epochs] == [0, 1]  # epoch e reads variant e mod K
+    curves = tensorboard_scalars(tmp_path / "run1" / "tensorboard" / "mid")
+    for tag in ("ac", "cc", "lc", "meta_train", "meta_test", "lr", "samples_per_second", "data_wait_fraction"):
+        assert [step for step, _ in curves[tag]] == [0, 1], tag
+    assert abs(curves["meta_test"][1][1] - epochs[1]["meta_test"]) < 1e-4 * max(1.0, epochs[1]["meta_test"])
+    for stage in ("baseline", "teacher", "at"):
+        assert (tmp_path / "run1" / "metrics" / f"{stage}.jsonl").read_text().count("\n") == (10 if stage != "at" else 2)
+        assert "train_accuracy" in tensorboard_scalars(tmp_path / "run1" / "tensorboard" / stage)
 
     # Second run: every stage is reused, and the cached stages are nearly free.
     second, again = mid_run(store, tmp_path / "run2")

@@ -138,3 +138,27 @@ def test_views_one_pass_or_one_per_view_give_the_same_loss_and_meta_gradient():
         results.append((loss.item(), flat(meta_gradients(student, loss))))
     assert abs(results[0][0] - results[1][0]) < 1e-12
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_autocast_keeps_the_second_order_meta_gradient():
+    """mid.bf16 wraps the meta objective in autocast; the double backward must run through
+    it and give the float32 gradient up to bf16 rounding. Checked with CPU autocast (the
+    same autocast machinery the GPU path uses) on the real LeNet."""
+    from workers.models import ModelSpec, build_encoder, build_teacher
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="lenet", in_channels=1, image_size=16, num_classes=10)
+    t = build_teacher(spec)
+    teacher, student = FrozenTeacher(t.encoder, t.classifier, t.decoder), build_encoder(spec)
+    clean = torch.rand(32, 1, 16, 16)
+    views = {a: (clean + 0.1 * torch.rand_like(clean)).clamp(0, 1) for a in ATTACKS}
+    labels = torch.randint(0, 10, (32,))
+    settings = MetaSettings(inner_lr=0.1, second_order=True)
+    loss, _ = meta_objective(student, teacher, clean, views, labels, "PGD_T", settings)
+    reference = flat(meta_gradients(student, loss))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = meta_objective(student, teacher, clean, views, labels, "PGD_T", settings)
+    mixed = flat(meta_gradients(student, loss))
+    assert mixed.dtype == torch.float32  # parameters and their gradients stay float32
+    assert torch.nn.functional.cosine_similarity(reference, mixed, dim=0) > 0.995
+    assert (mixed - reference).norm() < 0.1 * reference.norm()

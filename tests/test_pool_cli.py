@@ -87,14 +87,19 @@ def test_gc_removes_leftovers_and_unreferenced_entries(store):
     tmp_file = Path(store) / "results" / "x.json.tmp-0123"
     tmp_file.parent.mkdir(exist_ok=True)
     tmp_file.write_text("{")
+    # Resume state of a training stage whose driver died.
+    train_run = Path(store) / "train" / "mid-mid-0123456789abcdef0123"
+    (train_run / "checkpoint_2026-01-01_00-00-00").mkdir(parents=True)
+    (train_run / "checkpoint_2026-01-01_00-00-00" / "state.pt").write_bytes(b"x" * 100)
     # The last pool run of this config used only PGD_N and MIM_N: FGSM_N and BIM_N lost their ref.
     mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N"])
     dry = mid("cache", "gc", "--store", str(store), "--dry-run").stdout
     assert "pool-leftover (uncommitted leftover" in dry and "temporary file" in dry
+    assert "mid-mid-0123456789abcdef0123 (resume state of an unfinished training run" in dry
     assert dry.count("not referenced by any run") == 2
     assert "pool-leftover" in cache_ls(store)  # a dry run removes nothing
     mid("cache", "gc", "--store", str(store))
     left = cache_ls(store)
     assert sorted(e["attack"] for e in left.values() if e["kind"] == "pool") == ["MIM_N", "PGD_N"]
-    assert not tmp_file.exists()
+    assert not tmp_file.exists() and not train_run.exists()
     assert mid("cache", "verify", "--store", str(store)).returncode == 0

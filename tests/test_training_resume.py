@@ -1,6 +1,11 @@
-"""Fault tolerance of training: a Ray Train worker killed mid-run (SIGKILL) is replaced,
-and the worker group resumes from the last per-epoch checkpoint in the store, not from
-scratch; the run then finishes and cleans its resume state away."""
+"""Fault tolerance of training, with the real CLI on a real local Ray instance:
+
+* a Ray Train worker killed mid-run (SIGKILL) is replaced, and the worker group resumes
+  from the last per-epoch checkpoint in the store, not from scratch;
+* a run whose driver and Ray head die together (the whole process group killed) resumes
+  MID at its last checkpoint when the same command is run again.
+
+Either way the run finishes with every epoch once and cleans its resume state away."""
 
 import json
 import os
@@ -40,13 +45,28 @@ def mid_checkpoint_registered(store: Path) -> bool:
     return any((store / "train").glob("mid-*/checkpoint_manager_snapshot.json"))
 
 
-def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
-    store, out = tmp_path / "store", tmp_path / "run"
+def cli_args(store: Path, out: Path) -> list[str]:
     args = [sys.executable, "-m", "pipeline", "run", "configs/digits.yaml", "--store", str(store), "--out", str(out)]
     for override in TINY:
         args += ["--set", override]
+    return args
+
+
+def check_finished_run(store: Path, out: Path) -> list[dict]:
+    history = [json.loads(line) for line in (out / "metrics" / "mid.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(8))  # every epoch once, none repeated
+    resumed = [h["epoch"] for h in history if h["resumed"]]
+    assert len(resumed) == 1 and resumed[0] > 0, history  # picked up after a checkpoint, not at epoch 0
+    assert not list((store / "train").iterdir())  # resume state is gone once the stage committed
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["defenses"]) == ["None", "MID"]
+    return history
+
+
+def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli_args(store, out), stdout=log, stderr=subprocess.STDOUT)
     killed = None
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
@@ -60,11 +80,22 @@ def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
     text = (tmp_path / "log.txt").read_text()
     assert rc == 0, text[-4000:]
     assert killed is not None, "MID finished before a worker could be killed"
+    check_finished_run(store, out)
 
-    history = [json.loads(line) for line in (out / "metrics" / "mid.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(8))  # every epoch once, none repeated
-    resumed = [h["epoch"] for h in history if h["resumed"]]
-    assert len(resumed) == 1 and resumed[0] > 0, history  # picked up after a checkpoint, not at epoch 0
-    assert not list((store / "train").iterdir())  # resume state is gone once the stage committed
-    report = json.loads((out / "results.json").read_text())
-    assert list(report["defenses"]) == ["None", "MID"]
+
+def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "run"
+    log = open(tmp_path / "log1.txt", "w")
+    # Its own session: killing the group takes the driver and the Ray head it started.
+    proc = subprocess.Popen(cli_args(store, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not mid_checkpoint_registered(store):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before MID checkpointed an epoch"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert mid_checkpoint_registered(store)  # the resume state survived in the store
+
+    rerun = subprocess.run(cli_args(store, out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    check_finished_run(store, out)

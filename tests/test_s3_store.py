@@ -26,6 +26,7 @@ BUCKET = "mid-test"
 PREFIX = f"s3://{BUCKET}/mid"
 
 TINY = [
+    "eval.defenses=[None, MID]",
     "data.train_limit=256", "data.test_limit=48",
     "models.baseline.epochs=2", "models.teacher.epochs=2", "mid.epochs=1",
     "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",

@@ -80,8 +80,7 @@ def main(argv=None) -> dict:
         results = {}
         for name, overrides in trainers.items():
             cfg = load_config(REPO / "configs/mnist.yaml", base + overrides, store)
-            run_ctx = RunContext(cfg, out / name)
-            run_ctx._ray_started = ctx._ray_started
+            run_ctx = RunContext(cfg, out / name)  # joins the Ray instance the first context started
             if name.startswith("mid"):
                 manifest = mid.run(run_ctx, dataset, teacher, pool_keys)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.stages.models import discard_resume_state, model_spec, read_views, train_with_ray
+from pipeline.stages.models import model_spec, read_views, train_with_ray
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -36,10 +36,6 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
                       **m.model_dump(exclude={"num_workers"})}
             if m.bf16 and not ctx.cfg.ray.use_gpu:
                 ctx.say("mid: mid.bf16 applies to GPU workers only (ray.use_gpu is false): training in float32")
-            train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, f"mid-{key}")
-            manifest = checkpoints.verify_checkpoint(ctx.root, key)
-            if manifest is None:
-                raise RuntimeError(f"mid: training finished but checkpoint {key} is not in the store")
-            discard_resume_state(ctx, f"mid-{key}")
+            manifest = train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, "mid", key)
         record["details"] = {"sha256": manifest["sha256"], "final_epoch": manifest["history"][-1]}
     return manifest

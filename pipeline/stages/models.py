@@ -20,19 +20,20 @@ def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
 
 
 def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
-                   num_workers: int, name: str) -> None:
-    """Run a train loop on ``num_workers`` Ray Train workers; each named Ray Dataset is
-    split across them.
+                   num_workers: int, stage: str, key: str) -> dict[str, Any]:
+    """Run a train loop on ``num_workers`` Ray Train workers (each named Ray Dataset is
+    split across them) until the loop commits checkpoint ``key``; returns its manifest.
 
-    The run lives in the store's ``train/<name>`` folder, ``name`` being the stage and its
-    content key: a worker or node that dies restarts the worker group from the last epoch
-    checkpoint (up to ``ray.max_failures`` times), and a rerun after the driver died
-    resumes there too. The folder is removed once the stage's checkpoint is committed.
+    The run lives in the store's ``train/<stage>-<key>`` folder: a worker or node that dies
+    restarts the worker group from the last epoch checkpoint (up to ``ray.max_failures``
+    times), and a rerun after the driver died resumes there too, the name being the same.
+    The folder is removed once the stage's checkpoint is committed.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    name = f"{stage}-{key}"
     # Ray Data's read tasks need CPUs of their own; if the workers take them all, training
     # waits for data forever instead of failing. Refuse before starting.
     total = ray.cluster_resources().get("CPU", 0)
@@ -52,11 +53,12 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
-
-
-def discard_resume_state(ctx: RunContext, name: str) -> None:
-    """Once a stage's checkpoint is committed, its Ray Train run folder is only bytes."""
+    manifest = checkpoints.verify_checkpoint(ctx.root, key)
+    if manifest is None:
+        raise RuntimeError(f"{stage}: training finished but checkpoint {key} is not in the store")
+    # Committed: the run folder's resume state is only bytes now.
     fs.remove(fs.join(checkpoints.train_runs_url(ctx.root), name))
+    return manifest
 
 
 OBJECT_STORE_SHARE = 0.25  # at most this share of the object store holds a cached dataset
@@ -110,13 +112,8 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
             ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
             config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
                       "seed": ctx.cfg.seed, **settings}
-            name = f"{kind}-{key}"
-            train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
-                           ctx.cfg.models.num_workers, name)
-            manifest = checkpoints.verify_checkpoint(ctx.root, key)
-            if manifest is None:
-                raise RuntimeError(f"{kind}: training finished but checkpoint {key} is not in the store")
-            discard_resume_state(ctx, name)
+            manifest = train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
+                                      ctx.cfg.models.num_workers, kind, key)
         record["details"] = {"sha256": manifest["sha256"],
                              "train_accuracy": manifest["history"][-1]["train_accuracy"]}
     return manifest

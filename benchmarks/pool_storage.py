@@ -117,7 +117,7 @@ def store_and_read(root, key, attack, encoding, compressor, clean_u8, adv_u8, ta
     reader = pools.PoolReader.open(root, key)
     decoded = reader.adv(0, 0, n, clean_u8=clean_u8)
     read_s = time.perf_counter() - started
-    assert not pools.verify_pool(root, key)
+    assert not pools.verify_pool(root, key)[0]
     return decoded, write_s, read_s
 
 

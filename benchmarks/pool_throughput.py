@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         root = os.path.join(tmp.name, "store")
     cfg = build_config(args, root)
     out_dir = Path(tmp.name if tmp else root) / "run"
-    ctx = RunContext(cfg, out_dir)
+    ctx = RunContext(cfg, out_dir).open()
     torch.set_num_threads(args.cores)
 
     t0 = time.perf_counter()
@@ -171,6 +171,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     keys = pool.run(ctx, dataset, source)
     pool_s = time.perf_counter() - t0
+    ctx.close("finished")
     record = ctx.stages["pool"]
     manifests = {a: pool_store.read_manifest(root, k) for a, k in keys.items()}
     pool_count = sum(m["attrs"]["variants"] * m["attrs"]["num_samples"] for m in manifests.values())

@@ -74,17 +74,19 @@ def main(argv=None) -> dict:
     try:
         out = Path(store) / "runs"
         start = time.perf_counter()
-        ctx = RunContext(load_config(REPO / "configs/mnist.yaml", base, store), out)
+        ctx = RunContext(load_config(REPO / "configs/mnist.yaml", base, store), out).open()
         dataset, _, teacher, pool_keys = prepare_pool(ctx)
+        ctx.close("finished")
         prepare_seconds = time.perf_counter() - start
         results = {}
         for name, overrides in trainers.items():
             cfg = load_config(REPO / "configs/mnist.yaml", base + overrides, store)
-            run_ctx = RunContext(cfg, out / name)  # joins the Ray instance the first context started
+            run_ctx = RunContext(cfg, out / name).open()  # joins the Ray instance the first context started
             if name.startswith("mid"):
                 manifest = mid.run(run_ctx, dataset, teacher, pool_keys)
             else:
                 manifest = models.run(run_ctx, dataset, "at")
+            run_ctx.close("finished")
             results[name] = cost(manifest["history"], args.batch_size)
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
         mid2 = results["mid_second_order"]["seconds_per_1k_samples"]

@@ -1,19 +1,26 @@
-"""``mid cache``: list, verify and garbage-collect what a store holds."""
+"""``mid cache``: list, verify and garbage-collect what a store holds.
+
+Every action opens the store with ``storage.store.open_existing`` first: a location that is
+missing, a file, or a folder without the store marker is refused before anything is read
+or removed.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import sys
+from collections import Counter
 
-from storage import catalog
+from storage import catalog, runs
+from storage import store as store_location
 
 
 def _when(stamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -21,43 +28,108 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def ls(root: str, as_json: bool) -> int:
-    entries = catalog.list_entries(root)
-    if as_json:
-        print(json.dumps([e.as_dict() for e in entries], indent=2))
-        return 0
-    if not entries:
-        print(f"{root}: empty store")
-        return 0
-    print(f"{'KIND':<10} {'KEY':<34} {'ATTACK':<7} {'SAMPLES':>8} {'SIZE':>10} {'COMPLETE':<8} CREATED")
-    for e in entries:
-        print(f"{e.kind:<10} {e.key:<34} {e.attack or '-':<7} {e.samples if e.samples is not None else '-':>8} "
-              f"{_size(e.bytes):>10} {str(e.complete).lower():<8} {_when(e.created)}")
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
+
+
+def init(url: str) -> int:
+    root = store_location.adopt(url)
+    print(f"{root}: MID store ({store_location.MARKER_FILE})")
     return 0
 
 
-def verify(root: str, key: str | None, as_json: bool) -> int:
+def ls(url: str, as_json: bool) -> int:
+    root = store_location.open_existing(url)
+    entries = catalog.list_entries(root)
+    problems = [e.problem for e in entries if e.problem]
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+    elif entries:
+        print(f"{'KIND':<10} {'KEY':<34} {'ATTACK':<7} {'SAMPLES':>8} {'SIZE':>10} {'COMPLETE':<8} CREATED")
+        for e in entries:
+            print(f"{e.kind:<10} {e.key:<34} {e.attack or '-':<7} {e.samples if e.samples is not None else '-':>8} "
+                  f"{_size(e.bytes):>10} {str(e.complete).lower():<8} {_when(e.created)}")
+    kinds = Counter(e.kind for e in entries)
+    parts = ", ".join(_plural(kinds[k], k) for k in ("dataset", "checkpoint", "pool", "results") if kinds[k])
+    incomplete = sum(not e.complete for e in entries)
+    summary = (f"{root}: {_plural(len(entries), 'entry', 'entries')}"
+               + (f" ({parts})" if parts else "") + f", {_size(sum(e.bytes for e in entries))}, "
+               f"{incomplete} incomplete, {len(problems)} unreadable")
+    print(summary, file=sys.stderr if as_json else sys.stdout)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def verify(url: str, key: str | None, as_json: bool) -> int:
+    root = store_location.open_existing(url)
     entries = [e for e in catalog.list_entries(root) if key is None or e.key == key]
     if key is not None and not entries:
-        print(f"no entry {key!r} in store {root}", file=sys.stderr)
+        print(f"error: no entry {key!r} in store {root} (mid cache ls lists them)", file=sys.stderr)
         return 2
     report = {e.key: catalog.verify_entry(root, e) for e in entries}
     if as_json:
-        print(json.dumps([{"kind": e.kind, "key": e.key, "ok": not report[e.key], "problems": report[e.key]}
-                          for e in entries], indent=2))
+        print(json.dumps([{"kind": e.kind, "key": e.key, "ok": not report[e.key].problems,
+                           "chunks": report[e.key].chunks, "skipped": report[e.key].skipped,
+                           "problems": report[e.key].problems} for e in entries], indent=2))
     else:
         for e in entries:
-            status = "ok" if not report[e.key] else f"FAILED ({len(report[e.key])} problems)"
+            checked = report[e.key]
+            if checked.problems:
+                status = f"FAILED ({_plural(len(checked.problems), 'problem')})"
+            else:
+                status = f"skipped ({checked.skipped})" if checked.skipped else "ok"
             print(f"{e.kind} {e.key}: {status}")
-            for problem in report[e.key]:
+            for problem in checked.problems:
                 print(f"  {problem}", file=sys.stderr)
-    return 1 if any(report.values()) else 0
+    corrupt = sum(bool(r.problems) for r in report.values())
+    skipped = sum(bool(r.skipped) for r in report.values())
+    pools = sum(e.kind == "pool" for e in entries)
+    chunks = sum(r.chunks for e in entries if e.kind == "pool" for r in [report[e.key]])
+    summary = (f"{_plural(len(entries), 'entry', 'entries')}, {_plural(pools, 'pool')}, "
+               f"{chunks} chunks verified, {corrupt} corrupt, {skipped} not committed yet")
+    print(summary, file=sys.stderr if as_json else sys.stdout)
+    return 1 if corrupt else 0
 
 
-def gc(root: str, dry_run: bool) -> int:
-    found = catalog.collect_garbage(root, dry_run)
-    verb = "would remove" if dry_run else "removed"
-    for url, reason, size in found:
-        print(f"{verb} {url} ({reason}, {_size(size)})")
-    print(f"{verb} {len(found)} entries, {_size(sum(s for _, _, s in found))}")
+def gc(url: str, dry_run: bool, yes: bool, drop_refs: list[str]) -> int:
+    root = store_location.open_existing(url)
+    refs = runs.read_refs(root)
+    unknown = [name for name in drop_refs if name not in refs]
+    if unknown:
+        print(f"error: no ref {unknown[0]!r} in {root} (refs: {', '.join(sorted(refs)) or 'none'})", file=sys.stderr)
+        return 2
+    live = {lease.get("name") for lease in runs.live_leases(root).values()}
+    busy = [name for name in drop_refs if name in live]
+    if busy:
+        print(f"error: run {busy[0]!r} is in progress on {root}; its ref stays until it stops", file=sys.stderr)
+        return 2
+    found = catalog.garbage(root, without_refs=tuple(drop_refs))
+    for name in drop_refs:
+        print(f"{'would drop' if dry_run else 'dropping'} ref {name} ({refs[name].get('status', 'finished')})")
+    for entry_url, reason, size in found:
+        print(f"{'would remove' if dry_run else 'to remove'}: {entry_url} ({reason}, {_size(size)})")
+    total = f"{_plural(len(found), 'item')}, {_size(sum(s for _, _, s in found))}"
+    if dry_run:
+        print(f"would remove {total}")
+        return 0
+    if not found and not drop_refs:
+        print(f"{root}: nothing to remove")
+        return 0
+    if not yes:
+        if not sys.stdin.isatty():
+            print(f"error: gc would remove {total}; confirm with --yes (no terminal to ask on), "
+                  f"or list them with --dry-run", file=sys.stderr)
+            return 2
+        answer = input(f"remove {total}{' and drop ' + ', '.join(drop_refs) if drop_refs else ''}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    for name in drop_refs:
+        runs.remove_ref(root, name)
+    # Computed again: a run may have started (and claimed some of these) while we asked.
+    shown = {entry_url for entry_url, _, _ in found}
+    found = [item for item in catalog.garbage(root) if item[0] in shown]
+    catalog.remove(found)
+    print(f"removed {_plural(len(found), 'item')}, {_size(sum(s for _, _, s in found))}")
     return 0

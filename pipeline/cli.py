@@ -17,24 +17,33 @@ reuses what exists: only what changed is recomputed.
 """
 
 EPILOG = """\
+Exit status: 0 done, 1 a run or check failed, 2 bad input (config, data files, store),
+130 interrupted. Every error is one line; with --debug the traceback follows (runs keep it
+in OUT/logs/ either way).
+
+
 examples:
   mid run configs/digits.yaml --out runs/digits
   mid run configs/mnist.yaml --profile fast --set data.path=../shared/data/mnist
   mid run configs/digits.yaml --set mid.epochs=5 --set pool.attacks='[PGD_N, MIM_N]'
   mid pool configs/digits.yaml --set pool.attacks='[PGD_N, PGD_T, MIM_N, MIM_T, FGSM_N, BIM_N]'
-  mid cache ls --json; mid cache verify; mid cache gc --dry-run
+  mid validate configs/mnist.yaml --set data.path=../shared/data/mnist
+  mid cache ls --json; mid cache verify; mid cache gc --dry-run; mid cache gc --ref old-run --yes
   mid run configs/digits.yaml --store s3://bucket/mid
   ray job submit --working-dir . -- python -m pipeline run configs/digits.yaml
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mid", description=DESCRIPTION, epilog=EPILOG,
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error, not just its one line")
+    parser = argparse.ArgumentParser(prog="mid", description=DESCRIPTION, epilog=EPILOG, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help_text, description=help_text)
+        p = commands.add_parser(name, help=help_text, description=help_text, parents=[debug])
         p.add_argument("config", help="experiment YAML (see configs/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override one config value, YAML-parsed (repeatable), e.g. mid.epochs=5")
@@ -52,60 +61,98 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: runs/<config name>)")
     pool = with_config("pool", "run the stages up to the attacker pool (ingest, baseline, teacher, pool)")
     pool.add_argument("--out", default=None, metavar="DIR", help="the run's output folder (default: runs/<name>)")
-    with_config("validate", "check a config (and overrides) without running anything")
+    with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
+                            "runs nothing")
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
-                                description="list, verify or clean what a store holds")
-    store = argparse.ArgumentParser(add_help=False)
+                                description="list, verify or clean what a store holds; every action refuses a "
+                                            "location that is not a MID store (no mid-store.json)")
+    store = argparse.ArgumentParser(add_help=False, parents=[debug])
     store.add_argument("--store", default="store", metavar="URL", help="the store: folder or fsspec URL (default: store)")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = actions.add_parser("ls", parents=[store], help="every entry: kind, key, attack, samples, bytes, complete, created")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls = actions.add_parser("ls", parents=[store], help="every entry: kind, key, attack, samples, bytes, complete, "
+                                                        "created; then a summary line")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (the summary goes to stderr)")
     verify = actions.add_parser("verify", parents=[store],
                                 help="re-hash committed data; exits 1 naming the entry, shard and array of any mismatch")
     verify.add_argument("key", nargs="?", help="one entry (default: all)")
-    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("--json", action="store_true", help="machine-readable output (the summary goes to stderr)")
     gc = actions.add_parser("gc", parents=[store],
-                            help="remove uncommitted leftovers, entries that no run's ref (STORE/refs/) names, "
-                                 "and the resume state of unfinished training runs (STORE/train/)")
+                            help="remove what no run needs: entries no ref (STORE/refs/) or live run names, their "
+                                 "leftovers, abandoned training state; lists it and asks first",
+                            description="Remove what no run needs. Kept: every entry, uncommitted pool and training "
+                                        "resume state that a ref names (a run writes its ref when it starts, so an "
+                                        "interrupted run keeps everything until its ref is dropped with --ref), and "
+                                        "everything a live run's lease names.")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.add_argument("--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)")
+    gc.add_argument("--ref", dest="drop_refs", action="append", default=[], metavar="NAME",
+                    help="drop the ref NAME first (e.g. an interrupted run you will not resume), so what only it "
+                         "named is removed too (repeatable)")
+    actions.add_parser("init", parents=[store], help="create an empty store, or mark a store written by an older "
+                                                     "mid (one that holds only a store's folders)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "cache":
-        from pipeline import cache
-
-        if args.action == "ls":
-            return cache.ls(args.store, args.json)
-        if args.action == "verify":
-            return cache.verify(args.store, args.key, args.json)
-        return cache.gc(args.store, args.dry_run)
-    # Validation first: a bad config must fail before anything heavy is imported or started.
-    from pipeline.config import ConfigError, load_config
-
+    debug = getattr(args, "debug", False)
+    out_dir = store = None
     try:
-        cfg = load_config(args.config, args.overrides, args.store, args.profile)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    if args.command == "validate":
-        print(f"{args.config}: valid")
-        return 0
-    from pipeline import driver
-    from pipeline.context import PipelineError
+        if args.command == "cache":
+            return run_cache(args)
+        # Validation first: a bad config must fail before anything heavy is imported or started.
+        from pipeline.config import ConfigError, load_config
 
-    out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    try:
+        try:
+            cfg = load_config(args.config, args.overrides, args.store, args.profile)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+        from pipeline import preflight
+
+        problems = preflight.problems(cfg)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if args.command == "validate":
+            if not problems:
+                print(f"{args.config}: valid (config, data files and store checked)")
+            return 2 if problems else 0
+        if problems:
+            return 2
+        from pipeline import driver
+
+        out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+        store = cfg.store.url
         if args.command == "pool":
             driver.run_pool(cfg, out_dir)
         else:
             driver.run(cfg, out_dir)
-    except PipelineError as e:
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: committed stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place every failure is turned into one line
+        from pipeline.errors import report
+
+        return report(error, out_dir, debug, store)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from pipeline import cache
+    from storage.store import StoreError
+
+    try:
+        if args.action == "init":
+            return cache.init(args.store)
+        if args.action == "ls":
+            return cache.ls(args.store, args.json)
+        if args.action == "verify":
+            return cache.verify(args.store, args.key, args.json)
+        return cache.gc(args.store, args.dry_run, args.yes, args.drop_refs)
+    except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,15 +6,31 @@ silently fall back to a default), and every error names the field and what is al
 
 from __future__ import annotations
 
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from storage.pools import INT8_MAX_EPS
+from storage.store import StoreError, check_url
 from workers.attacks import FAMILIES, parse_attack_name
+
+
+def _types_in(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (through Optional, unions, Annotated, Literal values)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    if origin is None:
+        return {annotation}
+    if origin is typing.Annotated:
+        return _types_in(typing.get_args(annotation)[0])
+    return set().union(*(_types_in(a) for a in typing.get_args(annotation))) | {origin}
+
 
 class Section(BaseModel):
     """A config section: unknown keys are rejected with the list of allowed ones."""
@@ -25,11 +41,21 @@ class Section(BaseModel):
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
+            unknown = sorted(set(data) - set(cls.model_fields), key=str)
             if unknown:
                 allowed = ", ".join(cls.model_fields)
                 raise ValueError(f"unknown key {unknown[0]!r} (allowed: {allowed})")
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number; `epochs: true` is a mistake, not one epoch.
+        if isinstance(value, bool):
+            admitted = _types_in(cls.model_fields[info.field_name].annotation)
+            if admitted & {int, float} and bool not in admitted:
+                raise ValueError(f"{str(value).lower()} is a boolean; a number is expected")
+        return value
 
 
 class DataConfig(Section):
@@ -197,6 +223,15 @@ class EvalConfig(Section):
 class StoreConfig(Section):
     url: str = Field("store", description="local folder or fsspec URL (file://, s3://, gs://)")
 
+    @field_validator("url")
+    @classmethod
+    def _usable_location(cls, v: str) -> str:
+        try:
+            check_url(v)
+        except StoreError as e:
+            raise ValueError(str(e).removeprefix("store: ")) from None
+        return v
+
 
 class RayConfig(Section):
     address: str | None = Field(None, description="an existing cluster ('auto'); none starts a local one")
@@ -208,8 +243,11 @@ class RayConfig(Section):
                                                      "checkpoint after a worker or node dies (-1: no limit)")
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class RunConfig(Section):
-    name: str = "run"
+    name: str = Field("run", description="names the run's ref in the store and its folder under runs/")
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()
@@ -220,6 +258,14 @@ class RunConfig(Section):
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
 
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not SAFE_NAME.fullmatch(v) or ".." in v:
+            raise ValueError(f"{v!r} is not a safe name: up to 64 letters, digits, '.', '_' or '-', starting "
+                             f"with a letter or digit (it names files in the store and the folder runs/<name>)")
+        return v
 
     @model_validator(mode="after")
     def _encoding_holds_eps(self):
@@ -280,11 +326,44 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses what plain YAML silently accepts: a key given twice (the last
+    one would win) and keys that are not strings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ConfigError(f"line {line}: key {key!r} is not a string (quote it, or fix the indentation)")
+            if key in seen:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"config error: --set {text!r}: expected key.path=value")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), parse_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: --set {text}: the value is not valid YAML ({_yaml_problem(e)}); "
+                          f"quote it, e.g. --set '{key.strip()}=[A, B]'") from None
+    except ConfigError as e:
+        raise ConfigError(f"config error: --set {text}: {e}") from None
 
 
 def merge_profile(tree: dict[str, Any], profile: dict[str, Any]) -> None:
@@ -296,22 +375,53 @@ def merge_profile(tree: dict[str, Any], profile: dict[str, Any]) -> None:
             tree[key] = value
 
 
+def read_tree(path: Path) -> dict[str, Any]:
+    """The config file as a mapping; every problem is one ConfigError line naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"config error: {path}: no such file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config error: {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    try:
+        tree = parse_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path}: not valid YAML ({_yaml_problem(e)})") from None
+    except ConfigError as e:
+        raise ConfigError(f"config error: {path}: {e}") from None
+    if tree is None or tree == {}:
+        raise ConfigError(f"config error: {path}: the config is empty; start from configs/digits.yaml")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path}: the top level must be a mapping of sections, "
+                          f"got {type(tree).__name__}")
+    return tree
+
+
+def read_profiles(tree: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    profiles = tree.pop("profiles", None)
+    if profiles is None:
+        return {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"config error: {path}: profiles: must be a mapping of profile name to overrides, "
+                          f"got {type(profiles).__name__}")
+    for name, overrides in profiles.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config error: {path}: profiles.{name}: must be a mapping of overrides "
+                              f"(e.g. {{mid: {{epochs: 5}}}}), got {type(overrides).__name__}")
+    return profiles
+
+
 def load_config(path: str | Path, overrides: list[str] = (), store: str | None = None,
                 profile: str | None = None) -> RunConfig:
     """The config at ``path``; then the named profile of its ``profiles:`` section, the
     ``--set`` overrides and the store, in that order."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config error: {path}: no such file")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path}: not valid YAML ({e})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config error: {path}: the top level must be a mapping")
-    profiles = tree.pop("profiles", None) or {}
+    tree = read_tree(path)
+    profiles = read_profiles(tree, path)
     if profile is not None:
-        if profile not in profiles or not isinstance(profiles[profile], dict):
+        if profile not in profiles:
             available = ", ".join(profiles) or "none"
             raise ConfigError(f"config error: --profile {profile!r}: {path} defines no such profile "
                               f"(available: {available})")

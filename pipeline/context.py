@@ -1,18 +1,24 @@
 """What every stage of a run shares: the config, the store, the output folder, a lazily
-started Ray, and the record of each stage's key, cache hit and seconds."""
+started Ray, the record of each stage's key, cache hit and seconds, and the run's claims
+on the store: its ref and lease (what gc keeps) and the per-key build locks (what keeps
+two runs on one store from building the same thing twice)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from pipeline.config import RunConfig
-from storage import checkpoints, fs
+from storage import checkpoints, fs, locks, runs
+from storage import store as store_location
+
+T = TypeVar("T")
 
 
 class PipelineError(RuntimeError):
@@ -30,16 +36,103 @@ class StageRecord:
         return {"key": self.key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3), **self.details}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """A laptop run's own Ray instance, which its workers can always find again.
+
+    With two Ray instances on one machine, code inside a worker that looks Ray up without an
+    address (Ray Train's placement-group cleaner does) finds both and fails with "Found
+    multiple active Ray instances". So the GCS port is chosen here, and every worker of the
+    job gets that address in ``RAY_ADDRESS``.
+    """
+    import ray
+
+    port = free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read once, when the head node starts
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT")
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
 class RunContext:
-    def __init__(self, cfg: RunConfig, out_dir: Path):
+    """One run on one store; use it as a context manager so its ref and lease are closed."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, ref_name: str | None = None):
         self.cfg = cfg
         self.out_dir = out_dir
-        # Ray workers do not share the driver's working directory: a relative local store
-        # path must be made absolute before any worker sees it.
-        url = cfg.store.url.rstrip("/")
-        self.root = os.path.abspath(url) if "://" not in url else url
+        # A relative local path becomes absolute: Ray workers do not share the driver's
+        # working directory. Nothing is touched until the run opens the store.
+        self.root = store_location.check_url(cfg.store.url)
+        self.ref_name = ref_name or cfg.name
         self.stages: dict[str, StageRecord] = {}
+        self.claims: dict[str, Any] = {}
         self._ray_started = False
+        self.lease: runs.Lease | None = None
+
+    def open(self) -> "RunContext":
+        """Open (or create) the store, refusing a location that is not one; start the run's
+        lease and write its ref."""
+        store_location.open_or_create(self.root)
+        self.lease = runs.Lease(self.root, self.ref_name).start()
+        runs.write_ref(self.root, self.ref_name, {}, "running", self.lease.run_id)
+        return self
+
+    def close(self, status: str) -> None:
+        try:
+            runs.write_ref(self.root, self.ref_name, self.claims, status, self.lease.run_id)
+        finally:
+            self.lease.release()
+
+    def __enter__(self) -> "RunContext":
+        return self.open()
+
+    def __exit__(self, kind, error, tb) -> None:
+        self.close("finished" if kind is None else
+                   "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed")
+
+    def claim(self, label: str, key: Any) -> None:
+        """Name ``key`` (a key, or a dict of them) in the run's ref and lease before using it,
+        so gc keeps it while the run lives and, if the run is interrupted, until its ref goes."""
+        self.claims[label] = key
+        if self.lease is not None:  # an opened run (benchmarks and tests may use stages without one)
+            runs.write_ref(self.root, self.ref_name, self.claims, "running", self.lease.run_id)
+            self.lease.claim(label, key)
+
+    def reuse_or_build(self, label: str, key: str, find: Callable[[], T | None],
+                       build: Callable[[], T]) -> tuple[T, bool]:
+        """(the entry, whether it was reused): claim ``key`` under ``label``, then ``find()``
+        it, or build it under the key's lock. A run that finds another building the same key
+        waits for it, then reuses its result."""
+        self.claim(label, key)
+        found = find()
+        if found is not None:
+            return found, True
+        with self.build_locks([key]):
+            found = find()
+            if found is not None:
+                return found, True
+            return build(), False
+
+    @contextmanager
+    def build_locks(self, keys: list[str]) -> Iterator[None]:
+        """Hold the build locks of ``keys`` (taken in sorted order: two runs never deadlock)."""
+        with ExitStack() as held:
+            for key in sorted(keys):
+                held.enter_context(locks.build_lock(self.root, key, on_wait=lambda key=key: self.say(
+                    f"waiting: another run is building {key} on this store; it will be reused")))
+            yield
 
     def say(self, message: str) -> None:
         print(f"[mid] {message}", file=sys.stderr, flush=True)
@@ -67,9 +160,7 @@ class RunContext:
             address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
             if address is None:
                 self.say("starting a local Ray instance")
-                # A laptop run: loopback only, no dashboard.
-                ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=True)
+                start_local_ray(self.cfg.ray.num_cpus)
             else:
                 self.say(f"joining Ray at {address}")
                 ray.init(address=address, log_to_driver=True)

@@ -9,7 +9,6 @@ from pipeline import metrics, report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
-from storage import catalog
 
 
 def prepare_pool(ctx: RunContext):
@@ -21,17 +20,10 @@ def prepare_pool(ctx: RunContext):
     return dataset, baseline, teacher, pool_keys
 
 
-def record_ref(ctx: RunContext, name: str, checkpoint_keys: list[str], pool_keys: dict[str, str]) -> None:
-    """Name every key the run used in ``STORE/refs/<name>.json``; `mid cache gc` keeps them."""
-    catalog.write_ref(ctx.root, name, {stage: rec.key for stage, rec in ctx.stages.items()} | {
-        "checkpoints": checkpoint_keys, "pools": pool_keys})
-
-
 def run_pool(cfg: RunConfig, out_dir: Path) -> dict[str, str]:
-    """The stages up to the pool; records them under the ref ``<name>-pool``."""
-    ctx = RunContext(cfg, out_dir)
-    dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
-    record_ref(ctx, f"{cfg.name}-pool", [baseline["key"], teacher["key"]], pool_keys)
+    """The stages up to the pool; the store keeps them under the ref ``<name>-pool``."""
+    with RunContext(cfg, out_dir, ref_name=f"{cfg.name}-pool") as ctx:
+        _, _, _, pool_keys = prepare_pool(ctx)
     for name, rec in ctx.stages.items():
         print(f"{name:<9} {rec.key:<34} {'cached' if rec.cache_hit else 'built':<7} {rec.seconds:8.1f} s")
     return pool_keys
@@ -42,7 +34,14 @@ def classifier_row(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    ctx = RunContext(cfg, out_dir)
+    """Every stage; the store keeps what the run used under the ref ``<name>``, from its start
+    (so an interrupted run keeps its outputs and resume state) until a later run replaces it."""
+    with RunContext(cfg, out_dir) as ctx:
+        return run_stages(ctx)
+
+
+def run_stages(ctx: RunContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
     trained = {"baseline": baseline, "teacher": teacher}
     defenses = {}
@@ -62,7 +61,6 @@ def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     results = evaluate.run(ctx, dataset, defenses)
     table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    record_ref(ctx, cfg.name, [m["key"] for m in trained.values()], pool_keys)
     printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")

@@ -1,10 +1,11 @@
 """What a store holds: list, verify and garbage-collect its entries.
 
 Entries are the committed outputs of stages: ``datasets/``, ``checkpoints/``, ``pools/``
-and ``results/``. A run records the keys it used in ``refs/<run name>.json`` (like a git
-ref); garbage collection keeps every entry some ref names and removes the rest, together
-with uncommitted leftovers (a pool, dataset or checkpoint without its manifest, and
-temporary files of interrupted writes).
+and ``results/``. Runs name the keys they use in refs and, while alive, in leases
+(``storage/runs.py``); garbage collection keeps everything either names, committed or not
+(an interrupted run's uncommitted pool and its training resume state are how it resumes),
+and removes the rest: unreferenced entries, their leftovers, and temporary files of
+interrupted writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from storage import checkpoints, datasets, fs, pools
+from storage import checkpoints, datasets, fs, pools, runs
+
+TEMPORARY_GRACE_SECONDS = 600.0
 
 KINDS = ("datasets", "checkpoints", "pools", "results")
 
@@ -27,16 +30,10 @@ class Entry:
     created: float | None
     attack: str | None = None
     samples: int | None = None
+    problem: str | None = None  # metadata that cannot be read: the entry cannot be trusted
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _children(root: str, folder: str) -> list[str]:
-    filesystem, path = fs.filesystem(fs.join(root, folder))
-    if not filesystem.exists(path):
-        return []
-    return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in filesystem.ls(path, detail=False))
 
 
 def _bytes(url: str) -> int:
@@ -56,102 +53,123 @@ def _created(url: str) -> float | None:
 
 def list_entries(root: str) -> list[Entry]:
     entries = []
-    for key in _children(root, "datasets"):
-        manifest = datasets.read_manifest(root, key)
-        url = datasets.dataset_url(root, key)
-        entries.append(Entry("dataset", key, manifest is not None, _bytes(url), _created(fs.join(url, "manifest.json")),
-                             samples=sum(s[0] for s in manifest["shapes"].values()) if manifest else None))
-    for key in _children(root, "checkpoints"):
-        manifest = checkpoints.read_manifest(root, key)
-        url = checkpoints.checkpoint_url(root, key)
-        entries.append(Entry("checkpoint", key, manifest is not None, _bytes(url),
-                             _created(fs.join(url, checkpoints.MANIFEST_FILE))))
-    for key in _children(root, "pools"):
-        manifest = pools.read_manifest(root, key) or {}
-        attrs = pools.read_attrs(root, key)
-        entries.append(Entry("pool", key, bool(manifest.get("complete")), _bytes(pools.pool_url(root, key)),
-                             attrs.get("created"),
-                             attack=attrs.get("attack"), samples=attrs.get("num_samples")))
-    for name in _children(root, "results"):
+    for kind, folder in (("dataset", "datasets"), ("checkpoint", "checkpoints"), ("pool", "pools")):
+        for key in fs.children(root, folder):
+            try:
+                entries.append(_describe(root, kind, key))
+            except (ValueError, KeyError, TypeError) as e:  # JSON that does not parse or lacks fields
+                url = _entry_url(root, kind, key)
+                entries.append(Entry(kind, key, False, _bytes(url), None,
+                                     problem=f"{kind} {key}: unreadable metadata ({type(e).__name__}: {e})"))
+    for name in fs.children(root, "results"):
         if name.endswith(".json"):
             url = fs.join(root, "results", name)
             entries.append(Entry("results", name.removesuffix(".json"), True, _bytes(url), _created(url)))
     return entries
 
 
-def verify_entry(root: str, entry: Entry) -> list[str]:
-    """Problems with one entry, each naming what is wrong; [] when it verifies."""
+def _describe(root: str, kind: str, key: str) -> Entry:
+    url = _entry_url(root, kind, key)
+    if kind == "dataset":
+        manifest = datasets.read_manifest(root, key)
+        return Entry(kind, key, manifest is not None, _bytes(url), _created(fs.join(url, "manifest.json")),
+                     samples=sum(s[0] for s in manifest["shapes"].values()) if manifest else None)
+    if kind == "checkpoint":
+        manifest = checkpoints.read_manifest(root, key)
+        return Entry(kind, key, manifest is not None, _bytes(url), _created(fs.join(url, checkpoints.MANIFEST_FILE)))
+    manifest = pools.read_manifest(root, key) or {}
+    attrs = pools.read_attrs(root, key)
+    return Entry(kind, key, bool(manifest.get("complete")), _bytes(url), attrs.get("created"),
+                 attack=attrs.get("attack"), samples=attrs.get("num_samples"))
+
+
+@dataclass
+class Verified:
+    """What verifying one entry checked: problems (one line each) and how much was re-hashed."""
+
+    problems: list[str]
+    chunks: int = 0
+    skipped: str | None = None  # why nothing was checked (an entry not committed yet)
+
+
+def verify_entry(root: str, entry: Entry) -> Verified:
+    if entry.problem:
+        return Verified([entry.problem])
     if not entry.complete:
-        return [f"{entry.kind} {entry.key}: not committed (incomplete)"]
+        return Verified([], skipped="not committed yet")
     if entry.kind == "pool":
-        return pools.verify_pool(root, entry.key)
+        problems, chunks = pools.verify_pool(root, entry.key)
+        return Verified(problems, chunks)
     if entry.kind == "checkpoint":
         ok = checkpoints.verify_checkpoint(root, entry.key) is not None
-        return [] if ok else [f"checkpoint {entry.key}: weights do not match the sha256 of its manifest"]
+        return Verified([] if ok else [f"checkpoint {entry.key}: weights do not match the sha256 of its manifest"], 1)
     if entry.kind == "dataset":
         reader = datasets.DatasetReader.open(root, entry.key)
-        digest = datasets.fingerprint_arrays(
-            {split: reader.load(split) for split in datasets.SPLITS}, reader.manifest["class_names"])
-        return [] if digest == reader.fingerprint else [f"dataset {entry.key}: contents do not match its fingerprint"]
-    return []
+        try:
+            digest = datasets.fingerprint_arrays(
+                {split: reader.load(split) for split in datasets.SPLITS}, reader.manifest["class_names"])
+        except Exception as e:  # a chunk that no longer decompresses
+            return Verified([f"dataset {entry.key}: unreadable ({type(e).__name__}: {e})"])
+        ok = digest == reader.fingerprint
+        return Verified([] if ok else [f"dataset {entry.key}: contents do not match its fingerprint"], 1)
+    try:
+        fs.read_json(_entry_url(root, entry.kind, entry.key))
+    except ValueError as e:
+        return Verified([f"results {entry.key}: not valid JSON ({e})"])
+    return Verified([], 1)
 
 
-def write_ref(root: str, name: str, keys: dict[str, Any]) -> None:
-    fs.write_json_atomic(fs.join(root, "refs", f"{name}.json"), {"name": name, "keys": keys, "updated": time.time()})
+def protected_keys(root: str, without_refs: tuple[str, ...] = ()) -> tuple[set[str], dict[str, str]]:
+    """(keys gc must keep, {key: who keeps it}) from every ref but ``without_refs`` and every live lease."""
+    owners: dict[str, str] = {}
+    for name, ref in runs.read_refs(root).items():
+        if name not in without_refs:
+            for key in runs.strings_in(ref.get("keys", {})):
+                owners.setdefault(key, f"ref {name}")
+    for run_id, lease in runs.live_leases(root).items():
+        for key in runs.strings_in(lease.get("keys", {})):
+            owners[key] = f"run {lease.get('name')} in progress ({run_id})"
+    return set(owners), owners
 
 
-def referenced_keys(root: str) -> set[str]:
-    keys: set[str] = set()
-
-    def collect(value: Any) -> None:
-        if isinstance(value, str):
-            keys.add(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                collect(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                collect(v)
-
-    for name in _children(root, "refs"):
-        ref = fs.read_json(fs.join(root, "refs", name))
-        if ref:
-            collect(ref["keys"])
-    return keys
+def _entry_url(root: str, kind: str, key: str) -> str:
+    if kind == "results":
+        return fs.join(root, "results", f"{key}.json")
+    return fs.join(root, {"dataset": "datasets", "checkpoint": "checkpoints", "pool": "pools"}[kind], key)
 
 
-def _entry_url(root: str, entry: Entry) -> str:
-    if entry.kind == "results":
-        return fs.join(root, "results", f"{entry.key}.json")
-    return fs.join(root, {"dataset": "datasets", "checkpoint": "checkpoints", "pool": "pools"}[entry.kind], entry.key)
-
-
-def garbage(root: str) -> list[tuple[str, str, int]]:
-    """(url, reason, bytes) of everything gc would remove."""
-    keep = referenced_keys(root)
+def garbage(root: str, without_refs: tuple[str, ...] = ()) -> list[tuple[str, str, int]]:
+    """(url, reason, bytes) of everything gc would remove once ``without_refs`` are dropped."""
+    keep, _ = protected_keys(root, without_refs)
     found = []
     for entry in list_entries(root):
-        url = _entry_url(root, entry)
-        if not entry.complete:
-            found.append((url, "uncommitted leftover", entry.bytes))
-        elif entry.key not in keep:
-            found.append((url, "not referenced by any run", entry.bytes))
-    runs = checkpoints.train_runs_url(root)
-    for name in _children(root, "train"):
-        url = fs.join(runs, name)
-        found.append((url, "resume state of an unfinished training run", _bytes(url)))
+        if entry.key in keep:
+            continue
+        url = _entry_url(root, entry.kind, entry.key)
+        reason = "not referenced by any run" if entry.complete else "uncommitted leftover no run will resume"
+        found.append((url, reason, entry.bytes))
+    for name in fs.children(root, "train"):
+        # Ray Train's run folder of a stage is "<stage>-<key>"; the key is what refs name.
+        if name.split("-", 1)[-1] not in keep:
+            url = fs.join(checkpoints.train_runs_url(root), name)
+            found.append((url, "resume state of a training run no ref names", _bytes(url)))
+    live = runs.live_leases(root)
+    for run_id in runs.read_leases(root):
+        if run_id not in live:
+            url = runs.lease_url(root, run_id)
+            found.append((url, "lease of a run that is no longer alive", _bytes(url)))
     filesystem, base = fs.filesystem(root)
-    if filesystem.exists(base):
-        for path in filesystem.find(base):
-            if ".tmp-" in path.rsplit("/", 1)[-1]:
-                found.append((filesystem.unstrip_protocol(path), "temporary file of an interrupted write",
-                              int(filesystem.size(path))))
+    now = time.time()
+    for path in filesystem.find(base):
+        if ".tmp-" in path.rsplit("/", 1)[-1]:
+            url = filesystem.unstrip_protocol(path)
+            # A live run may be between writing a temporary file and renaming it.
+            if live and now - (_created(url) or now) < TEMPORARY_GRACE_SECONDS:
+                continue
+            found.append((url, "temporary file of an interrupted write", int(filesystem.size(path))))
     return found
 
 
-def collect_garbage(root: str, dry_run: bool) -> list[tuple[str, str, int]]:
-    found = garbage(root)
-    if not dry_run:
-        for url, _, _ in found:
-            fs.remove(url)
-    return found
+def remove(found: list[tuple[str, str, int]]) -> None:
+    for url, _, _ in found:
+        fs.remove(url)

@@ -25,6 +25,14 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def children(root: str, folder: str) -> list[str]:
+    """Names directly inside ``root/folder``, sorted; [] when it does not exist."""
+    filesystem, path = fsspec.core.url_to_fs(join(root, folder))
+    if not filesystem.exists(path):
+        return []
+    return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in filesystem.ls(path, detail=False))
+
+
 def read_json(url: str) -> dict[str, Any] | None:
     fs, path = filesystem(url)
     try:

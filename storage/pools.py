@@ -213,13 +213,14 @@ def finalize_pool(root: str, key: str, num_shards: int, extra: dict[str, Any]) -
     return manifest
 
 
-def verify_pool(root: str, key: str) -> list[str]:
-    """Re-hash every committed chunk; one line per problem, naming pool, shard and array."""
+def verify_pool(root: str, key: str) -> tuple[list[str], int]:
+    """Re-hash every committed chunk: (one line per problem naming pool, shard and array,
+    the number of chunks checked)."""
     group = zarr.open_group(fs.zarr_store(pool_url(root, key), read_only=True), mode="r")
     version = group.attrs.get("format_version")
     if version != FORMAT_VERSION:
-        return [f"pool {key}: written in pool format version {version}; this version verifies {FORMAT_VERSION}"]
-    problems = []
+        return [f"pool {key}: written in pool format version {version}; this version verifies {FORMAT_VERSION}"], 0
+    problems, chunks = [], 0
     for shard, record in sorted(committed_shards(root, key).items()):
         for array, expected in record["sha256"].items():
             try:
@@ -227,11 +228,12 @@ def verify_pool(root: str, key: str) -> list[str]:
             except Exception as e:  # a chunk that no longer decompresses is corrupt too
                 problems.append(f"pool {key} shard {shard} array {array}: unreadable ({type(e).__name__}: {e})")
                 continue
+            chunks += len(actual)
             for variant, (want, got) in enumerate(zip(expected, actual)):
                 if want != got:
                     problems.append(f"pool {key} shard {shard} array {array} variant {variant}: "
                                     f"sha256 {got[:12]}… does not match the commit record {want[:12]}…")
-    return problems
+    return problems, chunks
 
 
 @dataclass

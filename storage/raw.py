@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,31 +60,105 @@ def load_digits(test_fraction: float, seed: int) -> RawDataset:
     )
 
 
-def _open_idx(path: str):
+class DataFileError(ValueError):
+    """A raw data file that cannot be read; the message is one line naming the file."""
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+# What a reader sees from a damaged gzip stream: a short stream, a bad header, bad deflate data.
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
+
+
+def _find_idx(path: str) -> str:
     for candidate in (path, path + ".gz"):
         if os.path.exists(candidate):
-            opener = gzip.open if candidate.endswith(".gz") else open
-            return candidate, opener(candidate, "rb")
-    raise FileNotFoundError(f"IDX file not found: {path} (or {path}.gz)")
+            return candidate
+    raise DataFileError(f"IDX file not found: {path} (or {path}.gz)")
+
+
+def _open_idx(path: str):
+    name = _find_idx(path)
+    if os.path.getsize(name) == 0:
+        raise DataFileError(f"{name}: empty file; download it again")
+    if not name.endswith(".gz"):
+        return name, open(name, "rb")
+    with open(name, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            raise DataFileError(f"{name}: not a gzip file (ends in .gz but lacks the gzip signature); "
+                                f"download it again")
+    return name, gzip.open(name, "rb")
+
+
+def _read_header(f, name: str, expected_magic: int) -> tuple[int, ...]:
+    header = f.read(4)
+    if len(header) < 4:
+        raise DataFileError(f"{name}: {'empty file' if not header else 'truncated IDX header'}; download it again")
+    (magic,) = struct.unpack(">i", header)
+    if magic != expected_magic:
+        raise DataFileError(f"{name}: IDX magic {magic}, expected {expected_magic} "
+                            f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'}); is it the right file?")
+    ndim = magic & 0xFF
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataFileError(f"{name}: truncated IDX header; download it again")
+    return struct.unpack(f">{ndim}i", raw_dims)
+
+
+def idx_header(path: str, expected_magic: int) -> tuple[int, ...]:
+    """The dimensions of one IDX file, checked without reading its data: the header parses,
+    and the file's length (a gzip file's recorded uncompressed length) is what it promises."""
+    name, f = _open_idx(path)
+    try:
+        with f:
+            dims = _read_header(f, name, expected_magic)
+    except GZIP_ERRORS as e:
+        raise DataFileError(f"{name}: damaged gzip data ({type(e).__name__}: {e}); download it again") from None
+    expected = 4 + 4 * len(dims) + int(np.prod(dims))
+    if name.endswith(".gz"):
+        with open(name, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            (recorded,) = struct.unpack("<I", raw.read(4))  # ISIZE: uncompressed length mod 2^32
+        if recorded != expected % (1 << 32):
+            raise DataFileError(f"{name}: truncated or damaged (the gzip trailer records {recorded} bytes, "
+                                f"the IDX header promises {expected}); download it again")
+    elif os.path.getsize(name) != expected:
+        raise DataFileError(f"{name}: {os.path.getsize(name)} bytes, the IDX header promises {expected}; "
+                            f"download it again")
+    return dims
 
 
 def read_idx(path: str, expected_magic: int) -> np.ndarray:
     """Read one IDX file (big-endian magic, dimension sizes, then uint8 data)."""
     name, f = _open_idx(path)
-    with f:
-        header = f.read(4)
-        if len(header) < 4:
-            raise ValueError(f"{name}: truncated IDX header")
-        (magic,) = struct.unpack(">i", header)
-        if magic != expected_magic:
-            raise ValueError(f"{name}: IDX magic {magic}, expected {expected_magic}")
-        ndim = magic & 0xFF
-        dims = struct.unpack(f">{ndim}i", f.read(4 * ndim))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
+    try:
+        with f:
+            dims = _read_header(f, name, expected_magic)
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+    except GZIP_ERRORS as e:
+        raise DataFileError(f"{name}: damaged gzip data ({type(e).__name__}: {e}); download it again") from None
     expected = int(np.prod(dims))
     if data.size != expected:
-        raise ValueError(f"{name}: {data.size} data bytes, header promises {expected}")
+        raise DataFileError(f"{name}: {data.size} data bytes, header promises {expected}; download it again")
     return data.reshape(dims)
+
+
+def idx_folder_problems(directory: str) -> list[str]:
+    """Everything wrong with an IDX folder that can be seen without reading the data."""
+    if not os.path.isdir(directory):
+        return [f"{directory}: no such folder (data.path should hold the four IDX files)"]
+    problems, counts = [], {}
+    files = idx_files(directory)
+    for part, path in files.items():
+        try:
+            counts[part] = idx_header(path, IDX_IMAGES_MAGIC if part.endswith("images") else IDX_LABELS_MAGIC)[0]
+        except DataFileError as e:
+            problems.append(str(e))
+    for split in ("train", "test"):
+        images, labels = counts.get(f"{split}_images"), counts.get(f"{split}_labels")
+        if images is not None and labels is not None and images != labels:
+            problems.append(f"{_find_idx(files[f'{split}_images'])}: {images} images but "
+                            f"{_find_idx(files[f'{split}_labels'])} has {labels} labels; the files do not belong together")
+    return problems
 
 
 def idx_files(directory: str) -> dict[str, str]:
@@ -97,7 +172,7 @@ def load_idx_dataset(directory: str, class_names: tuple[str, ...]) -> RawDataset
     labels = {s: read_idx(files[f"{s}_labels"], IDX_LABELS_MAGIC).astype(np.int64) for s in ("train", "test")}
     for s in ("train", "test"):
         if len(images[s]) != len(labels[s]):
-            raise ValueError(f"{directory}: {len(images[s])} {s} images but {len(labels[s])} labels")
+            raise DataFileError(f"{directory}: {len(images[s])} {s} images but {len(labels[s])} labels")
     return RawDataset(images["train"], labels["train"], images["test"], labels["test"], class_names)
 
 
@@ -135,10 +210,13 @@ def source_digest(source: str, path: str | None) -> str:
         return h.hexdigest()
     for part, file in sorted(idx_files(path).items()):
         name, f = _open_idx(file)
-        with f:
-            h.update(part.encode())
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        try:
+            with f:
+                h.update(part.encode())
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except GZIP_ERRORS as e:
+            raise DataFileError(f"{name}: damaged gzip data ({type(e).__name__}: {e}); download it again") from None
     return h.hexdigest()
 
 

@@ -62,7 +62,11 @@ def test_identical_settings_never_regenerate(store):
 
 
 def test_verify_names_a_corrupted_chunk(store):
-    assert mid("cache", "verify", "--store", str(store)).returncode == 0
+    clean = mid("cache", "verify", "--store", str(store))
+    # A dataset, 2 checkpoints, 4 pools of 4 shards with views and targets: PGD_N keeps the digits
+    # config's 4 random-start variants, the deterministic MIM_N, FGSM_N and BIM_N one each.
+    assert clean.stdout.strip().splitlines()[-1] == \
+        f"7 entries, 4 pools, {4 * 2 * (4 + 1 + 1 + 1)} chunks verified, 0 corrupt, 0 not committed yet"
     key = next(k for k, e in cache_ls(store).items() if e.get("attack") == "PGD_N")
     chunk = Path(store) / "pools" / key / "delta" / "c" / "0" / "2" / "0" / "0" / "0"  # variant 0, shard 2
     original = chunk.read_bytes()
@@ -73,6 +77,7 @@ def test_verify_names_a_corrupted_chunk(store):
         result = mid("cache", "verify", key, "--store", str(store), check=False)
         assert result.returncode == 1
         assert f"pool {key} shard 2 array delta" in result.stderr
+        assert ", 1 corrupt," in result.stdout.strip().splitlines()[-1]
         as_json = json.loads(mid("cache", "verify", "--store", str(store), "--json", check=False).stdout)
         assert [e["key"] for e in as_json if not e["ok"]] == [key]
     finally:
@@ -95,10 +100,10 @@ def test_gc_removes_leftovers_and_unreferenced_entries(store):
     mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N"])
     dry = mid("cache", "gc", "--store", str(store), "--dry-run").stdout
     assert "pool-leftover (uncommitted leftover" in dry and "temporary file" in dry
-    assert "mid-mid-0123456789abcdef0123 (resume state of an unfinished training run" in dry
+    assert "mid-mid-0123456789abcdef0123 (resume state of a training run no ref names" in dry
     assert dry.count("not referenced by any run") == 2
     assert "pool-leftover" in cache_ls(store)  # a dry run removes nothing
-    mid("cache", "gc", "--store", str(store))
+    mid("cache", "gc", "--store", str(store), "--yes")
     left = cache_ls(store)
     assert sorted(e["attack"] for e in left.values() if e["kind"] == "pool") == ["MIM_N", "PGD_N"]
     assert not tmp_file.exists() and not train_run.exists()

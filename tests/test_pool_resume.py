@@ -12,6 +12,7 @@ from pathlib import Path
 from ray.cluster_utils import Cluster
 
 from storage import pools
+from storage import store as store_location
 
 SETTINGS = ["data.train_limit=512", "data.test_limit=32", "models.baseline.epochs=2", "models.teacher.epochs=2",
             "pool.attacks=[PGD_N, PGD_T]", "pool.variants=2", "pool.shard_size=32",
@@ -52,6 +53,7 @@ def test_killed_node_then_resume_is_bit_identical(tmp_path):
     # Same dataset and models (same keys, same weights) for the interrupted run.
     for folder in ("datasets", "checkpoints"):
         shutil.copytree(reference / folder, resumed / folder)
+    shutil.copy(reference / store_location.MARKER_FILE, resumed)  # a copy of a store is a store
 
     # Only the pool stage runs on the cluster (dataset and models are cached): one
     # pool actor (1 CPU) per worker node, none on the head.

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from storage.raw import (IDX_FILES, load_digits, load_idx_dataset, read_idx, resize_images,
+from storage.raw import (IDX_FILES, DataFileError, load_digits, load_idx_dataset, read_idx, resize_images,
                          source_digest, take_subset)
 
 
@@ -49,7 +49,7 @@ def test_idx_wrong_magic_and_truncation_are_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="header promises"):
         read_idx(str(path), 2051)
-    with pytest.raises(FileNotFoundError, match="IDX file not found"):
+    with pytest.raises(DataFileError, match="IDX file not found"):
         read_idx(str(tmp_path / "missing"), 2051)
     assert arrays
 

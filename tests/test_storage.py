@@ -113,7 +113,7 @@ def test_pool_commit_protocol(tmp_path, encoding, compressor):
     reader = pools.PoolReader.open(root, key)
     assert (reader.adv(0, 0, 10, clean) == 129).all() and (reader.adv(1, 0, 10, clean) == 127).all()
     assert (reader.adv(2, 0, 10, clean) == 129).all()  # epoch e reads variant e mod K
-    assert pools.verify_pool(root, key) == []
+    assert pools.verify_pool(root, key) == ([], 12)  # 3 shards x 2 variants x (views, targets) re-hashed
     record = json.loads((tmp_path / "pools" / key / "commits" / "shard-00001.json").read_text())
     array = "adv" if encoding == "uint8" else "delta"
     assert record["start"] == 4 and [len(h) for h in record["sha256"][array]] == [64, 64]  # one per chunk
@@ -139,10 +139,10 @@ def test_verify_names_the_pool_shard_and_array_of_a_corrupted_chunk(tmp_path, co
         pools.write_shard(root, key, shard=shard, start=lo, stop=hi, eps=0.1, adv_u8=clean[None, lo:hi] + 3,
                           clean_u8=clean[lo:hi], targets=np.full((1, hi - lo), -1), stats={})
     pools.finalize_pool(root, key, len(ranges), {})
-    assert pools.verify_pool(root, key) == []
+    assert pools.verify_pool(root, key) == ([], 2 * len(ranges))  # views and targets of every shard
     chunk = tmp_path / "pools" / key / "adv" / "c" / "0" / "1" / "0" / "0" / "0"  # variant 0, shard 1
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x5A
     chunk.write_bytes(bytes(data))
-    problems = pools.verify_pool(root, key)
+    problems, _ = pools.verify_pool(root, key)
     assert len(problems) == 1 and problems[0].startswith(f"pool {key} shard 1 array adv"), problems

@@ -5,7 +5,9 @@
 * a run whose driver and Ray head die together (the whole process group killed) resumes
   MID at its last checkpoint when the same command is run again.
 
-Either way the run finishes with every epoch once and cleans its resume state away."""
+Either way the run finishes with every epoch once and cleans its resume state away. And
+`mid cache gc` takes nothing from either: not from the run in progress (its lease), not
+from the interrupted one (its ref, written when it started): the rerun still resumes."""
 
 import json
 import os
@@ -63,6 +65,20 @@ def check_finished_run(store: Path, out: Path) -> list[dict]:
     return history
 
 
+def mid_cache(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "cache", *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def collect_during_the_run(store: Path) -> None:
+    """gc while the run is alive: its ref cannot be dropped, and nothing of it is removed."""
+    refused = mid_cache("gc", "--store", str(store), "--ref", "digits", "--yes")
+    assert refused.returncode == 2 and "in progress" in refused.stderr, refused.stderr
+    collected = mid_cache("gc", "--store", str(store), "--yes")
+    assert collected.returncode == 0, collected.stderr
+    assert "removed 0 items" in collected.stdout or "nothing to remove" in collected.stdout, collected.stdout
+
+
 def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
     store, out = tmp_path / "store", tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")
@@ -75,6 +91,7 @@ def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)
                 killed = workers[-1]
+                collect_during_the_run(store)
         time.sleep(0.05)
     rc = proc.wait(timeout=max(1, deadline - time.time()))
     text = (tmp_path / "log.txt").read_text()
@@ -95,6 +112,14 @@ def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert mid_checkpoint_registered(store)  # the resume state survived in the store
+    # The driver is gone (its lease with it); the ref it wrote when it started keeps its
+    # outputs and resume state from gc until the user drops the ref.
+    dry = mid_cache("gc", "--store", str(store), "--dry-run")
+    listed = [line for line in dry.stdout.splitlines() if line.startswith("would remove:")]
+    # Only the dead driver's lease (and a temporary file its kill may have cut short) may go.
+    assert all("/leases/" in line or ".tmp-" in line for line in listed), dry.stdout
+    assert mid_cache("gc", "--store", str(store), "--yes").returncode == 0
+    assert mid_checkpoint_registered(store)
 
     rerun = subprocess.run(cli_args(store, out), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-4000:]

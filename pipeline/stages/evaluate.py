@@ -24,12 +24,13 @@ def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, A
                                    "attacks": e.attacks, "settings": ctx.cfg.attacks.family_settings(),
                                    "seed": ctx.cfg.seed})
         record["key"] = key
-        table = fs.read_json(results_url(ctx.root, key))
-        record["cache_hit"] = table is not None
-        if table is None:
-            counts = evaluate(ctx, dataset, defenses)
-            table = summarize(counts, e.attacks)
+        def build() -> dict[str, Any]:
+            table = summarize(evaluate(ctx, dataset, defenses), e.attacks)
             fs.write_json_atomic(results_url(ctx.root, key), table)
+            return table
+
+        table, record["cache_hit"] = ctx.reuse_or_build(
+            "eval", key, lambda: fs.read_json(results_url(ctx.root, key)), build)
         record["details"] = {"attacks": e.attacks}
     return table
 

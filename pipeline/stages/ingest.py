@@ -20,21 +20,24 @@ def dataset_key(ctx: RunContext) -> str:
     })
 
 
+def ingest(ctx: RunContext, key: str) -> dict:
+    d = ctx.cfg.data
+    ctx.say(f"ingest: reading {d.source}" + (f" from {d.path}" if d.path else ""))
+    raw = load_raw(d.source, d.path, d.test_fraction, ctx.cfg.seed)
+    train_x, train_y = take_subset(raw.train_images, raw.train_labels, d.train_limit, ctx.cfg.seed)
+    test_x, test_y = take_subset(raw.test_images, raw.test_labels, d.test_limit, ctx.cfg.seed + 1)
+    if d.image_size:
+        train_x, test_x = resize_images(train_x, d.image_size), resize_images(test_x, d.image_size)
+    raw = replace(raw, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y)
+    return datasets.write_dataset(ctx.root, key, raw)
+
+
 def run(ctx: RunContext) -> datasets.DatasetReader:
     with ctx.stage("ingest") as record:
         key = dataset_key(ctx)
         record["key"] = key
-        record["cache_hit"] = datasets.read_manifest(ctx.root, key) is not None
-        if not record["cache_hit"]:
-            d = ctx.cfg.data
-            ctx.say(f"ingest: reading {d.source}" + (f" from {d.path}" if d.path else ""))
-            raw = load_raw(d.source, d.path, d.test_fraction, ctx.cfg.seed)
-            train_x, train_y = take_subset(raw.train_images, raw.train_labels, d.train_limit, ctx.cfg.seed)
-            test_x, test_y = take_subset(raw.test_images, raw.test_labels, d.test_limit, ctx.cfg.seed + 1)
-            if d.image_size:
-                train_x, test_x = resize_images(train_x, d.image_size), resize_images(test_x, d.image_size)
-            raw = replace(raw, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y)
-            datasets.write_dataset(ctx.root, key, raw)
+        _, record["cache_hit"] = ctx.reuse_or_build(
+            "ingest", key, lambda: datasets.read_manifest(ctx.root, key), lambda: ingest(ctx, key))
         reader = datasets.DatasetReader.open(ctx.root, key)
         record["details"] = {"fingerprint": reader.fingerprint, "shapes": reader.manifest["shapes"]}
     return reader

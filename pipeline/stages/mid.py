@@ -20,9 +20,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
         key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
                                   "pools": pool_keys, "mid": m.model_dump(), "seed": ctx.cfg.seed})
         record["key"] = key
-        manifest = checkpoints.verify_checkpoint(ctx.root, key)
-        record["cache_hit"] = manifest is not None
-        if manifest is None:
+        def train() -> dict[str, Any]:
             ctx.ensure_ray()
             ctx.say(f"mid: meta-training on {m.num_workers} Ray Train workers "
                     f"({'second' if m.second_order else 'first'} order, held-out attack per step)")
@@ -36,6 +34,9 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
                       **m.model_dump(exclude={"num_workers"})}
             if m.bf16 and not ctx.cfg.ray.use_gpu:
                 ctx.say("mid: mid.bf16 applies to GPU workers only (ray.use_gpu is false): training in float32")
-            manifest = train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, "mid", key)
+            return train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, "mid", key)
+
+        manifest, record["cache_hit"] = ctx.reuse_or_build(
+            "mid", key, lambda: checkpoints.verify_checkpoint(ctx.root, key), train)
         record["details"] = {"sha256": manifest["sha256"], "final_epoch": manifest["history"][-1]}
     return manifest

@@ -4,6 +4,7 @@ shares (fault tolerance, per-epoch checkpoints in the store)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from pipeline.context import PipelineError, RunContext
@@ -52,13 +53,39 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                              failure_config=FailureConfig(max_failures=ctx.cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    trainer.fit()
+    fit_off_the_main_thread(trainer)
     manifest = checkpoints.verify_checkpoint(ctx.root, key)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but checkpoint {key} is not in the store")
     # Committed: the run folder's resume state is only bytes now.
     fs.remove(fs.join(checkpoints.train_runs_url(ctx.root), name))
     return manifest
+
+
+def fit_off_the_main_thread(trainer) -> Any:
+    """``trainer.fit()``, with Ctrl-C left to the pipeline.
+
+    On the main thread, Ray Train replaces the SIGINT handler with its own, which aborts the
+    run and then exits the process with a status that says nothing (and is never restored).
+    Off the main thread it registers none, so Ctrl-C reaches this thread as
+    KeyboardInterrupt: the run records itself as interrupted, keeps its last epoch
+    checkpoint for the next run to resume from, and stops Ray.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread as is
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 OBJECT_STORE_SHARE = 0.25  # at most this share of the object store holds a cached dataset
@@ -105,15 +132,16 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
                                  "train": settings, "seed": ctx.cfg.seed,
                                  "num_workers": ctx.cfg.models.num_workers})
         record["key"] = key
-        manifest = checkpoints.verify_checkpoint(ctx.root, key)
-        record["cache_hit"] = manifest is not None
-        if manifest is None:
+        def train() -> dict[str, Any]:
             ctx.ensure_ray()
             ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
             config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
                       "seed": ctx.cfg.seed, **settings}
-            manifest = train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
-                                      ctx.cfg.models.num_workers, kind, key)
+            return train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
+                                  ctx.cfg.models.num_workers, kind, key)
+
+        manifest, record["cache_hit"] = ctx.reuse_or_build(
+            kind, key, lambda: checkpoints.verify_checkpoint(ctx.root, key), train)
         record["details"] = {"sha256": manifest["sha256"],
                              "train_accuracy": manifest["history"][-1]["train_accuracy"]}
     return manifest

@@ -37,38 +37,50 @@ def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict
     with ctx.stage("pool") as record:
         keys = {attack: pool_key(ctx, dataset, source, attack) for attack in p.attacks}
         record["key"] = content_key("pool-set", {"pools": keys})
-        n = dataset.num_samples(SPLIT)
-        ranges = pools.shard_ranges(n, p.shard_size)
-        hits, todo = {}, []
-        for attack, key in keys.items():
-            hits[attack] = bool((pools.read_manifest(ctx.root, key) or {}).get("complete"))
-            if hits[attack]:
-                continue
-            family, _ = parse_attack_name(attack)
-            variants = stored_variants(ctx, attack)
-            pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
-                              variants=variants, shard_size=p.shard_size, compressor=p.compressor,
-                              encoding=p.encoding, delta_step=p.delta_step,
-                              attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-                                     "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
-                                     "source_model": {"kind": p.source_model, **source_summary(source)},
-                                     "seed": ctx.cfg.seed})
-            done = pools.committed_shards(ctx.root, key)
-            todo += [(key, attack, variants, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
-            if done:
-                ctx.say(f"pool {attack}: resuming, {len(done)}/{len(ranges)} shards already committed")
-        for attack, hit in hits.items():
-            if hit:
-                ctx.say(f"pool {attack}: complete pool {keys[attack]} found, not regenerating")
-        if todo:
-            generate(ctx, dataset, source, todo)
-        for attack, key in keys.items():
-            if not hits[attack]:
-                pools.finalize_pool(ctx.root, key, len(ranges), {"attack": attack})
+        ctx.claim("pools", keys)
+        hits = {attack: is_complete(ctx, key) for attack, key in keys.items()}
+        missing = [attack for attack, hit in hits.items() if not hit]
+        with ctx.build_locks([keys[attack] for attack in missing]):
+            # Another run may have finished some of them while this one waited.
+            hits.update({attack: is_complete(ctx, keys[attack]) for attack in missing})
+            for attack, hit in hits.items():
+                if hit:
+                    ctx.say(f"pool {attack}: complete pool {keys[attack]} found, not regenerating")
+            build(ctx, dataset, source, {a: keys[a] for a, hit in hits.items() if not hit})
         record["cache_hit"] = all(hits.values())
         record["details"] = {"attacks": {a: {"key": keys[a], "cache_hit": hits[a],
                                              **success_summary(ctx.root, keys[a])} for a in keys}}
     return keys
+
+
+def is_complete(ctx: RunContext, key: str) -> bool:
+    return bool((pools.read_manifest(ctx.root, key) or {}).get("complete"))
+
+
+def build(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], keys: dict[str, str]) -> None:
+    """Generate the missing shards of the pools ``keys`` ({attack: key}), then finalize each."""
+    p = ctx.cfg.pool
+    n = dataset.num_samples(SPLIT)
+    ranges = pools.shard_ranges(n, p.shard_size)
+    todo = []
+    for attack, key in keys.items():
+        family, _ = parse_attack_name(attack)
+        variants = stored_variants(ctx, attack)
+        pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
+                          variants=variants, shard_size=p.shard_size, compressor=p.compressor,
+                          encoding=p.encoding, delta_step=p.delta_step,
+                          attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
+                                 "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
+                                 "source_model": {"kind": p.source_model, **source_summary(source)},
+                                 "seed": ctx.cfg.seed})
+        done = pools.committed_shards(ctx.root, key)
+        todo += [(key, attack, variants, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
+        if done:
+            ctx.say(f"pool {attack}: resuming, {len(done)}/{len(ranges)} shards already committed")
+    if todo:
+        generate(ctx, dataset, source, todo)
+    for attack, key in keys.items():
+        pools.finalize_pool(ctx.root, key, len(ranges), {"attack": attack})
 
 
 def source_summary(source: dict[str, Any]) -> dict[str, Any]:

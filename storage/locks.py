@@ -1,0 +1,92 @@
+"""Per-key build locks: two runs sharing a store never build the same entry at once; the
+second waits, then finds the entry committed and reuses it.
+
+* Local stores: ``fcntl.flock`` on ``STORE/locks/<key>.lock``. The kernel releases the lock
+  when its process dies, so a killed run never leaves a stale lock behind.
+* Remote stores: object stores have no locks and fsspec exposes no conditional writes, so
+  the lock is a lease object ``STORE/locks/<key>.json`` (owner, expiry) that its holder
+  renews; a waiter takes over a lease that expired. Writing then reading back is enough
+  on stores with read-after-write consistency (S3, GCS), which is what this relies on.
+
+Lock files are a few bytes and stay in place: deleting one that another process is about
+to open would let two processes lock different files.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from storage import fs
+
+POLL_SECONDS = 0.5
+REMOTE_LOCK_SECONDS = 60.0
+
+
+def lock_url(root: str, key: str, suffix: str) -> str:
+    return fs.join(root, "locks", f"{key}{suffix}")
+
+
+@contextmanager
+def build_lock(root: str, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the build lock of ``key``; ``on_wait`` is called once if another run holds it."""
+    if fs.is_local(root):
+        with _local_lock(lock_url(root, key, ".lock").removeprefix("file://"), on_wait):
+            yield
+    else:
+        with _remote_lock(lock_url(root, key, ".json"), on_wait):
+            yield
+
+
+@contextmanager
+def _local_lock(path: str, on_wait) -> Iterator[None]:
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks; Ctrl-C interrupts it
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _remote_lock(url: str, on_wait) -> Iterator[None]:
+    owner = uuid.uuid4().hex
+    waited = False
+    while True:
+        current = fs.read_json(url)
+        if current is None or current.get("expires", 0) < time.time():
+            fs.write_json_atomic(url, {"owner": owner, "expires": time.time() + REMOTE_LOCK_SECONDS})
+            time.sleep(POLL_SECONDS)  # let a racing writer's PUT land, then see who won
+            if (fs.read_json(url) or {}).get("owner") == owner:
+                break
+        if not waited and on_wait:
+            on_wait()
+        waited = True
+        time.sleep(POLL_SECONDS)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(REMOTE_LOCK_SECONDS / 3):
+            fs.write_json_atomic(url, {"owner": owner, "expires": time.time() + REMOTE_LOCK_SECONDS})
+
+    renewer = threading.Thread(target=renew, name="mid-build-lock", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        if (fs.read_json(url) or {}).get("owner") == owner:
+            fs.remove(url)

@@ -1,0 +1,99 @@
+"""Runs that share a machine or a store, and runs stopped with Ctrl-C, on the real CLI.
+
+* Two runs of one config on one empty store at once: each stage is built by one run while
+  the other waits on its build lock and then reuses it; both report the same table.
+* Meanwhile a third run on a store of its own starts its own local Ray instance and works
+  (Ray code inside its workers finds its own instance, not "multiple active Ray instances").
+* Ctrl-C (SIGINT to the run's process group, as a terminal sends it) stops a run within
+  10 s, leaving only committed or resumable state, and the run's ref says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clihelpers import REPO, mid
+
+TINY = [
+    "data.train_limit=256", "data.test_limit=32", "eval.defenses=[None, MID]",
+    "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=1",
+    "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
+    "pool.attacks=[PGD_N, MIM_N]", "eval.known=[PGD_N, MIM_N]", "eval.unknown=[FGSM_N]",
+    "pool.variants=1", "pool.shard_size=128", "eval.batch_size=32",
+]
+
+
+def command(verb: str, store: Path, out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "pipeline", verb, "configs/digits.yaml", "--store", str(store), "--out", str(out)]
+    for override in [*TINY, *extra]:
+        args += ["--set", override]
+    return args
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    # Its own session: the run and the Ray instance it starts form one process group, as in a terminal.
+    return subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_runs_at_once_share_a_store_and_a_machine(tmp_path):
+    """Two runs of one config on one empty store, and a third on a store of its own, all at once."""
+    store = tmp_path / "store"
+    runs = [start(command("run", store, tmp_path / f"out{i}"), tmp_path / f"log{i}.txt") for i in (0, 1)]
+    runs.append(start(command("pool", tmp_path / "other-store", tmp_path / "out2"), tmp_path / "log2.txt"))
+    for i, proc in enumerate(runs):
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"log{i}.txt").read_text()[-4000:]
+    results = [json.loads((tmp_path / f"out{i}" / "results.json").read_text()) for i in (0, 1)]
+    assert results[0]["defenses"] == results[1]["defenses"]  # the same table
+    for stage in results[0]["stages"]:
+        keys = {r["stages"][stage]["key"] for r in results}
+        assert len(keys) == 1, stage
+        built = [r["stages"][stage]["cache_hit"] is False for r in results]
+        assert built.count(True) == 1, (stage, built)  # built by one run, reused by the other
+    logs = [(tmp_path / f"log{i}.txt").read_text() for i in (0, 1, 2)]
+    assert "waiting: another run is building" in logs[0] + logs[1]
+    assert mid("cache", "verify", "--store", str(store)).returncode == 0
+    assert not list((store / "leases").iterdir())  # both runs released their leases
+    # The third run started a Ray instance of its own while another was up; Ray code inside
+    # its workers found its own instance.
+    assert "starting a local Ray instance" in logs[2]
+    assert not [log for log in logs if "multiple active Ray instances" in log]
+
+
+def session_processes(pgid: int) -> list[str]:
+    rows = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [row for row in rows if row.split(None, 1)[0] == str(pgid)]
+
+
+def test_ctrl_c_stops_a_run_within_ten_seconds_and_keeps_resumable_state(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    log = tmp_path / "log.txt"
+    proc = start(command("run", store, out, "models.baseline.epochs=50"), log)
+    deadline = time.time() + 300
+    while not list(store.glob("train/baseline-*/checkpoint_*")) and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    sent = time.time()
+    code = proc.wait(timeout=60)
+    assert time.time() - sent < 10, f"took {time.time() - sent:.1f} s"
+    assert code == 130
+    lines = log.read_text().splitlines()
+    # One line of ours (Ray's workers may still flush a progress bar around it), no traceback.
+    assert "interrupted: committed stages are kept; run the same command again to resume" in lines
+    assert not [line for line in lines if line.startswith("error:") or "Traceback" in line]
+    time.sleep(1)
+    assert session_processes(proc.pid) == []  # the run's Ray instance went with it
+
+    ref = json.loads((store / "refs" / "digits.json").read_text())
+    assert ref["status"] == "interrupted" and ref["keys"]["baseline"].startswith("baseline-")
+    assert list((store / "train").glob(f"baseline-{ref['keys']['baseline']}")), "resume state kept"
+    assert mid("cache", "verify", "--store", str(store)).returncode == 0  # nothing half-written is visible
+    dry = mid("cache", "gc", "--store", str(store), "--dry-run")
+    assert "would remove 0 items" in dry.stdout, dry.stdout  # the interrupted run keeps everything

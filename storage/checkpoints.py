@@ -6,14 +6,13 @@ weights can never be mistaken for the one a pool was generated against.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from storage import fs
 from storage.keys import sha256_bytes
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: `mid cache ls` needs none
+    import torch
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +33,8 @@ def checkpoint_url(root: str, key: str) -> str:
 
 def save_checkpoint(root: str, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """Write weights, then the manifest; a checkpoint without manifest is not committed."""
+    from safetensors.torch import save as save_safetensors
+
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     data = save_safetensors(tensors)
     url = checkpoint_url(root, key)
@@ -48,6 +49,8 @@ def read_manifest(root: str, key: str) -> dict[str, Any] | None:
 
 
 def load_checkpoint(root: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load as load_safetensors
+
     manifest = read_manifest(root, key)
     if manifest is None:
         raise FileNotFoundError(f"checkpoint {key} is not in store {root}")

@@ -163,3 +163,37 @@ def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
     assert any(k.endswith("model.safetensors") for k in student), stages["mid"]["key"]
     assert any(k.startswith("mid/results/") for k in keys)
     assert (out / "metrics" / "mid.jsonl").read_text().strip()
+
+
+def test_build_locks_on_s3_let_one_holder_in_at_a_time(s3_env, monkeypatch):
+    """The object-store lock (a renewed lease object): two contenders never overlap, and the
+    second is told it waits."""
+    import threading
+
+    import fsspec.config
+
+    from storage import locks
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, s3_env[name])
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_env["FSSPEC_S3_ENDPOINT_URL"]})
+    root = f"s3://{BUCKET}/locks-test"
+    inside, most, waited = [0], [0], []
+    guard = threading.Lock()
+
+    def contender() -> None:
+        with locks.build_lock(root, "pool-k", on_wait=lambda: waited.append(1)):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(1.5)
+            with guard:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=contender) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert most[0] == 1 and waited == [1]
+    assert not [k for k in list_bucket(s3_env) if k.startswith("locks-test/locks/")]  # released

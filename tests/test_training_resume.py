@@ -11,11 +11,14 @@ from the interrupted one (its ref, written when it started): the rerun still res
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 TINY = [
     "data.train_limit=1024", "data.test_limit=32", "eval.defenses=[None, MID]",
@@ -54,6 +57,24 @@ def cli_args(store: Path, out: Path) -> list[str]:
     return args
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A store with the dataset, baseline, teacher and pool of TINY, built once: both tests
+    are about MID's training, and each starts from a copy."""
+    store = tmp_path_factory.mktemp("prepared") / "store"
+    args = cli_args(store, store.parent / "out")
+    args[args.index("run")] = "pool"
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return store
+
+
+def copy_of(prepared: Path, tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(prepared, store)
+    return store
+
+
 def check_finished_run(store: Path, out: Path) -> list[dict]:
     history = [json.loads(line) for line in (out / "metrics" / "mid.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(8))  # every epoch once, none repeated
@@ -79,8 +100,8 @@ def collect_during_the_run(store: Path) -> None:
     assert "removed 0 items" in collected.stdout or "nothing to remove" in collected.stdout, collected.stdout
 
 
-def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
-    store, out = tmp_path / "store", tmp_path / "run"
+def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path, prepared):
+    store, out = copy_of(prepared, tmp_path), tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")
     proc = subprocess.Popen(cli_args(store, out), stdout=log, stderr=subprocess.STDOUT)
     killed = None
@@ -100,8 +121,8 @@ def test_killed_worker_resumes_from_last_epoch_checkpoint(tmp_path):
     check_finished_run(store, out)
 
 
-def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path):
-    store, out = tmp_path / "store", tmp_path / "run"
+def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path, prepared):
+    store, out = copy_of(prepared, tmp_path), tmp_path / "run"
     log = open(tmp_path / "log1.txt", "w")
     # Its own session: killing the group takes the driver and the Ray head it started.
     proc = subprocess.Popen(cli_args(store, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/mid run configs/digits.yaml --out $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -p no:cacheprovider -q tests
+	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 tests
 
 clean:
 	rm -rf runs store

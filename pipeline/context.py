@@ -58,7 +58,8 @@ def start_local_ray(num_cpus: int | None) -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read once, when the head node starts
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address},
+                              "worker_process_setup_hook": "workers.progress.quiet_local_ray_worker"})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT")

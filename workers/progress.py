@@ -27,5 +27,19 @@ def epoch_bar(desc: str, total: int, show: bool):
 
 def quiet_ray_train() -> None:
     """Ray Train logs every report() at INFO; the epoch bar already says it."""
-    for name in ("ray.train", "ray.train.v2"):
+    from ray.train.v2._internal.execution import context
+
+    # That module's logger is named by its file path, outside the "ray.train" hierarchy.
+    for name in ("ray.train", "ray.train.v2", context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_local_ray_worker() -> None:
+    """Worker set-up hook of a local Ray instance (started without a dashboard).
+
+    Ray Train's placement-group cleaner asks the State API, which needs the dashboard, once
+    a second whether the training controller lives; without one it logs a warning each time
+    (hundreds in the digits demo) and can do nothing else. On a local instance the driver's
+    exit takes the whole instance down anyway, so its warnings are noise: errors only.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

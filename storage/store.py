@@ -129,19 +129,23 @@ def adopt(url: str) -> str:
     return open_or_create(root) if where != "foreign" else _write_marker(root)
 
 
+def _check_run_location(root: str, where: str) -> None:
+    """A run may use a store, or a missing location or empty folder (it marks it); nothing else."""
+    if where == "store":
+        _check_marker(root)
+    elif where == "file":
+        raise StoreError(f"not a MID store: {root} (a file, not a folder)")
+    elif where == "foreign":
+        raise StoreError(f"not a MID store: {root} ({_foreign_hint(root)}); "
+                         f"choose a new or empty location for --store")
+
+
 def open_or_create(url: str) -> str:
     """The root of the store at ``url``, marking a new one (a missing location or an empty folder)."""
     root = check_url(url)
     where = describe_location(root)
-    if where == "store":
-        _check_marker(root)
-        return root
-    if where == "file":
-        raise StoreError(f"not a MID store: {root} (a file, not a folder)")
-    if where == "foreign":
-        raise StoreError(f"not a MID store: {root} ({_foreign_hint(root)}); "
-                         f"choose a new or empty location for --store")
-    return _write_marker(root)
+    _check_run_location(root, where)
+    return root if where == "store" else _write_marker(root)
 
 
 def _write_marker(root: str) -> str:
@@ -164,16 +168,10 @@ def probe_problems(url: str) -> list[str]:
 def _local_problems(root: str) -> list[str]:
     path = root.removeprefix("file://")
     if os.path.exists(path):
-        where = describe_location(root)
-        if where == "file":
-            return [f"not a MID store: {path} (a file, not a folder)"]
-        if where == "foreign":
-            return [f"not a MID store: {path} ({_foreign_hint(root)}); choose a new or empty location for --store"]
-        if where == "store":
-            try:
-                _check_marker(root)
-            except StoreError as e:
-                return [str(e)]
+        try:
+            _check_run_location(root, describe_location(root))
+        except StoreError as e:
+            return [str(e)]
         probe = os.path.join(path, f".write-probe.tmp-{uuid.uuid4().hex}")
         try:
             with open(probe, "wb") as f:
@@ -202,8 +200,9 @@ def _remote_problems(root: str) -> list[str]:
         filesystem, path = _probe_filesystem(root)
         bucket = path.split("/", 1)[0]
         filesystem.info(bucket)  # unlike exists(), raises when the endpoint does not answer
-        if filesystem.exists(path) and describe_location(root) in ("file", "foreign"):
-            return [f"not a MID store: {root} (objects there but no {MARKER_FILE}); choose a new or empty prefix"]
+        _check_run_location(root, describe_location(root))
+    except StoreError as e:
+        return [str(e)]
     except FileNotFoundError:
         return [f"store {root}: bucket {bucket!r} does not exist or is not visible with these credentials"]
     except Exception as e:  # every client library has its own errors; the one line names the store

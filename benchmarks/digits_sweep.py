@@ -1,9 +1,20 @@
-"""Single-process sweep on digits: white-box robustness of MID trained on a fixed pool,
-next to Madry PGD adversarial training (online attacks on the live model) as a reference.
+"""Single-process sweep on digits: robustness of MID trained on a fixed pool, next to Madry
+PGD adversarial training (online attacks on the live model) as a reference.
 
 Same models, attacks and MID step as the pipeline, without Ray, so settings can be
-compared in minutes. Prints one JSON line per run: None's row, the defense's row, the gap
-in average accuracy, and seconds on this machine.
+compared in minutes. Two evaluation protocols (``--protocols``, both by default):
+
+  source    every EVAL attack is crafted once, on the test split, against the fixed source
+            model (``--source``: the model MID's training pool is generated against),
+            quantized to uint8 inside the ε-ball like the pool (storage.pools.quantize), and
+            None and the defense are both scored on those same stored images: the paper's
+            Table 2 protocol. Not white-box: with ``--source baseline`` it is white-box for
+            None only (up to quantization), a transfer attack for the defense.
+  adaptive  white-box: every EVAL attack is crafted against each scored model itself.
+
+Targets of the targeted attacks are the same seeded random labels ≠ y in both protocols.
+Prints one JSON line per run: per protocol, None's row and the defense's row (benign, each
+attack, avg over benign and all attacks) and the gap defense avg − None avg; and seconds.
 
     python benchmarks/digits_sweep.py --eps 0.1 --epochs 40 --lr 1e-4 --variants 4
     python benchmarks/digits_sweep.py --eps 0.2 --mode madry --init random --epochs 30
@@ -42,6 +53,9 @@ def parse_args():
     p.add_argument("--variants", type=int, default=1, help="pool variants K; epoch e uses e mod K")
     p.add_argument("--source", choices=["baseline", "teacher"], default="teacher")
     p.add_argument("--init", choices=["teacher", "random"], default="teacher")
+    p.add_argument("--protocols", default="source,adaptive",
+                   help="comma-separated evaluation protocols: source (attacks crafted once against --source), "
+                        "adaptive (white-box, against each model)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
@@ -69,14 +83,41 @@ def accuracy(model, x, y) -> float:
         return 100.0 * (model(x).argmax(1) == y).float().mean().item()
 
 
+def finish_row(row: dict[str, float]) -> dict[str, float]:
+    row["avg"] = float(np.mean(list(row.values())))
+    return {k: round(v, 1) for k, v in row.items()}
+
+
 def robustness_row(model, x, y, settings) -> dict[str, float]:
+    """Adaptive (white-box) protocol: every attack crafted against ``model`` itself."""
     torch.manual_seed(5)
     row = {"benign": accuracy(model, x, y)}
     for name in EVAL:
         targets = random_targets(y, 10, torch.Generator().manual_seed(1))
         row[name] = accuracy(model, make_attack(name, settings).perturb(model, x, y, targets), y)
-    row["avg"] = float(np.mean(list(row.values())))
-    return {k: round(v, 1) for k, v in row.items()}
+    return finish_row(row)
+
+
+def source_attacks(source, x_u8, y, settings, eps) -> dict[str, torch.Tensor]:
+    """Source protocol: each attack crafted once against ``source``, stored as uint8 like the pool."""
+    torch.manual_seed(5)
+    x, stored = to_float(x_u8), {}
+    for name in EVAL:
+        targets = random_targets(y, 10, torch.Generator().manual_seed(1))
+        adv = make_attack(name, settings).perturb(source, x, y, targets)
+        stored[name] = to_float(torch.from_numpy(quantize(adv.numpy(), x_u8.numpy(), eps)))
+    return stored
+
+
+def stored_row(model, x, y, stored: dict[str, torch.Tensor]) -> dict[str, float]:
+    return finish_row({"benign": accuracy(model, x, y), **{name: accuracy(model, adv, y) for name, adv in stored.items()}})
+
+
+def source_model(args, baseline, teacher_model):
+    """The model the pool and the source protocol's attacks are crafted against."""
+    if args.source == "baseline":
+        return baseline
+    return EncoderClassifier(teacher_model.encoder, teacher_model.classifier).eval()
 
 
 def madry(args, spec, teacher_model, images, labels, settings):
@@ -101,8 +142,7 @@ def madry(args, spec, teacher_model, images, labels, settings):
     return model.eval()
 
 
-def mid(args, spec, baseline, teacher_model, images, labels, settings):
-    source = baseline if args.source == "baseline" else EncoderClassifier(teacher_model.encoder, teacher_model.classifier).eval()
+def mid(args, spec, source, teacher_model, images, labels, settings):
     pools = []
     for k in range(args.variants):  # generated once, ahead of training, like the pipeline's pool
         torch.manual_seed(1000 + k)
@@ -136,6 +176,10 @@ def mid(args, spec, baseline, teacher_model, images, labels, settings):
 
 def main():
     args = parse_args()
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = set(protocols) - {"source", "adaptive"}
+    if unknown or not protocols:
+        raise SystemExit(f"--protocols: unknown {sorted(unknown)} (allowed: source, adaptive)")
     torch.set_num_threads(args.threads)
     step = 2.5 * args.eps / args.steps
     settings = {"PGD": {"eps": args.eps, "nb_iter": args.steps, "eps_iter": step, "rand_init": True},
@@ -144,18 +188,32 @@ def main():
                 "BIM": {"eps": args.eps, "nb_iter": args.steps, "eps_iter": step}}
     raw = load_digits(0.2, seed=0)
     images, labels = torch.from_numpy(resize_images(raw.train_images, args.size)), torch.from_numpy(raw.train_labels)
-    test_x, test_y = to_float(torch.from_numpy(resize_images(raw.test_images, args.size))), torch.from_numpy(raw.test_labels)
+    test_u8, test_y = torch.from_numpy(resize_images(raw.test_images, args.size)), torch.from_numpy(raw.test_labels)
+    test_x = to_float(test_u8)
     spec = ModelSpec("lenet", 1, args.size, 10)
     torch.manual_seed(0)
     baseline = train_plain(build_classifier_model(spec), images, labels, 30)
     teacher_model = train_plain(build_teacher(spec), images, labels, 40, teacher=True)
+    source = source_model(args, baseline, teacher_model)
     start = time.perf_counter()
-    train = madry if args.mode == "madry" else lambda *a: mid(args, spec, baseline, *a[2:])
+    train = madry if args.mode == "madry" else lambda *a: mid(args, spec, source, *a[2:])
     defended = train(args, spec, teacher_model, images, labels, settings)
     seconds = time.perf_counter() - start
-    none_row, defended_row = robustness_row(baseline, test_x, test_y, settings), robustness_row(defended, test_x, test_y, settings)
-    print(json.dumps({"args": vars(args), "None": none_row, args.mode: defended_row,
-                      "gap": round(defended_row["avg"] - none_row["avg"], 1), "train_seconds": round(seconds, 1)}))
+    result = {"args": vars(args)}
+    for protocol in protocols:
+        begin = time.perf_counter()
+        if protocol == "source":
+            stored = source_attacks(source, test_u8, test_y, settings, args.eps)
+            none_row, defended_row = (stored_row(m, test_x, test_y, stored) for m in (baseline, defended))
+        else:
+            none_row, defended_row = (robustness_row(m, test_x, test_y, settings) for m in (baseline, defended))
+        result[protocol] = {"None": none_row, args.mode: defended_row,
+                            "gap": round(defended_row["avg"] - none_row["avg"], 1),
+                            "seconds": round(time.perf_counter() - begin, 1)}
+        if protocol == "source":
+            result[protocol]["against"] = args.source
+    result["train_seconds"] = round(seconds, 1)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def ls(url: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps([e.as_dict() for e in entries], indent=2))
     elif entries:
-        print(f"{'KIND':<10} {'KEY':<34} {'ATTACK':<7} {'SAMPLES':>8} {'SIZE':>10} {'COMPLETE':<8} CREATED")
+        print(f"{'KIND':<10} {'KEY':<34} {'ATTACK':<7} {'SPLIT':<5} {'SAMPLES':>8} {'SIZE':>10} {'COMPLETE':<8} CREATED")
         for e in entries:
-            print(f"{e.kind:<10} {e.key:<34} {e.attack or '-':<7} {e.samples if e.samples is not None else '-':>8} "
+            print(f"{e.kind:<10} {e.key:<34} {e.attack or '-':<7} {e.split or '-':<5} "
+                  f"{e.samples if e.samples is not None else '-':>8} "
                   f"{_size(e.bytes):>10} {str(e.complete).lower():<8} {_when(e.created)}")
     kinds = Counter(e.kind for e in entries)
     parts = ", ".join(_plural(kinds[k], k) for k in ("dataset", "checkpoint", "pool", "results") if kinds[k])

@@ -10,7 +10,10 @@ DESCRIPTION = """\
 Meta Invariance Defense, end to end on Ray: ingest a dataset, train a baseline and a
 teacher, generate the attacker pool once (cached, content-addressed), meta-train the
 student on the cached pool, train the adversarial-training baselines (AT, TRADES), and
-evaluate every defense under known and unknown attacks.
+evaluate every defense under known and unknown attacks, under three protocols:
+source (attacks crafted once against the fixed model the pool came from, the paper's
+Table 2), transfer (against an independently trained substitute, Table 3) and adaptive
+(against each defense itself, white-box).
 
 Every stage's output is keyed by a hash of its inputs and settings, so a second run
 reuses what exists: only what changed is recomputed.
@@ -55,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "--set (e.g. 'fast' in configs/mnist.yaml)")
         return p
 
-    run = with_config("run", "run every stage and write the robustness report")
+    run = with_config("run", "run every stage and write the robustness report (one table per protocol: "
+                             "source, transfer, adaptive)")
     run.add_argument("--out", default=None, metavar="DIR",
-                     help="the run's output folder for report.md, results.json, metrics "
-                          "(default: runs/<config name>)")
+                     help="the run's output folder for report.md, report.html, results.json, the charts, "
+                          "metrics and logs (default: runs/<config name>)")
     pool = with_config("pool", "run the stages up to the attacker pool (ingest, baseline, teacher, pool)")
     pool.add_argument("--out", default=None, metavar="DIR", help="the run's output folder (default: runs/<name>)")
+    for p in (run, pool):
+        p.add_argument("--verbose", action="store_true",
+                       help="show Ray's own output (worker logs, Ray Data and Ray Train lines) on the terminal; "
+                            "by default it goes to OUT/logs/ray.log")
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
                             "runs nothing")
 
@@ -125,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
         store = cfg.store.url
         if args.command == "pool":
-            driver.run_pool(cfg, out_dir)
+            driver.run_pool(cfg, out_dir, args.verbose)
         else:
-            driver.run(cfg, out_dir)
+            driver.run(cfg, out_dir, args.verbose)
         return 0
     except KeyboardInterrupt:
         print("interrupted: committed stages are kept; run the same command again to resume", file=sys.stderr)

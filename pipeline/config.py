@@ -103,6 +103,10 @@ class TradesConfig(AdversarialTrainConfig):
     beta: float = Field(6.0, ge=0.0, description="weight of the KL robustness term (TRADES' 1/λ)")
 
 
+class SubstituteConfig(TrainConfig):
+    seed: int = Field(1, ge=0, description="its own seed; must differ from the run's seed")
+
+
 class ModelsConfig(Section):
     arch: Literal["lenet"] = "lenet"
     feature_dim: PositiveInt = 84
@@ -111,6 +115,8 @@ class ModelsConfig(Section):
     teacher: TeacherConfig = TeacherConfig(epochs=30)
     at: AdversarialTrainConfig = Field(AdversarialTrainConfig(), description="Madry PGD adversarial training (row AT)")
     trades: TradesConfig = Field(TradesConfig(), description="TRADES (row TRADES)")
+    substitute: SubstituteConfig = Field(
+        SubstituteConfig(), description="the transfer protocol's plain classifier, trained independently")
 
 
 class MIMSettings(Section):
@@ -130,6 +136,33 @@ class BIMSettings(Section):
     eps_iter: PositiveFloat = 0.05
 
 
+class CWSettings(Section):
+    """Carlini-Wagner L2 (not ε-bounded). Defaults: the authors' code. At learning_rate 0.01
+    few MNIST pixels move (the success rate under each table shows it); 0.1 succeeds."""
+
+    max_iterations: PositiveInt = 500
+    binary_search_steps: PositiveInt = 4
+    confidence: float = Field(1.0, ge=0.0)
+    initial_const: PositiveFloat = 1.0
+    learning_rate: PositiveFloat = 0.01
+
+
+class JSMASettings(Section):
+    """Jacobian saliency map attack (targeted, L0; not ε-bounded). Very slow on 784 pixels:
+    give it a subset (eval.subset)."""
+
+    theta: float = Field(1.0, gt=0.0, le=1.0, description="change per chosen pixel")
+    gamma: float = Field(1.0, gt=0.0, le=1.0, description="largest share of pixels changed")
+    chunk: PositiveInt = Field(16, description="samples per call (memory grows as chunk × pixels²)")
+
+
+class AutoAttackSettings(Section):
+    eps: PositiveFloat = Field(0.3, le=1.0)
+    version: Literal["standard", "fast"] = Field(
+        "standard", description="standard: ART's closest set to the original; fast: fewer iterations, untargeted")
+    batch_size: PositiveInt = 128
+
+
 class AttackSettings(Section):
     """Settings per attack family; ``_N`` and ``_T`` variants of a family share them."""
 
@@ -137,9 +170,27 @@ class AttackSettings(Section):
     MIM: MIMSettings = MIMSettings()
     FGSM: FGSMSettings = FGSMSettings()
     BIM: BIMSettings = BIMSettings()
+    CW: CWSettings = CWSettings()
+    JSMA: JSMASettings = JSMASettings()
+    AA: AutoAttackSettings = AutoAttackSettings()
+    target: str | int = Field(
+        "random", description="targets of _T attacks: random (a seeded label ≠ y, stored) or one label for "
+                                    "every sample (the authors' code: 0)")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _random_or_a_label(cls, v: Any) -> Any:
+        if v == "random" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"{v!r} is not allowed (allowed: random, or a class label 0, 1, ...)")
 
     def family_settings(self) -> dict[str, dict[str, Any]]:
         return {family: getattr(self, family).model_dump() for family in FAMILIES}
+
+    def linf_eps(self, attack: str) -> float | None:
+        """ε of an L∞ attack; None for CW (L2) and JSMA (L0)."""
+        family, _ = parse_attack_name(attack)
+        return getattr(getattr(self, family), "eps", None)
 
 
 def _check_attack_names(names: list[str]) -> list[str]:
@@ -195,13 +246,42 @@ class MIDConfig(Section):
     bf16: bool = Field(False, description="autocast forward passes to bfloat16 (GPU workers, ray.use_gpu)")
 
 
+PROTOCOLS = ("source", "transfer", "adaptive")
+
+
 class EvalConfig(Section):
     defenses: list[Literal["None", "AT", "TRADES", "MID"]] = Field(
         ["None", "AT", "MID"], description="rows of the table, in order")
     known: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
-    unknown: list[str] = ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
+    unknown: list[str] = ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T", "CW_N", "CW_T", "AA_N", "JSMA_T"]
+    protocols: list[Literal["source", "transfer", "adaptive"]] = Field(
+        list(PROTOCOLS), description="source: attacks crafted once against eval.source_model (the paper's Table 2); "
+                                     "transfer: against models.substitute (Table 3); adaptive: against each defense")
+    source_model: Literal["pool", "baseline", "teacher"] = Field(
+        "pool", description="the source protocol's model; pool: the one the training pool was generated against")
+    adaptive_attacks: list[str] | None = Field(
+        None, description="attacks of the adaptive table (default: all); the others show as not run")
+    subset: dict[str, PositiveInt] = Field(
+        {}, description="attack -> samples of a seeded subset of the test split it runs on (for slow attacks)")
     batch_size: PositiveInt = 256
     num_actors: PositiveInt = 2
+
+    @field_validator("protocols")
+    @classmethod
+    def _some_protocols(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"needs at least one protocol and no repeats, got {v}")
+        return v
+
+    @field_validator("adaptive_attacks", "subset")
+    @classmethod
+    def _attacks_of_the_table(cls, v, info: ValidationInfo):
+        table = [*info.data.get("known", []), *info.data.get("unknown", [])]
+        for name in v or []:
+            if name not in table:
+                raise ValueError(f"{name!r} is not an attack of the table (eval.known + eval.unknown: "
+                                 f"{', '.join(table)})")
+        return v
 
     @field_validator("defenses")
     @classmethod
@@ -272,8 +352,8 @@ class RunConfig(Section):
         if self.pool.encoding == "int8_delta":
             for attack in self.pool.attacks:
                 family, _ = parse_attack_name(attack)
-                eps = getattr(self.attacks, family).eps
-                if eps > INT8_MAX_EPS * self.pool.delta_step:
+                eps = self.attacks.linf_eps(attack)  # CW and JSMA pools are always stored as uint8 images
+                if eps is not None and eps > INT8_MAX_EPS * self.pool.delta_step:
                     raise ValueError(f"pool.encoding: int8_delta holds deltas up to 127/255, but "
                                      f"attacks.{family}.eps is {eps}; use pool.encoding: uint8")
         return self
@@ -287,6 +367,13 @@ class RunConfig(Section):
                 first = e.errors()[0]
                 where = ".".join(["models", kind, "attack", *(str(p) for p in first["loc"])])
                 raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _substitute_is_independent(self):
+        if "transfer" in self.eval.protocols and self.models.substitute.seed == self.seed:
+            raise ValueError(f"models.substitute.seed: {self.seed} is the run's seed; the transfer protocol's "
+                             f"substitute must be trained independently of the baseline (another seed)")
         return self
 
     def training_attack(self, kind: str) -> PGDSettings:

@@ -70,9 +70,10 @@ def start_local_ray(num_cpus: int | None) -> None:
 class RunContext:
     """One run on one store; use it as a context manager so its ref and lease are closed."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, ref_name: str | None = None):
+    def __init__(self, cfg: RunConfig, out_dir: Path, ref_name: str | None = None, verbose: bool = False):
         self.cfg = cfg
         self.out_dir = out_dir
+        self.verbose = verbose  # Ray's own output on the terminal, not only in OUT/logs/ray.log
         # A relative local path becomes absolute: Ray workers do not share the driver's
         # working directory. Nothing is touched until the run opens the store.
         self.root = store_location.check_url(cfg.store.url)
@@ -157,6 +158,11 @@ class RunContext:
         import ray.data
 
         if not ray.is_initialized():
+            if not self.verbose:
+                from pipeline.console import LOG_NAME, route_ray_output
+
+                route_ray_output(self.out_dir / "logs" / LOG_NAME)
+                self.say(f"Ray's own output goes to {self.out_dir / 'logs' / LOG_NAME} (--verbose shows it here)")
             # `ray job submit` sets RAY_ADDRESS: join that cluster instead of starting one.
             address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
             if address is None:
@@ -165,6 +171,10 @@ class RunContext:
             else:
                 self.say(f"joining Ray at {address}")
                 ray.init(address=address, log_to_driver=True)
+            if not self.verbose:
+                from pipeline.console import route_worker_lines
+
+                route_worker_lines()
         ray.data.DataContext.get_current().enable_progress_bars = False
         self._ray_started = True
 

@@ -1,4 +1,5 @@
-"""One run, stage after stage: ingest → baseline, teacher → pool → mid, AT, TRADES → eval → report."""
+"""One run, stage after stage: ingest → baseline, teacher → pool → mid, AT, TRADES → stored test
+attacks (source, substitute → transfer) → eval → report."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def prepare_pool(ctx: RunContext):
     return dataset, baseline, teacher, pool_keys
 
 
-def run_pool(cfg: RunConfig, out_dir: Path) -> dict[str, str]:
+def run_pool(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, str]:
     """The stages up to the pool; the store keeps them under the ref ``<name>-pool``."""
-    with RunContext(cfg, out_dir, ref_name=f"{cfg.name}-pool") as ctx:
+    with RunContext(cfg, out_dir, ref_name=f"{cfg.name}-pool", verbose=verbose) as ctx:
         _, _, _, pool_keys = prepare_pool(ctx)
     for name, rec in ctx.stages.items():
         print(f"{name:<9} {rec.key:<34} {'cached' if rec.cache_hit else 'built':<7} {rec.seconds:8.1f} s")
@@ -33,11 +34,37 @@ def classifier_row(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "classifier", "key": manifest["key"], "sha256": manifest["sha256"]}
 
 
-def run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
     """Every stage; the store keeps what the run used under the ref ``<name>``, from its start
     (so an interrupted run keeps its outputs and resume state) until a later run replaces it."""
-    with RunContext(cfg, out_dir) as ctx:
+    with RunContext(cfg, out_dir, verbose=verbose) as ctx:
         return run_stages(ctx)
+
+
+def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tuple[dict, dict]:
+    """The test pools of the source and transfer protocols ({protocol: {attack: key}}) and,
+    per protocol, what its attacks were crafted against."""
+    e = ctx.cfg.eval
+    stored, meta = {}, {}
+    if "source" in e.protocols:
+        kind = ctx.cfg.pool.source_model if e.source_model == "pool" else e.source_model
+        stored["source"] = pool.run_test_attacks(ctx, dataset, "source", kind, trained[kind])
+        meta["source"] = {"model": {"kind": kind, "key": trained[kind]["key"], "sha256": trained[kind]["sha256"]},
+                          "attacks": ctx.stages["attacks-source"].details["attacks"]}
+    if "transfer" in e.protocols:
+        substitute = trained["substitute"] = models.run(ctx, dataset, "substitute")
+        stored["transfer"] = pool.run_test_attacks(ctx, dataset, "transfer", "substitute", substitute)
+        meta["transfer"] = {"model": {"kind": "substitute", "key": substitute["key"], "sha256": substitute["sha256"],
+                                      "seed": ctx.cfg.models.substitute.seed},
+                            "attacks": ctx.stages["attacks-transfer"].details["attacks"]}
+    if "adaptive" in e.protocols:
+        meta["adaptive"] = {"attacks": {}}
+    if "AA_N" in e.attacks:
+        from workers.attacks.autoattack import VERSIONS
+
+        for p in meta:
+            meta[p]["autoattack"] = f"{ctx.cfg.attacks.AA.version}: {VERSIONS[ctx.cfg.attacks.AA.version]}"
+    return stored, meta
 
 
 def run_stages(ctx: RunContext) -> dict[str, Any]:
@@ -56,12 +83,12 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
             kind = row.lower()
             trained[kind] = models.run(ctx, dataset, kind)
             defenses[row] = classifier_row(trained[kind])
+    stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])
-    results = evaluate.run(ctx, dataset, defenses)
-    table = {name: results[name] for name in defenses}  # the table's row order, not the JSON's
+    tables = evaluate.run(ctx, dataset, defenses, stored)
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    printed = report.write(out_dir, cfg.name, table, stages, cfg.eval.known, cfg.eval.unknown)
+    printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown)
     print(printed, flush=True)
-    ctx.say(f"wrote {out_dir / 'report.md'} and {out_dir / 'results.json'}")
-    return {"defenses": table, "stages": stages}
+    ctx.say(f"wrote {out_dir / 'report.md'}, report.html, results.json and the charts")
+    return {"protocols": tables, "stages": stages}

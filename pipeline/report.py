@@ -1,32 +1,172 @@
-"""The paper's table layout: rows = defenses, columns = Benign, each attack, Avg."""
+"""The report: one table per protocol in the paper's layout (rows = defenses; columns =
+Benign, each known attack, each unknown attack, the averages over known, unknown and all),
+each saying what its attacks were crafted against; a grouped bar chart per protocol.
+
+Writes ``report.md``, ``results.json``, ``report.html`` (self-contained: tables and charts
+inline, opens in a browser with no server) and ``<protocol>.png``.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+TITLES = {"source": "Source protocol (the paper's Table 2)",
+          "transfer": "Transfer protocol (the paper's Table 3)",
+          "adaptive": "Adaptive protocol (white-box)"}
+
+
+def crafted_against(protocol: str, meta: dict[str, Any]) -> str:
+    """The table's one line saying what its attacks were crafted against."""
+    if protocol == "source":
+        return (f"Attacks crafted once against the fixed {meta['model']['kind']} "
+                f"(`{meta['model']['key']}`) and fed to every defense: grey-box, not white-box.")
+    if protocol == "transfer":
+        return (f"Attacks crafted once against a substitute, a plain classifier of the same architecture trained "
+                f"independently (seed {meta['model']['seed']}, `{meta['model']['key']}`), and fed to every defense: "
+                f"black-box transfer.")
+    return "Attacks crafted against each defense itself, end to end (MID: the teacher's classifier on the " \
+           "student's features): white-box."
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def summarize(row: dict[str, Any], known: list[str], unknown: list[str]) -> dict[str, Any]:
+    """A row with its averages; an attack not run under the protocol (None) is left out of them."""
+    ran = {a: v for a, v in row["attacks"].items() if v is not None}
+    return {**row, "avg_known": _mean([ran[a] for a in known if a in ran]),
+            "avg_unknown": _mean([ran[a] for a in unknown if a in ran]),
+            "avg": _mean([row["benign"], *ran.values()])}  # the paper's Avg: benign and every attack
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def columns(known: list[str], unknown: list[str]) -> list[str]:
+    return ["Benign", *known, *unknown, "Avg known", "Avg unknown", "Avg"]
+
+
+def row_cells(row: dict[str, Any], known: list[str], unknown: list[str]) -> list[str]:
+    return [_cell(v) for v in [row["benign"], *(row["attacks"][a] for a in [*known, *unknown]),
+                               row["avg_known"], row["avg_unknown"], row["avg"]]]
+
 
 def markdown_table(defenses: dict[str, Any], known: list[str], unknown: list[str]) -> str:
-    columns = ["Benign", *known, *unknown, "Avg"]
-    header = "| Defense | " + " | ".join(columns) + " |"
-    groups = "| | " + " | ".join([""] + ["known"] * len(known) + ["unknown"] * len(unknown) + [""]) + " |"
-    rule = "|---|" + "|".join(["---:"] * len(columns)) + "|"
-    rows = []
-    for name, row in defenses.items():
-        cells = [row["benign"], *(row["attacks"][a] for a in [*known, *unknown]), row["avg"]]
-        rows.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    return "\n".join([header, rule, groups.replace("| | ", "| *attack* | ", 1), *rows])
+    cols = columns(known, unknown)
+    lines = ["| Defense | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|",
+             "| *attack* | | " + " | ".join(["known"] * len(known) + ["unknown"] * len(unknown)) + " | | | |"]
+    lines += [f"| {name} | " + " | ".join(row_cells(row, known, unknown)) + " |" for name, row in defenses.items()]
+    return "\n".join(lines)
 
 
-def write(out_dir: Path, name: str, defenses: dict[str, Any], stages: dict[str, Any],
-          known: list[str], unknown: list[str]) -> str:
+def notes(protocol: str, meta: dict[str, Any], defenses: dict[str, Any], known: list[str],
+          unknown: list[str]) -> list[str]:
+    """What a reader needs to read the table right: subsets, each stored attack's success
+    against the model it was crafted on, which AutoAttack ran, label leaking."""
+    out = []
+    attacks = meta.get("attacks", {})
+    if attacks:
+        rates = ", ".join(f"{a} {attacks[a]['success_rate_stored']:.1f}" for a in [*known, *unknown] if a in attacks)
+        out.append(f"Success rate (%) of each stored attack against the model it was crafted on: {rates}.")
+    samples = next(iter(defenses.values()))["samples"]
+    total = samples["benign"]
+    partial = [f"{a} on {samples[a]}" for a in [*known, *unknown] if samples.get(a, total) < total]
+    if partial:
+        out.append(f"Seeded subsets of the {total} test samples (eval.subset): " + ", ".join(partial) + ".")
+    skipped = [a for a in [*known, *unknown] if next(iter(defenses.values()))["attacks"][a] is None]
+    if skipped:
+        out.append(f"Not run under this protocol (eval.adaptive_attacks): {', '.join(skipped)}.")
+    if meta.get("autoattack"):
+        out.append(f"AA_N: {meta['autoattack']}.")
+    if protocol != "adaptive":
+        leaks = [f"{d} {a} {row['attacks'][a]:.1f} > {row['benign']:.1f}" for d, row in defenses.items()
+                 for a in known if row["attacks"][a] is not None and row["attacks"][a] > row["benign"]]
+        if leaks:
+            out.append("Accuracy above benign under a known attack (" + "; ".join(leaks) + "): the defense learned "
+                       "the fixed model's perturbations, which carry the true label (label leaking); the "
+                       "adaptive table shows what remains against attacks on the defense itself.")
+    return out
+
+
+def plot(path: Path, title: str, defenses: dict[str, Any], known: list[str], unknown: list[str]) -> None:
+    # matplotlib writes a font cache on first import; keep it out of the user's home and OUT.
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "mid-matplotlib"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["Benign", *known, *unknown]
+    width = 0.8 / len(defenses)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(labels) * max(1, len(defenses) / 2)), 3.6))
+    for i, (name, row) in enumerate(defenses.items()):
+        values = [row["benign"], *(row["attacks"][a] for a in [*known, *unknown])]
+        xs = [j + (i - (len(defenses) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
+               width, label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.axvline(len(known) + 0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(ncol=len(defenses), fontsize="small", loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _html_table(defenses: dict[str, Any], known: list[str], unknown: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["Defense", *columns(known, unknown)])
+    rows = "".join("<tr><th>" + html.escape(name) + "</th>" + "".join(f"<td>{c}</td>" for c in
+                   row_cells(row, known, unknown)) + "</tr>" for name, row in defenses.items())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _stages_md(stages: dict[str, Any]) -> list[str]:
+    lines = ["## Stages", "", "| stage | key | cache hit | seconds |", "|---|---|---|---:|"]
+    return lines + [f"| {s} | `{r['key']}` | {r['cache_hit']} | {r['seconds']:.1f} |" for s, r in stages.items()]
+
+
+def write(out_dir: Path, name: str, protocols: dict[str, dict[str, Any]], meta: dict[str, dict[str, Any]],
+          stages: dict[str, Any], known: list[str], unknown: list[str]) -> str:
+    """``protocols``: {protocol: {defense: row}}; ``meta``: {protocol: what its attacks were
+    crafted against and their success rates}. Returns the tables as printed on the console."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(defenses, known, unknown)
-    lines = [f"# MID robustness report: {name}", "",
-             "White-box accuracy (%) on the test split; every attack runs against the defended model itself.",
-             "", table, "", "## Stages", "", "| stage | key | cache hit | seconds |", "|---|---|---|---:|"]
-    lines += [f"| {s} | `{r['key']}` | {r['cache_hit']} | {r['seconds']:.1f} |" for s, r in stages.items()]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"defenses": defenses, "stages": stages}, indent=2) + "\n")
-    return table
+    summary = {p: {d: summarize(row, known, unknown) for d, row in rows.items()} for p, rows in protocols.items()}
+    md = [f"# MID robustness report: {name}", "",
+          "Accuracy (%) on the test split, one table per protocol; the averages are over the known attacks, the "
+          "unknown ones, and benign with every attack (the paper's Avg).", ""]
+    console, body = [], []
+    for p, rows in summary.items():
+        table = markdown_table(rows, known, unknown)
+        lines = [crafted_against(p, meta[p]), *notes(p, meta[p], rows, known, unknown)]
+        plot(out_dir / f"{p}.png", TITLES[p], rows, known, unknown)
+        md += [f"## {TITLES[p]}", "", *lines[:1], "", table, "", *(f"- {n}" for n in lines[1:]), "",
+               f"![{p}]({p}.png)", ""]
+        console += [f"{TITLES[p]}: {lines[0]}", table, *lines[1:], ""]
+        image = base64.b64encode((out_dir / f"{p}.png").read_bytes()).decode()
+        body.append(f"<h2>{html.escape(TITLES[p])}</h2><p>{html.escape(lines[0])}</p>"
+                    + _html_table(rows, known, unknown)
+                    + "".join(f"<p class=note>{html.escape(n)}</p>" for n in lines[1:])
+                    + f'<img alt="{p}" src="data:image/png;base64,{image}">')
+    md += _stages_md(stages)
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    results = {"protocols": {p: {"defenses": rows, **meta[p]} for p, rows in summary.items()},
+               "known": known, "unknown": unknown, "stages": stages}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}.note{color:#444;font-size:90%}"
+             "img{max-width:100%}")
+    (out_dir / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset=utf-8><title>MID report: {html.escape(name)}</title>"
+        f"<style>{style}</style></head><body><h1>MID robustness report: {html.escape(name)}</h1>"
+        + "".join(body) + "</body></html>\n")
+    return "\n".join(console).rstrip()

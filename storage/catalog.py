@@ -29,6 +29,7 @@ class Entry:
     bytes: int
     created: float | None
     attack: str | None = None
+    split: str | None = None  # a pool's split: train (a training pool) or test (a stored test attack)
     samples: int | None = None
     problem: str | None = None  # metadata that cannot be read: the entry cannot be trusted
 
@@ -80,7 +81,7 @@ def _describe(root: str, kind: str, key: str) -> Entry:
     manifest = pools.read_manifest(root, key) or {}
     attrs = pools.read_attrs(root, key)
     return Entry(kind, key, bool(manifest.get("complete")), _bytes(url), attrs.get("created"),
-                 attack=attrs.get("attack"), samples=attrs.get("num_samples"))
+                 attack=attrs.get("attack"), split=attrs.get("split"), samples=attrs.get("num_samples"))
 
 
 @dataclass

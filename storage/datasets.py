@@ -117,3 +117,17 @@ class DatasetReader:
     def load(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         stop = self.num_samples(split) if stop is None else stop
         return self.images(split)[start:stop], self.labels(split)[start:stop]
+
+    def load_indices(self, split: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of the samples ``indices`` (sorted reads stay chunk-local)."""
+        selection = (np.asarray(indices, dtype=np.int64),)
+        return (self.images(split).get_orthogonal_selection(selection),
+                self.labels(split).get_orthogonal_selection(selection))
+
+
+def subset_indices(num_samples: int, size: int | None, seed: int) -> list[int] | None:
+    """A seeded subset of ``size`` samples of a split, sorted; None means the whole split."""
+    if size is None or size >= num_samples:
+        return None
+    chosen = np.random.default_rng(seed).choice(num_samples, size=size, replace=False)
+    return sorted(int(i) for i in chosen)

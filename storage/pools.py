@@ -77,17 +77,18 @@ def ball_radius(eps: float) -> int:
     return int(np.floor(eps * 255 + 1e-6))
 
 
-def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float, step: int = 1) -> np.ndarray:
+def quantize(adv: np.ndarray, clean_u8: np.ndarray, eps: float | None, step: int = 1) -> np.ndarray:
     """Round an adversarial float image to uint8 and project it back into the ε-ball.
 
     The delta against the clean image is rounded to a multiple of ``step`` grey levels
     (1: plain uint8 rounding; larger steps trade exactness for size, and the pool records
     the attack's success before and after). Rounding alone can leave the ball (ε = 0.3 is
     76.5/255), so the delta is clipped to the largest multiple of ``step`` inside it, then,
-    staying on the grid, to the valid pixel range.
+    staying on the grid, to the valid pixel range. An attack that is not L∞-bounded (CW, JSMA:
+    ``eps`` None) is only rounded and kept in range.
     """
     clean = clean_u8.astype(np.int32)
-    limit = ball_radius(eps) // step
+    limit = 255 if eps is None else ball_radius(eps) // step
     code = np.clip(np.rint((adv.astype(np.float64) * 255.0 - clean) / step), -limit, limit)
     code = np.clip(code, np.ceil(-clean / step), np.floor((255 - clean) / step))
     return (clean + code.astype(np.int32) * step).astype(np.uint8)
@@ -160,16 +161,20 @@ def _chunk_hashes(stored: np.ndarray) -> list[str]:
     return [sha256_bytes(np.ascontiguousarray(chunk).tobytes()) for chunk in stored]
 
 
-def write_shard(root: str, key: str, *, shard: int, start: int, stop: int, eps: float,
+def write_shard(root: str, key: str, *, shard: int, start: int, stop: int, eps: float | None,
                 adv_u8: np.ndarray, clean_u8: np.ndarray, targets: np.ndarray,
                 stats: dict[str, Any]) -> dict[str, Any]:
-    """Check, encode and write one shard (all variants), then commit it."""
+    """Check, encode and write one shard (all variants), then commit it.
+
+    L∞ attacks are checked against their ε-ball; every attack is checked for an exact round
+    trip through the encoding (uint8 itself keeps pixels in range)."""
     if adv_u8.shape[1] != stop - start:
         raise ValueError(f"shard {shard}: {adv_u8.shape[1]} samples for range [{start}, {stop})")
     group = zarr.open_group(fs.zarr_store(pool_url(root, key)), mode="r+")
     encoding = group.attrs["encoding"]
     for variant in adv_u8:
-        check_invariants(variant, clean_u8, eps)
+        if eps is not None:
+            check_invariants(variant, clean_u8, eps)
     kind, step = encoding["kind"], encoding.get("step", 1)
     stored = np.stack([encode(v, clean_u8, kind, step) for v in adv_u8])
     if not all(np.array_equal(decode(s, clean_u8, kind, step), v) for s, v in zip(stored, adv_u8)):
@@ -270,6 +275,12 @@ class PoolReader:
     def encoding(self) -> str:
         return self.attrs["encoding"]["kind"]
 
+    def sample_indices(self, start: int, stop: int) -> np.ndarray:
+        """Indices in the dataset split of the pool's samples [start, stop): a pool of a seeded
+        subset of the split (``attrs["indices"]``) holds them in that order."""
+        indices = self.attrs.get("indices")
+        return np.arange(start, stop) if indices is None else np.asarray(indices[start:stop], dtype=np.int64)
+
     def committed_ranges(self) -> list[tuple[int, int]]:
         return [(r["start"], r["stop"]) for _, r in sorted(self.committed.items())]
 
@@ -287,5 +298,6 @@ class PoolReader:
         stored = self.group[array][variant % self.variants, start:stop]
         if self.encoding == "int8_delta" and clean_u8 is None:
             dataset = DatasetReader.open(self.root, self.attrs["dataset_key"])
-            clean_u8 = dataset.images(self.attrs["split"])[start:stop]
+            clean_u8 = dataset.images(self.attrs["split"]).get_orthogonal_selection(
+                (self.sample_indices(start, stop),))
         return decode(stored, clean_u8, self.encoding, self.attrs["encoding"].get("step", 1))

@@ -1,14 +1,18 @@
-"""White-box evaluation: every attack runs against each defended model itself."""
+"""Evaluation actors: accuracy of each defense on clean test images, on stored test attacks
+(the source and transfer protocols: images crafted once against a fixed model), and under
+attacks crafted against the defense itself (the adaptive protocol)."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from storage.datasets import DatasetReader
-from workers.attacks import make_attack, random_targets
+from storage.pools import PoolReader
+from workers.attacks import make_attack, make_targets
 from workers.loading import load_classifier, load_defended
 from workers.models import to_float
 
@@ -18,11 +22,13 @@ def batch_seed(seed: int, attack: str, start: int) -> int:
 
 
 class Evaluator:
-    """Holds the test split and every defense's model; evaluates one batch per call."""
+    """Holds every defense's model; scores one batch per call."""
 
     def __init__(self, root: str, dataset_key: str, defenses: dict[str, dict[str, str]],
-                 family_settings: dict[str, dict[str, Any]], num_classes: int, seed: int, threads: int = 1):
+                 family_settings: dict[str, dict[str, Any]], num_classes: int, seed: int,
+                 target: str | int = "random", threads: int = 1):
         torch.set_num_threads(threads)
+        self.root = root
         self.dataset = DatasetReader.open(root, dataset_key)
         self.models = {}
         for name, spec in defenses.items():
@@ -34,17 +40,41 @@ class Evaluator:
         self.family_settings = family_settings
         self.num_classes = num_classes
         self.seed = seed
+        self.target = target
+        self.pools: dict[str, PoolReader] = {}
 
-    def evaluate(self, defense: str, attack_name: str | None, start: int, stop: int) -> dict[str, Any]:
-        """Correct predictions on test samples [start, stop), clean or under one attack."""
-        model = self.models[defense]
-        images, labels_np = self.dataset.load("test", start, stop)
-        x, labels = to_float(torch.from_numpy(images)), torch.from_numpy(labels_np)
-        if attack_name is not None:
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, attack_name + "/targets", start))
-            targets = random_targets(labels, self.num_classes, generator)
-            torch.manual_seed(batch_seed(self.seed, attack_name, start))
-            x = make_attack(attack_name, self.family_settings).perturb(model, x, labels, targets)
+    def _test_samples(self, start: int, stop: int, indices: list[int] | None):
+        if indices is None:
+            return self.dataset.load("test", start, stop)
+        return self.dataset.load_indices("test", np.asarray(indices))
+
+    def _correct(self, defense: str, x: torch.Tensor, labels: torch.Tensor) -> int:
         with torch.no_grad():
-            correct = int((model(x).argmax(1) == labels).sum())
-        return {"defense": defense, "attack": attack_name, "correct": correct, "total": len(labels_np)}
+            return int((self.models[defense](x).argmax(1) == labels).sum())
+
+    def benign(self, defense: str, start: int, stop: int) -> dict[str, Any]:
+        images, labels = self.dataset.load("test", start, stop)
+        return {"correct": self._correct(defense, to_float(torch.from_numpy(images)), torch.from_numpy(labels)),
+                "total": len(labels)}
+
+    def adaptive(self, defense: str, attack_name: str, start: int, stop: int,
+                 indices: list[int] | None = None) -> dict[str, Any]:
+        """Correct predictions under ``attack_name`` crafted against the defense itself, end to
+        end, on test samples [start, stop) (or the subset's samples ``indices``)."""
+        model = self.models[defense]
+        images, labels_np = self._test_samples(start, stop, indices)
+        x, labels = to_float(torch.from_numpy(images)), torch.from_numpy(labels_np)
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, attack_name + "/targets", start))
+        targets = make_targets(labels, self.num_classes, generator, self.target)
+        torch.manual_seed(batch_seed(self.seed, attack_name, start))
+        x = make_attack(attack_name, self.family_settings).perturb(model, x, labels, targets)
+        return {"correct": self._correct(defense, x, labels), "total": len(labels_np)}
+
+    def stored(self, defense: str, pool_key: str, start: int, stop: int) -> dict[str, Any]:
+        """Correct predictions on the stored test attack ``pool_key``, samples [start, stop)."""
+        reader = self.pools.get(pool_key) or self.pools.setdefault(pool_key, PoolReader.open(self.root, pool_key))
+        indices = reader.sample_indices(start, stop)
+        clean, labels_np = self.dataset.load_indices(reader.attrs["split"], indices)
+        adv = reader.adv(0, start, stop, clean_u8=clean)
+        return {"correct": self._correct(defense, to_float(torch.from_numpy(adv)), torch.from_numpy(labels_np)),
+                "total": len(labels_np)}

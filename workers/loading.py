@@ -38,8 +38,9 @@ def load_defended(root: str, student_key: str, teacher_key: str) -> EncoderClass
 
 
 def load_source_model(root: str, kind: str, key: str) -> nn.Module:
-    """The model a pool is generated against: a plain classifier, or the teacher's C ∘ E."""
-    if kind == "baseline":
+    """The model a pool is generated against: the teacher's C ∘ E, or a plain classifier
+    (the baseline, or the transfer protocol's substitute)."""
+    if kind != "teacher":
         return load_classifier(root, key)
     teacher = load_teacher(root, key)
     return EncoderClassifier(teacher.encoder, teacher.classifier).eval()

@@ -1,5 +1,6 @@
-"""The pool-generation actor: attacks the fixed source model one shard at a time and
-writes each shard to the pool store, where it is checked and committed."""
+"""The pool-generation actor: attacks a fixed model (the training pool's source, or the
+source / substitute of the stored test attacks) one shard at a time and writes each shard
+to the pool store, where it is checked and committed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from storage.datasets import DatasetReader
 from storage.pools import quantize, write_shard
-from workers.attacks import make_attack, random_targets
+from workers.attacks import make_attack, make_targets
 from workers.loading import load_source_model
 from workers.models import to_float
 
@@ -32,22 +33,27 @@ def success(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, targe
 
 
 class PoolGenerator:
-    def __init__(self, root: str, dataset_key: str, split: str, source_kind: str, source_key: str,
+    def __init__(self, root: str, dataset_key: str, source_kind: str, source_key: str,
                  num_classes: int, threads: int = 1):
         torch.set_num_threads(threads)
         self.root = root
         self.dataset = DatasetReader.open(root, dataset_key)
-        self.split = split
         self.model = load_source_model(root, source_kind, source_key)
         self.model.requires_grad_(False)
         self.num_classes = num_classes
 
-    def generate(self, pool_key: str, attack_name: str, variants: int, shard: int, start: int, stop: int, *,
-                 family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,
-                 delta_step: int = 1) -> dict[str, Any]:
+    def generate(self, pool_key: str, attack_name: str, split: str, variants: int, shard: int, start: int,
+                 stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,
+                 delta_step: int = 1, indices: list[int] | None = None,
+                 target: str | int = "random") -> dict[str, Any]:
+        """Shard ``shard``: the pool's samples [start, stop), which are the split's samples
+        ``indices`` when the pool holds a subset of it."""
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
-        clean_u8, labels_np = self.dataset.load(self.split, start, stop)
+        if indices is None:
+            clean_u8, labels_np = self.dataset.load(split, start, stop)
+        else:
+            clean_u8, labels_np = self.dataset.load_indices(split, np.asarray(indices))
         clean, labels = to_float(torch.from_numpy(clean_u8)), torch.from_numpy(labels_np)
         adv_u8 = np.empty((variants, *clean_u8.shape), dtype=np.uint8)
         targets_all = np.full((variants, len(labels_np)), -1, dtype=np.int64)
@@ -55,7 +61,7 @@ class PoolGenerator:
         for variant in range(variants):
             torch.manual_seed(shard_seed(seed, attack_name, shard, variant))
             generator = torch.Generator().manual_seed(shard_seed(seed, attack_name + "/targets", shard, variant))
-            targets = random_targets(labels, self.num_classes, generator)
+            targets = make_targets(labels, self.num_classes, generator, target)
             for lo in range(0, len(labels), batch_size):
                 hi = min(lo + batch_size, len(labels))
                 adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi])

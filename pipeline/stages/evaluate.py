@@ -1,4 +1,12 @@
-"""Eval: white-box attacks against each defended model, batch by batch on Ray actors."""
+"""Eval: every defense scored under each protocol, batch by batch on Ray actors.
+
+- ``source`` / ``transfer``: the stored test attacks (pools of the test split crafted once
+  against the source model or the substitute) are fed to every defense;
+- ``adaptive``: each attack is crafted against each defense itself, end to end.
+
+Each (protocol, defense) cell is cached on its own, so a new row or protocol computes only
+its own cells.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +16,60 @@ from tqdm import tqdm
 
 from pipeline.context import RunContext
 from storage import fs
-from storage.datasets import DatasetReader
+from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
+from storage.pools import PoolReader
 
 
 def results_url(root: str, key: str) -> str:
     return fs.join(root, "results", f"{key}.json")
 
 
-def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``defenses`` maps a row name to its models (with their sha256); returns the table."""
-    e = ctx.cfg.eval
+def adaptive_attacks(ctx: RunContext) -> list[str]:
+    return ctx.cfg.eval.adaptive_attacks or ctx.cfg.eval.attacks
+
+
+def cell_key(ctx: RunContext, dataset: DatasetReader, protocol: str, defense: dict[str, Any],
+             stored: dict[str, str] | None) -> str:
+    e, a = ctx.cfg.eval, ctx.cfg.attacks
+    if stored is not None:  # the stored images say everything about the attacks
+        attacks: dict[str, Any] = {"pools": stored}
+    else:
+        names = adaptive_attacks(ctx)
+        attacks = {"attacks": names, "settings": a.family_settings(), "target": a.target,
+                   "subset": {n: e.subset[n] for n in names if n in e.subset}, "seed": ctx.cfg.seed}
+    return content_key("eval", {"protocol": protocol, "dataset": dataset.fingerprint, "defense": defense, **attacks})
+
+
+def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
+        stored: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """``defenses`` maps a row name to its models (with their sha256); ``stored`` maps the
+    source / transfer protocol to its test pools ({attack: key}). Returns, per protocol of
+    the config, {defense: {"benign", "attacks": {attack: accuracy or None}, "samples": ..}}."""
     with ctx.stage("eval") as record:
-        key = content_key("eval", {"dataset": dataset.fingerprint, "defenses": defenses,
-                                   "attacks": e.attacks, "settings": ctx.cfg.attacks.family_settings(),
-                                   "seed": ctx.cfg.seed})
-        record["key"] = key
-        def build() -> dict[str, Any]:
-            table = summarize(evaluate(ctx, dataset, defenses), e.attacks)
-            fs.write_json_atomic(results_url(ctx.root, key), table)
-            return table
+        keys = {(p, d): cell_key(ctx, dataset, p, spec, stored.get(p))
+                for p in ctx.cfg.eval.protocols for d, spec in defenses.items()}
+        record["key"] = content_key("eval-set", {"cells": sorted(keys.values())})
+        ctx.claim("results", {f"{p}/{d}": k for (p, d), k in keys.items()})
+        cells = {cell: fs.read_json(results_url(ctx.root, key)) for cell, key in keys.items()}
+        missing = [cell for cell, found in cells.items() if found is None]
+        if missing:
+            with ctx.build_locks([keys[c] for c in missing]):
+                for cell in missing:  # another run may have written it while this one waited
+                    cells[cell] = fs.read_json(results_url(ctx.root, keys[cell]))
+                todo = [cell for cell in missing if cells[cell] is None]
+                if todo:
+                    built = evaluate(ctx, dataset, defenses, stored, todo)
+                    for cell in todo:
+                        fs.write_json_atomic(results_url(ctx.root, keys[cell]), built[cell])
+                        cells[cell] = built[cell]
+        record["cache_hit"] = not missing
+        record["details"] = {"cells": len(keys), "computed": len(missing)}
+    return {p: {d: cells[(p, d)] for d in defenses} for p in ctx.cfg.eval.protocols}
 
-        table, record["cache_hit"] = ctx.reuse_or_build(
-            "eval", key, lambda: fs.read_json(results_url(ctx.root, key)), build)
-        record["details"] = {"attacks": e.attacks}
-    return table
 
-
-def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]]) -> dict:
+def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
+             stored: dict[str, dict[str, str]], cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     import ray
     from ray.util import ActorPool
 
@@ -44,30 +78,52 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
     ctx.ensure_ray()
     e = ctx.cfg.eval
     n = dataset.num_samples("test")
-    tasks = [(defense, attack, lo, min(lo + e.batch_size, n))
-             for defense in defenses for attack in [None, *e.attacks] for lo in range(0, n, e.batch_size)]
+    batches = [(lo, min(lo + e.batch_size, n)) for lo in range(0, n, e.batch_size)]
+    tasks: list[tuple] = []  # (protocol, defense, attack or None, method, args)
+    for defense in dict.fromkeys(d for _, d in cells):
+        tasks += [(None, defense, None, "benign", (defense, lo, hi)) for lo, hi in batches]
+    for protocol, defense in cells:
+        if protocol in stored:
+            for attack, key in stored[protocol].items():
+                size = PoolReader.open(ctx.root, key).attrs["num_samples"]
+                tasks += [(protocol, defense, attack, "stored", (defense, key, lo, min(lo + e.batch_size, size)))
+                          for lo in range(0, size, e.batch_size)]
+        else:
+            for attack in adaptive_attacks(ctx):
+                indices = subset_indices(n, e.subset.get(attack), ctx.cfg.seed)
+                size = n if indices is None else len(indices)
+                tasks += [(protocol, defense, attack, "adaptive",
+                           (defense, attack, lo, min(lo + e.batch_size, size),
+                            None if indices is None else indices[lo:lo + e.batch_size]))
+                          for lo in range(0, size, e.batch_size)]
     actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor)(Evaluator)
     model_refs = {name: {k: v for k, v in d.items() if k != "sha256"} for name, d in defenses.items()}
     actors = [actor_cls.remote(ctx.root, dataset.key, model_refs, ctx.cfg.attacks.family_settings(),
-                               dataset.num_classes, ctx.cfg.seed) for _ in range(e.num_actors)]
-    ctx.say(f"eval: {len(defenses)} defenses x {len(e.attacks)} attacks + benign on {n} test samples")
-    counts: dict[tuple[str, str | None], list[int]] = {}
-    work = ActorPool(actors).map_unordered(lambda actor, t: actor.evaluate.remote(*t), tasks)
-    for result in tqdm(work, total=len(tasks), desc="eval batches", unit="batch"):
-        c = counts.setdefault((result["defense"], result["attack"]), [0, 0])
-        c[0] += result["correct"]
-        c[1] += result["total"]
-    for actor in actors:
-        ray.kill(actor)
-    return counts
-
-
-def summarize(counts: dict, attacks: list[str]) -> dict[str, Any]:
-    """Accuracies in percent; ``avg`` is the mean over benign and every attack."""
-    table = {}
-    for defense in dict.fromkeys(d for d, _ in counts):
-        acc = {a: 100.0 * counts[(defense, a)][0] / counts[(defense, a)][1] for a in [None, *attacks]}
-        row = {"benign": round(acc[None], 2), "attacks": {a: round(acc[a], 2) for a in attacks}}
-        row["avg"] = round(sum(acc.values()) / len(acc), 2)
-        table[defense] = row
-    return table
+                               dataset.num_classes, ctx.cfg.seed, ctx.cfg.attacks.target)
+              for _ in range(min(e.num_actors, len(tasks)))]
+    protocols = sorted({p for p, _ in cells})
+    ctx.say(f"eval: {len(tasks)} batches ({', '.join(protocols)}) on {len(actors)} actors")
+    counts: dict[tuple, list[int]] = {}
+    work = ActorPool(actors).map(lambda actor, t: getattr(actor, t[3]).remote(*t[4]), tasks)
+    try:
+        for task, result in tqdm(zip(tasks, work), total=len(tasks), desc="eval batches", unit="batch"):
+            c = counts.setdefault(task[:3], [0, 0])
+            c[0] += result["correct"]
+            c[1] += result["total"]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    table_attacks = e.attacks
+    built = {}
+    for protocol, defense in cells:
+        correct, total = counts[(None, defense, None)]
+        row = {"benign": round(100.0 * correct / total, 2), "attacks": {}, "samples": {"benign": total}}
+        for attack in table_attacks:
+            if (protocol, defense, attack) in counts:
+                correct, total = counts[(protocol, defense, attack)]
+                row["attacks"][attack] = round(100.0 * correct / total, 2)
+                row["samples"][attack] = total
+            else:
+                row["attacks"][attack] = None  # not run under this protocol (eval.adaptive_attacks)
+        built[(protocol, defense)] = row
+    return built

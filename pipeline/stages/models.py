@@ -34,6 +34,9 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.console import quiet_driver_loggers
+
+    quiet_driver_loggers()  # Ray Train set up its loggers on import
     name = f"{stage}-{key}"
     # Ray Data's read tasks need CPUs of their own; if the workers take them all, training
     # waits for data forever instead of failing. Refuse before starting.
@@ -121,8 +124,9 @@ def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
 
 
 def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
-    """Train (or reuse) the ``baseline``, the ``teacher``, or the ``at`` / ``trades``
-    baseline; returns its checkpoint manifest."""
+    """Train (or reuse) the ``baseline``, the ``teacher``, the ``at`` / ``trades`` baselines
+    or the transfer protocol's ``substitute``; returns its checkpoint manifest. The
+    substitute's own seed (in its settings) replaces the run's for its initial weights."""
     from workers.train_classifier import train_classifier_loop
 
     settings = training_settings(ctx, kind)

@@ -1,55 +1,107 @@
-"""Pool: Ray actors attack the fixed source model shard by shard; one pool per attack."""
+"""Pools: Ray actors attack a fixed model shard by shard; one pool per attack.
+
+The training pool (split ``train``, the attacks of ``pool.attacks``, K random-start variants,
+against ``pool.source_model``) and the stored test attacks of the source and transfer
+protocols (split ``test``, one variant, against the source model or the substitute; see
+``pipeline/stages/test_attacks.py``) are the same kind of entry, made by the same code.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.context import PipelineError, RunContext
 from storage import pools
-from storage.datasets import DatasetReader
+from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
 from workers.attacks import make_attack, parse_attack_name
 
-SPLIT = "train"
+
+@dataclass
+class PoolSpec:
+    """One pool: an attack on one split against one fixed model."""
+
+    attack: str
+    split: str
+    variants: int
+    encoding: str
+    delta_step: int
+    indices: list[int] | None  # a seeded subset of the split, or None for all of it
+
+    def num_samples(self, dataset: DatasetReader) -> int:
+        return dataset.num_samples(self.split) if self.indices is None else len(self.indices)
 
 
-def stored_variants(ctx: RunContext, attack: str) -> int:
-    """K random-start variants for a stochastic attack, one for a deterministic one."""
-    return ctx.cfg.pool.variants if make_attack(attack, ctx.cfg.attacks.family_settings()).stochastic else 1
+def training_pool_spec(ctx: RunContext, attack: str) -> PoolSpec:
+    p = ctx.cfg.pool
+    # K random-start variants for a stochastic attack, one for a deterministic one.
+    variants = p.variants if make_attack(attack, ctx.cfg.attacks.family_settings()).stochastic else 1
+    linf = ctx.cfg.attacks.linf_eps(attack) is not None
+    return PoolSpec(attack, "train", variants, p.encoding if linf else "uint8", p.delta_step if linf else 1, None)
 
 
-def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], attack: str) -> str:
-    family, _ = parse_attack_name(attack)
+def eval_pool_spec(ctx: RunContext, dataset: DatasetReader, attack: str) -> PoolSpec:
+    """A stored test attack: one variant, exact uint8 rounding (never a coarser grid), and the
+    seeded subset ``eval.subset`` gives it, if any."""
+    eps = ctx.cfg.attacks.linf_eps(attack)
+    indices = subset_indices(dataset.num_samples("test"), ctx.cfg.eval.subset.get(attack), ctx.cfg.seed)
+    fits_int8 = eps is not None and eps <= pools.INT8_MAX_EPS
+    return PoolSpec(attack, "test", 1, "int8_delta" if fits_int8 else "uint8", 1, indices)
+
+
+def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], spec: PoolSpec) -> str:
+    family, targeted = parse_attack_name(spec.attack)
     p = ctx.cfg.pool
     return content_key("pool", {
-        "dataset": dataset.fingerprint, "split": SPLIT, "source_sha256": source["sha256"],
-        "attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-        "seed": ctx.cfg.seed, "variants": stored_variants(ctx, attack), "encoding": p.encoding, "delta_step": p.delta_step,
+        "dataset": dataset.fingerprint, "split": spec.split, "source_sha256": source["sha256"],
+        "attack": spec.attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
+        "target": ctx.cfg.attacks.target if targeted else None, "subset": spec.indices and len(spec.indices),
+        "seed": ctx.cfg.seed, "variants": spec.variants, "encoding": spec.encoding, "delta_step": spec.delta_step,
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
     })
 
 
 def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict[str, str]:
-    """Generate (or reuse) every pool of the config; returns {attack name: pool key}."""
-    p = ctx.cfg.pool
-    with ctx.stage("pool") as record:
-        keys = {attack: pool_key(ctx, dataset, source, attack) for attack in p.attacks}
+    """Generate (or reuse) the training pool of every attack of ``pool.attacks``; returns
+    {attack name: pool key}."""
+    specs = [training_pool_spec(ctx, attack) for attack in ctx.cfg.pool.attacks]
+    return build_stage(ctx, "pool", "pools", dataset, ctx.cfg.pool.source_model, source, specs)
+
+
+def run_test_attacks(ctx: RunContext, dataset: DatasetReader, protocol: str, source_kind: str,
+                     source: dict[str, Any]) -> dict[str, str]:
+    """The stored test attacks of the ``source`` or ``transfer`` protocol: every attack of the
+    table crafted once against ``source``, as pools of the test split ({attack: key})."""
+    specs = [eval_pool_spec(ctx, dataset, attack) for attack in ctx.cfg.eval.attacks]
+    return build_stage(ctx, f"attacks-{protocol}", f"test-attacks-{protocol}", dataset, source_kind, source, specs)
+
+
+def build_stage(ctx: RunContext, stage: str, label: str, dataset: DatasetReader, source_kind: str,
+                source: dict[str, Any], specs: list[PoolSpec]) -> dict[str, str]:
+    """The stage ``stage``: every pool of ``specs`` against ``source``, reused when complete."""
+    with ctx.stage(stage) as record:
+        keys = {s.attack: pool_key(ctx, dataset, source, s) for s in specs}
         record["key"] = content_key("pool-set", {"pools": keys})
-        ctx.claim("pools", keys)
+        ctx.claim(label, keys)
         hits = {attack: is_complete(ctx, key) for attack, key in keys.items()}
         missing = [attack for attack, hit in hits.items() if not hit]
         with ctx.build_locks([keys[attack] for attack in missing]):
             # Another run may have finished some of them while this one waited.
             hits.update({attack: is_complete(ctx, keys[attack]) for attack in missing})
-            for attack, hit in hits.items():
-                if hit:
-                    ctx.say(f"pool {attack}: complete pool {keys[attack]} found, not regenerating")
-            build(ctx, dataset, source, {a: keys[a] for a, hit in hits.items() if not hit})
+            found = [attack for attack, hit in hits.items() if hit]
+            if found:
+                ctx.say(f"{stage}: {len(found)} of {len(hits)} pools complete in the store, not regenerating "
+                        f"({', '.join(found)})")
+            todo = [(s, keys[s.attack]) for s in specs if not hits[s.attack]]
+            build(ctx, dataset, source_kind, source, todo)
         record["cache_hit"] = all(hits.values())
-        record["details"] = {"attacks": {a: {"key": keys[a], "cache_hit": hits[a],
-                                             **success_summary(ctx.root, keys[a])} for a in keys}}
+        record["details"] = {"source_model": source_kind, "attacks": {
+            s.attack: {"key": keys[s.attack], "cache_hit": hits[s.attack], "split": s.split,
+                       "samples": s.num_samples(dataset), **success_summary(ctx.root, keys[s.attack])}
+            for s in specs}}
     return keys
 
 
@@ -57,30 +109,32 @@ def is_complete(ctx: RunContext, key: str) -> bool:
     return bool((pools.read_manifest(ctx.root, key) or {}).get("complete"))
 
 
-def build(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], keys: dict[str, str]) -> None:
-    """Generate the missing shards of the pools ``keys`` ({attack: key}), then finalize each."""
+def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any],
+          todo_pools: list[tuple[PoolSpec, str]]) -> None:
+    """Generate the missing shards of the pools ``todo_pools`` ([(spec, key)]), then finalize each."""
     p = ctx.cfg.pool
-    n = dataset.num_samples(SPLIT)
-    ranges = pools.shard_ranges(n, p.shard_size)
-    todo = []
-    for attack, key in keys.items():
-        family, _ = parse_attack_name(attack)
-        variants = stored_variants(ctx, attack)
-        pools.create_pool(ctx.root, key, num_samples=n, image_shape=dataset.image_shape(),
-                          variants=variants, shard_size=p.shard_size, compressor=p.compressor,
-                          encoding=p.encoding, delta_step=p.delta_step,
-                          attrs={"attack": attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-                                 "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": SPLIT,
-                                 "source_model": {"kind": p.source_model, **source_summary(source)},
+    todo, ranges_of = [], {}
+    for spec, key in todo_pools:
+        family, _ = parse_attack_name(spec.attack)
+        threat_model = make_attack(spec.attack, ctx.cfg.attacks.family_settings()).threat_model
+        ranges = ranges_of[key] = pools.shard_ranges(spec.num_samples(dataset), p.shard_size)
+        pools.create_pool(ctx.root, key, num_samples=spec.num_samples(dataset), image_shape=dataset.image_shape(),
+                          variants=spec.variants, shard_size=p.shard_size, compressor=p.compressor,
+                          encoding=spec.encoding, delta_step=spec.delta_step,
+                          attrs={"attack": spec.attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
+                                 "threat_model": threat_model, "target": ctx.cfg.attacks.target,
+                                 "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": spec.split,
+                                 "indices": spec.indices,
+                                 "source_model": {"kind": source_kind, **source_summary(source)},
                                  "seed": ctx.cfg.seed})
         done = pools.committed_shards(ctx.root, key)
-        todo += [(key, attack, variants, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
+        todo += [(key, spec, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
         if done:
-            ctx.say(f"pool {attack}: resuming, {len(done)}/{len(ranges)} shards already committed")
+            ctx.say(f"pool {spec.attack} ({spec.split}): resuming, {len(done)}/{len(ranges)} shards already committed")
     if todo:
-        generate(ctx, dataset, source, todo)
-    for attack, key in keys.items():
-        pools.finalize_pool(ctx.root, key, len(ranges), {"attack": attack})
+        generate(ctx, dataset, source_kind, source, todo)
+    for spec, key in todo_pools:
+        pools.finalize_pool(ctx.root, key, len(ranges_of[key]), {"attack": spec.attack})
 
 
 def source_summary(source: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +142,8 @@ def source_summary(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def success_summary(root: str, key: str) -> dict[str, float]:
+    """The attack's success rate (%) against the model it was crafted on, before and after
+    rounding to uint8."""
     shards = pools.read_manifest(root, key)["shards"]
     total = sum(s["stop"] - s["start"] for s in shards)
     rate = {k: sum(s["stats"][k] * (s["stop"] - s["start"]) for s in shards) / total
@@ -95,7 +151,8 @@ def success_summary(root: str, key: str) -> dict[str, float]:
     return {k: round(100 * v, 2) for k, v in rate.items()}
 
 
-def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], todo: list[tuple]) -> None:
+def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any],
+             todo: list[tuple]) -> None:
     import ray
     from ray.util import ActorPool
 
@@ -103,14 +160,25 @@ def generate(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], to
 
     ctx.ensure_ray()
     p = ctx.cfg.pool
+    if ctx.cfg.attacks.target != "random" and ctx.cfg.attacks.target >= dataset.num_classes:
+        raise PipelineError(f"attacks.target: {ctx.cfg.attacks.target} is not a class of this dataset "
+                            f"(0 to {dataset.num_classes - 1})")
     actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor)(PoolGenerator)
-    actors = [actor_cls.remote(ctx.root, dataset.key, SPLIT, p.source_model, source["key"], dataset.num_classes)
+    actors = [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes)
               for _ in range(min(p.num_actors, len(todo)))]
     family_settings = ctx.cfg.attacks.family_settings()
-    ctx.say(f"pool: generating {len(todo)} shards on {len(actors)} actors against the {p.source_model}")
-    work = ActorPool(actors).map_unordered(
-        lambda actor, t: actor.generate.remote(*t, family_settings=family_settings, batch_size=p.batch_size,
-                                               seed=ctx.cfg.seed, delta_step=p.delta_step), todo)
+    splits = sorted({spec.split for _, spec, *_ in todo})
+    ctx.say(f"pool: generating {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
+            f"against the {source_kind}")
+
+    def submit(actor, task):
+        key, spec, shard, lo, hi = task
+        return actor.generate.remote(key, spec.attack, spec.split, spec.variants, shard, lo, hi,
+                                     indices=spec.indices and spec.indices[lo:hi], family_settings=family_settings,
+                                     batch_size=p.batch_size, seed=ctx.cfg.seed, delta_step=spec.delta_step,
+                                     target=ctx.cfg.attacks.target)
+
+    work = ActorPool(actors).map_unordered(submit, todo)
     done = 0
     try:
         for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):

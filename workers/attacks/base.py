@@ -1,7 +1,9 @@
 """One small base class that owns what every attack shares (torchattacks style).
 
-An attack is named ``FAMILY_N`` (untargeted) or ``FAMILY_T`` (targeted to a random label
-≠ y). A family file declares its advertorch class and how its settings map onto it.
+An attack is named ``FAMILY_N`` (untargeted) or ``FAMILY_T`` (targeted: a seeded random
+label ≠ y, or one fixed label, ``attacks.target``). A family file declares its library
+class and how its settings map onto it, and its threat model: L∞ attacks are bounded by
+ε; CW (L2) and JSMA (L0) are not, so nothing checks their images against an ε-ball.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from workers import advertorch_compat  # noqa: F401  (must precede any advertorc
 class Attack(ABC):
     family: ClassVar[str]
     settings_fields: ClassVar[tuple[str, ...]]
+    threat_model: ClassVar[str] = "linf"  # "linf" (bounded by settings["eps"]), "l2" or "l0"
 
     def __init__(self, targeted: bool, settings: dict[str, Any]):
         self.targeted = targeted
@@ -36,20 +39,27 @@ class Attack(ABC):
         return self.targeted or bool(self.settings.get("rand_init", False))
 
     @property
-    def eps(self) -> float:
-        return float(self.settings["eps"])
+    def eps(self) -> float | None:
+        """The L∞ radius; None for an attack that is not L∞-bounded."""
+        return float(self.settings["eps"]) if self.threat_model == "linf" else None
 
     @abstractmethod
-    def build(self, model: nn.Module):
-        """The advertorch adversary for this attack against ``model``."""
+    def build(self, model: nn.Module, num_classes: int):
+        """The library's adversary for this attack against ``model``."""
+
+    def run(self, adversary, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Adversarial images of ``x``; ``label`` is the target of a targeted attack, else y."""
+        return adversary.perturb(x, label)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None = None) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        adversary = self.build(model)
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[-1]
+        adversary = self.build(model, num_classes)
         with torch.enable_grad():
-            adv = adversary.perturb(x, target if self.targeted else y)
+            adv = self.run(adversary, x, target if self.targeted else y)
         model.train(was_training)
         return adv.detach()
 
@@ -58,3 +68,13 @@ def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Gene
     """A uniformly random label different from the true one, per sample."""
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels + shift) % num_classes
+
+
+def make_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
+                 target: str | int = "random") -> torch.Tensor:
+    """Target labels of a targeted attack: ``"random"`` (a seeded label ≠ y) or one fixed
+    label for every sample (the authors' code aims everything at 0, so a sample whose label
+    already is the target counts as a success and its accuracy as the share of that class)."""
+    if target == "random":
+        return random_targets(labels, num_classes, generator)
+    return torch.full_like(labels, int(target))

@@ -10,6 +10,6 @@ class FGSM(Attack):
     family = "FGSM"
     settings_fields = ("eps",)
 
-    def build(self, model: nn.Module):
+    def build(self, model: nn.Module, num_classes: int):
         return GradientSignAttack(model, eps=self.settings["eps"], clip_min=0.0, clip_max=1.0,
                                   targeted=self.targeted)

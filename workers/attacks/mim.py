@@ -10,7 +10,7 @@ class MIM(Attack):
     family = "MIM"
     settings_fields = ("eps", "nb_iter", "eps_iter", "decay_factor")
 
-    def build(self, model: nn.Module):
+    def build(self, model: nn.Module, num_classes: int):
         s = self.settings
         return MomentumIterativeAttack(model, eps=s["eps"], nb_iter=s["nb_iter"],
                                        eps_iter=s["eps_iter"], decay_factor=s["decay_factor"],

@@ -1,0 +1,77 @@
+"""What a person sees during a run: stage lines, progress bars and the final tables.
+
+Ray's own output goes to ``OUT/logs/ray.log`` instead: the workers' lines (Ray Train's
+per-epoch reports, the Train controller's State API warnings, Ray Data's per-dataset
+lines from its split coordinator) and the driver's ``ray*`` loggers. ``--verbose`` leaves
+Ray's console output as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOG_NAME = "ray.log"
+
+
+def route_ray_output(log_path: Path) -> None:
+    """Send the driver's Ray log records to ``log_path``; call before ``ray.init`` (which
+    logs), then ``route_worker_lines`` after it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    quiet_driver_loggers(open(log_path, "a", buffering=1))  # noqa: SIM115 (lives as long as the driver)
+
+
+def route_worker_lines() -> None:
+    """Send the workers' lines to the log file too, keeping the progress bars that workers
+    draw through ``ray.experimental.tqdm_ray``."""
+    stream = _log_stream
+    if stream is None:
+        return
+    # Ray has no public switch that drops the workers' lines but keeps tqdm_ray's bars (both
+    # travel on worker stdout), so its driver-side print handler is replaced. If a Ray
+    # release renames these internals, its own printing stays: louder, never broken.
+    try:
+        from ray._private import worker as ray_worker
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        process_bar = ray_worker.process_tqdm
+    except (ImportError, AttributeError):
+        return
+
+    def handle(data: dict) -> None:
+        source = data.get("actor_name") or data.get("task_name") or ""
+        for line in data.get("lines", []):
+            if RAY_TQDM_MAGIC in line:
+                process_bar(line)
+            else:
+                stream.write(f"({source} pid={data.get('pid')}) {line}\n")
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("mid_console", handle)
+
+
+def quiet_driver_loggers(stream=None) -> None:
+    """Point every ``ray*`` logger that writes to the terminal at the log file instead.
+
+    Ray Data and Ray Train configure their loggers when first imported, so a stage calls
+    this again after importing them; it is idempotent."""
+    global _log_stream
+    _log_stream = stream or _log_stream
+    if _log_stream is None:
+        return
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not (name == "ray" or name.startswith("ray.")) or not isinstance(logger, logging.Logger):
+            continue
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stderr,
+                                                                                                sys.stdout):
+                logger.removeHandler(handler)
+                replacement = logging.StreamHandler(_log_stream)
+                replacement.setFormatter(handler.formatter)
+                replacement.setLevel(handler.level)
+                logger.addHandler(replacement)
+
+
+_log_stream = None

@@ -97,6 +97,9 @@ class AdversarialTrainConfig(TrainConfig):
     attack: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of attacks.PGD for the training attack, e.g. {nb_iter: 10}")
+    eps_warmup_epochs: int = Field(
+        0, ge=0, description="ramp the training attack's ε and step linearly up to their values over this many "
+                             "epochs (0: full ε from the start); large ε on a small network needs it to train")
 
 
 class TradesConfig(AdversarialTrainConfig):

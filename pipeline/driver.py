@@ -41,6 +41,12 @@ def run(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
         return run_stages(ctx)
 
 
+def crafted(ctx: RunContext, stage: str) -> dict[str, Any]:
+    """Per stored test attack: its pool key, samples and success rate against its model."""
+    return {attack: {k: v for k, v in info.items() if k != "cache_hit"}
+            for attack, info in ctx.stages[stage].details["attacks"].items()}
+
+
 def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tuple[dict, dict]:
     """The test pools of the source and transfer protocols ({protocol: {attack: key}}) and,
     per protocol, what its attacks were crafted against."""
@@ -50,13 +56,13 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
         kind = ctx.cfg.pool.source_model if e.source_model == "pool" else e.source_model
         stored["source"] = pool.run_test_attacks(ctx, dataset, "source", kind, trained[kind])
         meta["source"] = {"model": {"kind": kind, "key": trained[kind]["key"], "sha256": trained[kind]["sha256"]},
-                          "attacks": ctx.stages["attacks-source"].details["attacks"]}
+                          "attacks": crafted(ctx, "attacks-source")}
     if "transfer" in e.protocols:
         substitute = trained["substitute"] = models.run(ctx, dataset, "substitute")
         stored["transfer"] = pool.run_test_attacks(ctx, dataset, "transfer", "substitute", substitute)
         meta["transfer"] = {"model": {"kind": "substitute", "key": substitute["key"], "sha256": substitute["sha256"],
                                       "seed": ctx.cfg.models.substitute.seed},
-                            "attacks": ctx.stages["attacks-transfer"].details["attacks"]}
+                            "attacks": crafted(ctx, "attacks-transfer")}
     if "adaptive" in e.protocols:
         meta["adaptive"] = {"attacks": {}}
     if "AA_N" in e.attacks:

@@ -76,12 +76,13 @@ def notes(protocol: str, meta: dict[str, Any], defenses: dict[str, Any], known: 
     if attacks:
         rates = ", ".join(f"{a} {attacks[a]['success_rate_stored']:.1f}" for a in [*known, *unknown] if a in attacks)
         out.append(f"Success rate (%) of each stored attack against the model it was crafted on: {rates}.")
-    samples = next(iter(defenses.values()))["samples"]
+    samples = {a: min(row["samples"].get(a, row["samples"]["benign"]) for row in defenses.values())
+               for a in ["benign", *known, *unknown]}
     total = samples["benign"]
-    partial = [f"{a} on {samples[a]}" for a in [*known, *unknown] if samples.get(a, total) < total]
+    partial = [f"{a} on {samples[a]}" for a in [*known, *unknown] if samples[a] < total]
     if partial:
         out.append(f"Seeded subsets of the {total} test samples (eval.subset): " + ", ".join(partial) + ".")
-    skipped = [a for a in [*known, *unknown] if next(iter(defenses.values()))["attacks"][a] is None]
+    skipped = [a for a in [*known, *unknown] if all(row["attacks"][a] is None for row in defenses.values())]
     if skipped:
         out.append(f"Not run under this protocol (eval.adaptive_attacks): {', '.join(skipped)}.")
     if meta.get("autoattack"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 TINY = ["data.train_limit=256", "data.test_limit=48", "models.baseline.epochs=1", "models.teacher.epochs=1",
-        "mid.epochs=1", "pool.attacks=[PGD_N,FGSM_T]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_T]",
+        "mid.epochs=1", "pool.attacks=[PGD_N,FGSM_T]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_T]", "eval.protocols=[adaptive]",
         "attacks.PGD.nb_iter=2", "attacks.PGD.eps_iter=0.15", "pool.shard_size=128", "models.at.epochs=1"]
 
 
@@ -74,5 +74,5 @@ def test_ray_job_submit_runs_the_same_config(tmp_path, ray_head):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "joining Ray at" in result.stdout + result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert list(results["defenses"]) == ["None", "AT", "MID"]
+    assert list(results["protocols"]["adaptive"]["defenses"]) == ["None", "AT", "MID"]
     assert set(results["stages"]) == {"ingest", "baseline", "teacher", "pool", "at", "mid", "eval"}

@@ -24,7 +24,7 @@ TINY = [
     "data.train_limit=256", "data.test_limit=32", "eval.defenses=[None, MID]",
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=1",
     "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
-    "pool.attacks=[PGD_N, MIM_N]", "eval.known=[PGD_N, MIM_N]", "eval.unknown=[FGSM_N]",
+    "pool.attacks=[PGD_N, MIM_N]", "eval.known=[PGD_N, MIM_N]", "eval.unknown=[FGSM_N]", "eval.protocols=[adaptive]",
     "pool.variants=1", "pool.shard_size=128", "eval.batch_size=32",
 ]
 
@@ -50,7 +50,7 @@ def test_runs_at_once_share_a_store_and_a_machine(tmp_path):
     for i, proc in enumerate(runs):
         assert proc.wait(timeout=900) == 0, (tmp_path / f"log{i}.txt").read_text()[-4000:]
     results = [json.loads((tmp_path / f"out{i}" / "results.json").read_text()) for i in (0, 1)]
-    assert results[0]["defenses"] == results[1]["defenses"]  # the same table
+    assert results[0]["protocols"] == results[1]["protocols"]  # the same table
     for stage in results[0]["stages"]:
         keys = {r["stages"][stage]["key"] for r in results}
         assert len(keys) == 1, stage

@@ -17,6 +17,12 @@ BAD_CONFIGS = {
     "AT attack key": ("models: {at: {attack: {steps: 10}}}\n", "models.at.attack: unknown key 'steps'"),
     "AT attack value": ("models: {trades: {attack: {eps: 2}}}\n",
                         "models.trades.attack.eps: Input should be less than or equal to 1"),
+    "untargeted JSMA": ("eval:\n  unknown: [JSMA_N]\n", "eval.unknown: unknown attack 'JSMA_N'"),
+    "bad target": ("attacks: {target: first}\n", "attacks.target: 'first' is not allowed (allowed: random, or a"),
+    "bad protocol": ("eval: {protocols: [source, whitebox]}\n", "eval.protocols.1: 'whitebox' is not allowed"),
+    "subset of no attack": ("eval: {unknown: [FGSM_N], subset: {CW_T: 10}}\n",
+                            "eval.subset: 'CW_T' is not an attack of the table (eval.known + eval.unknown"),
+    "substitute seed": ("seed: 3\nmodels: {substitute: {seed: 3}}\n", "models.substitute.seed: 3 is the run's seed"),
 }
 
 

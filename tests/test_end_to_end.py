@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI on a real local Ray instance, small sizes:
 ingest → baseline, teacher (Ray Train) → pool (Ray actors, advertorch, Zarr) → MID (Ray
-Train + Ray Data) → eval (Ray actors) → report; then a second run that reuses everything."""
+Train + Ray Data) → stored test attacks (source, substitute → transfer) → eval under the
+three protocols (Ray actors) → report; then a second run that reuses everything."""
 
 import json
 import struct
@@ -22,7 +23,14 @@ SMALL = [
     "attacks.PGD.eps=0.3", "attacks.MIM.eps=0.3", "attacks.BIM.eps=0.3", "attacks.FGSM.eps=0.3",
     "attacks.PGD.eps_iter=0.1", "attacks.MIM.eps_iter=0.1", "attacks.BIM.eps_iter=0.1",
     "pool.shard_size=128", "pool.variants=2", "eval.batch_size=48",
+    "models.substitute.epochs=10",
+    # Every unknown attack of the paper, small: CW with a learning rate that moves pixels,
+    # the fast AutoAttack, and the slow ones on seeded subsets.
+    "attacks.CW.max_iterations=30", "attacks.CW.learning_rate=0.1", "attacks.CW.binary_search_steps=2",
+    "attacks.AA.eps=0.3", "attacks.AA.version=fast",
+    "eval.subset={JSMA_T: 16, AA_N: 32, CW_N: 48, CW_T: 48}",
 ]
+ATTACKS = ["PGD_N", "PGD_T", "MIM_N", "MIM_T", "FGSM_N", "FGSM_T", "BIM_N", "BIM_T", "CW_N", "CW_T", "AA_N", "JSMA_T"]
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -55,21 +63,39 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     store = tmp_path / "store"
     first, results = mid_run(store, tmp_path / "run1")
 
-    # The table: both rows, benign + every attack + average, in percent.
-    attacks = ["PGD_N", "PGD_T", "MIM_N", "MIM_T", "FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
-    assert list(results["defenses"]) == ["None", "AT", "MID"]
-    for row in results["defenses"].values():
-        assert list(row["attacks"]) == attacks
-        values = [row["benign"], *row["attacks"].values()]
-        assert all(0 <= v <= 100 for v in values)
-        assert abs(row["avg"] - sum(values) / len(values)) < 0.02
-    assert results["defenses"]["None"]["benign"] > 30  # two epochs already learn something
+    # One table per protocol: every row, benign + every attack + the three averages, in percent.
+    assert list(results["protocols"]) == ["source", "transfer", "adaptive"]
+    for protocol, table in results["protocols"].items():
+        assert list(table["defenses"]) == ["None", "AT", "MID"]
+        for row in table["defenses"].values():
+            assert list(row["attacks"]) == ATTACKS
+            values = [row["benign"], *row["attacks"].values()]
+            assert all(0 <= v <= 100 for v in values)
+            assert abs(row["avg"] - sum(values) / len(values)) < 0.02
+            assert abs(row["avg_known"] - sum(values[1:5]) / 4) < 0.02
+            assert abs(row["avg_unknown"] - sum(values[5:]) / 8) < 0.02
+            assert row["samples"]["JSMA_T"] == 16 and row["samples"]["PGD_N"] == 96
+    source, transfer = results["protocols"]["source"], results["protocols"]["transfer"]
+    assert source["model"]["kind"] == "baseline"  # the model the training pool came from
+    assert transfer["model"]["kind"] == "substitute" and transfer["model"]["sha256"] != source["model"]["sha256"]
+    none = results["protocols"]["adaptive"]["defenses"]["None"]
+    assert none["benign"] > 30  # a few epochs already learn something
+    # Crafted against None itself, the source attacks break it as the adaptive ones do.
+    assert source["defenses"]["None"]["attacks"]["PGD_N"] < none["benign"] - 10
     report = (tmp_path / "run1" / "report.md").read_text()
-    assert "| None |" in report and "| AT |" in report and "| MID |" in report and "Avg" in report
-    assert "| None |" in first.stdout
+    for title in ("Source protocol", "Transfer protocol", "Adaptive protocol"):
+        assert title in report and title in first.stdout
+    assert "| None |" in report and "| AT |" in report and "| MID |" in report and "Avg unknown" in report
+    assert "grey-box, not white-box" in report and "JSMA_T on 16" in report
+    page = (tmp_path / "run1" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page  # no file or server needed
+    assert all((tmp_path / "run1" / f"{p}.png").read_bytes().startswith(b"\x89PNG") for p in results["protocols"])
+    assert "Reporting training result" not in first.stdout + first.stderr  # Ray's chatter: OUT/logs/ray.log
+    assert (tmp_path / "run1" / "logs" / "ray.log").stat().st_size > 0
 
     stages = results["stages"]
-    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "at", "mid", "eval"]
+    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "at", "mid", "attacks-source", "substitute",
+                            "attacks-transfer", "eval"]
     assert not any(s["cache_hit"] for s in stages.values())
 
     # Every stored adversarial example lies in the ε-ball of its clean image, and the
@@ -89,6 +115,24 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
         else:  # random start or random targets: K variants that differ
             assert adv.shape == (2, *clean.shape) and (adv[0] != adv[1]).any()
         assert info["success_rate_stored"] > 20, (attack, info)
+    # The stored test attacks: pools of the test split, one variant, every attack of the
+    # table; L∞ ones inside their ε-ball, CW and JSMA exact uint8 images (no ball to check).
+    test_clean = zarr.open_group(str(store / "datasets" / dataset_key), mode="r")["test/images"][:]
+    for stage in ("attacks-source", "attacks-transfer"):
+        assert list(stages[stage]["attacks"]) == ATTACKS
+        for attack, info in stages[stage]["attacks"].items():
+            reader = pools.PoolReader.open(str(store), info["key"])
+            assert reader.attrs["split"] == "test" and reader.variants == 1
+            indices = reader.sample_indices(0, reader.attrs["num_samples"])
+            adv, clean = reader.adv(0, 0, len(indices)), test_clean[indices]
+            change = np.abs(adv.astype(int) - clean.astype(int))
+            if attack.startswith(("CW", "JSMA")):
+                assert reader.attrs["threat_model"] in ("l2", "l0") and reader.encoding == "uint8"
+            else:
+                assert reader.attrs["threat_model"] == "linf" and change.max() <= int(0.3 * 255)
+            assert change.max() > 0, attack
+            assert info["success_rate_stored"] > (20 if attack != "CW_T" else 0), (stage, attack, info)
+    assert stages["attacks-source"]["attacks"]["JSMA_T"]["samples"] == 16
     epochs = [json.loads(line) for line in (tmp_path / "run1" / "metrics" / "mid.jsonl").read_text().splitlines()]
     assert [e["variant"] for e in epochs] == [0, 1]  # epoch e reads variant e mod K
     curves = tensorboard_scalars(tmp_path / "run1" / "tensorboard" / "mid")
@@ -102,11 +146,11 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     # Second run: every stage is reused, and the cached stages are nearly free.
     second, again = mid_run(store, tmp_path / "run2")
     assert all(s["cache_hit"] for s in again["stages"].values())
-    assert again["defenses"] == results["defenses"]
+    assert again["protocols"] == results["protocols"]
     assert "starting a local Ray instance" in first.stderr
     assert "not regenerating" in second.stderr
     assert "starting a local Ray instance" not in second.stderr  # a fully cached run needs no Ray
-    heavy = ["ingest", "baseline", "teacher", "pool"]
+    heavy = ["ingest", "baseline", "teacher", "pool", "attacks-source", "attacks-transfer"]
     before = sum(stages[s]["seconds"] for s in heavy)
     after = sum(again["stages"][s]["seconds"] for s in heavy)
     assert after < 0.05 * before, (before, after)

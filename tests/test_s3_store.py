@@ -33,6 +33,7 @@ TINY = [
     "attacks.PGD.eps_iter=0.05", "attacks.MIM.eps_iter=0.05", "attacks.BIM.eps_iter=0.05",
     "pool.attacks=[PGD_N, MIM_N]", "pool.shard_size=64", "pool.variants=2",
     "eval.known=[PGD_N, MIM_N]", "eval.unknown=[FGSM_N]", "eval.batch_size=48",
+    "eval.protocols=[source, adaptive]",  # the stored test attacks on S3 too; transfer adds nothing here
 ]
 
 moto_server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
@@ -153,12 +154,15 @@ def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     stages = results["stages"]
-    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "eval"]
+    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "attacks-source", "eval"]
     if pools_before:  # after the first test: the cached stages are read back from S3
         assert all(stages[s]["cache_hit"] for s in ("ingest", "baseline", "teacher", "pool"))
     assert not stages["mid"]["cache_hit"]
-    assert list(results["defenses"]) == ["None", "MID"]
+    assert list(results["protocols"]) == ["source", "adaptive"]
+    assert list(results["protocols"]["source"]["defenses"]) == ["None", "MID"]
     keys = list_bucket(s3_env)
+    for key in stages["attacks-source"]["attacks"].values():  # the stored test attacks live on S3
+        assert any(k.startswith(f"mid/pools/{key['key']}/commits/") for k in keys)
     student = [k for k in keys if k.startswith(f"mid/checkpoints/{stages['mid']['key']}/")]
     assert any(k.endswith("model.safetensors") for k in student), stages["mid"]["key"]
     assert any(k.startswith("mid/results/") for k in keys)

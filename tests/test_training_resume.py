@@ -25,6 +25,7 @@ TINY = [
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=8",
     "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
     "pool.variants=1", "pool.shard_size=512", "eval.batch_size=32",
+    "eval.protocols=[adaptive]", "eval.unknown=[FGSM_N]",  # evaluation is test_end_to_end's subject
 ]
 
 
@@ -82,7 +83,7 @@ def check_finished_run(store: Path, out: Path) -> list[dict]:
     assert len(resumed) == 1 and resumed[0] > 0, history  # picked up after a checkpoint, not at epoch 0
     assert not list((store / "train").iterdir())  # resume state is gone once the stage committed
     report = json.loads((out / "results.json").read_text())
-    assert list(report["defenses"]) == ["None", "MID"]
+    assert list(report["protocols"]["adaptive"]["defenses"]) == ["None", "MID"]
     return history
 
 

@@ -25,6 +25,17 @@ from workers.progress import epoch_bar, quiet_ray_train
 PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step; keeps data wait small
 
 
+def epoch_attack(config: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+    """The training attack of ``epoch``: ε and the step ramp up linearly over the first
+    ``eps_warmup_epochs`` epochs (ε/W, 2ε/W, ..., ε), then stay."""
+    attack = config.get("attack")
+    warmup = config.get("eps_warmup_epochs", 0)
+    if attack is None or epoch >= warmup:
+        return attack
+    scale = (epoch + 1) / warmup
+    return {**attack, "eps": attack["eps"] * scale, "eps_iter": attack["eps_iter"] * scale}
+
+
 def objective(kind: str, config: dict[str, Any], model, x: torch.Tensor, y: torch.Tensor):
     """(loss, clean or adversarial logits) of one batch for a model of this ``kind``."""
     if kind == "teacher":
@@ -60,12 +71,13 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
     bar = epoch_bar(f"{kind} training", config["epochs"], show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
+        epoch_config = {**config, "attack": epoch_attack(config, epoch)}
         start, seen, correct, total_loss = time.perf_counter(), 0, 0, 0.0
         for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
                                               prefetch_batches=PREFETCH_BATCHES,
                                               local_shuffle_buffer_size=4 * config["batch_size"]):
             x, y = to_float(batch["clean"]), batch["label"]
-            loss, logits = objective(kind, config, model, x, y)
+            loss, logits = objective(kind, epoch_config, model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -76,6 +88,8 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                    "samples_per_second": seen * world_size / seconds, "seconds": seconds,
                    "lr": optimizer.param_groups[0]["lr"], "resumed": state is not None and epoch == first_epoch}
+        if epoch_config["attack"] is not None:
+            metrics["attack_eps"] = epoch_config["attack"]["eps"]
         history.append(metrics)
         report_epoch(metrics, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                "epoch": epoch, "history": history})

@@ -65,7 +65,13 @@ def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, A
                         cells[cell] = built[cell]
         record["cache_hit"] = not missing
         record["details"] = {"cells": len(keys), "computed": len(missing)}
-    return {p: {d: cells[(p, d)] for d in defenses} for p in ctx.cfg.eval.protocols}
+    return {p: {d: in_table_order(cells[(p, d)], ctx.cfg.eval.attacks) for d in defenses}
+            for p in ctx.cfg.eval.protocols}
+
+
+def in_table_order(row: dict[str, Any], attacks: list[str]) -> dict[str, Any]:
+    """A cell as stored (JSON with sorted keys) with its attacks in the table's order again."""
+    return {**row, "attacks": {a: row["attacks"][a] for a in attacks}}
 
 
 def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],

@@ -118,6 +118,8 @@ def clean_dataset(ctx: RunContext, dataset: DatasetReader):
 def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
     """Everything a model's training depends on besides the data and the architecture."""
     settings = getattr(ctx.cfg.models, kind).model_dump(exclude={"attack"})
+    if not settings.get("eps_warmup_epochs", 1):
+        settings.pop("eps_warmup_epochs")  # the default leaves the keys of existing models as they were
     if kind in ("at", "trades"):
         settings["attack"] = ctx.cfg.training_attack(kind).model_dump()
     return settings

@@ -265,7 +265,9 @@ class EvalConfig(Section):
     adaptive_attacks: list[str] | None = Field(
         None, description="attacks of the adaptive table (default: all); the others show as not run")
     subset: dict[str, PositiveInt] = Field(
-        {}, description="attack -> samples of a seeded subset of the test split it runs on (for slow attacks)")
+        {}, description="attack -> samples of a seeded subset of the test split it runs on (for slow attacks); "
+                        "an attack not in the table is ignored, so a config can keep its subsets when --set "
+                        "narrows the table")
     batch_size: PositiveInt = 256
     num_actors: PositiveInt = 2
 
@@ -276,7 +278,13 @@ class EvalConfig(Section):
             raise ValueError(f"needs at least one protocol and no repeats, got {v}")
         return v
 
-    @field_validator("adaptive_attacks", "subset")
+    @field_validator("subset")
+    @classmethod
+    def _subset_attacks_exist(cls, v: dict[str, int]) -> dict[str, int]:
+        _check_attack_names(list(v))
+        return v
+
+    @field_validator("adaptive_attacks")
     @classmethod
     def _attacks_of_the_table(cls, v, info: ValidationInfo):
         table = [*info.data.get("known", []), *info.data.get("unknown", [])]

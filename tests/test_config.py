@@ -20,8 +20,9 @@ BAD_CONFIGS = {
     "untargeted JSMA": ("eval:\n  unknown: [JSMA_N]\n", "eval.unknown: unknown attack 'JSMA_N'"),
     "bad target": ("attacks: {target: first}\n", "attacks.target: 'first' is not allowed (allowed: random, or a"),
     "bad protocol": ("eval: {protocols: [source, whitebox]}\n", "eval.protocols.1: 'whitebox' is not allowed"),
-    "subset of no attack": ("eval: {unknown: [FGSM_N], subset: {CW_T: 10}}\n",
-                            "eval.subset: 'CW_T' is not an attack of the table (eval.known + eval.unknown"),
+    "subset of no attack": ("eval: {subset: {CW_Q: 10}}\n", "eval.subset: unknown attack 'CW_Q'"),
+    "adaptive attack not in the table": ("eval: {unknown: [FGSM_N], adaptive_attacks: [CW_T]}\n",
+                                         "eval.adaptive_attacks: 'CW_T' is not an attack of the table (eval.known"),
     "substitute seed": ("seed: 3\nmodels: {substitute: {seed: 3}}\n", "models.substitute.seed: 3 is the run's seed"),
 }
 

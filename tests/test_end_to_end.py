@@ -133,6 +133,14 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
             assert change.max() > 0, attack
             assert info["success_rate_stored"] > (20 if attack != "CW_T" else 0), (stage, attack, info)
     assert stages["attacks-source"]["attacks"]["JSMA_T"]["samples"] == 16
+    # `mid cache` lists the stored test attacks with their split, and verify re-hashes them.
+    listing = subprocess.run([sys.executable, "-m", "pipeline", "cache", "ls", "--store", str(store)],
+                             capture_output=True, text=True, timeout=120)
+    test_pools = [line for line in listing.stdout.splitlines() if line.startswith("pool") and " test " in line]
+    assert len(test_pools) == 2 * len(ATTACKS), listing.stdout
+    checked = subprocess.run([sys.executable, "-m", "pipeline", "cache", "verify", "--store", str(store)],
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and ", 0 corrupt," in checked.stdout, checked.stdout[-2000:]
     epochs = [json.loads(line) for line in (tmp_path / "run1" / "metrics" / "mid.jsonl").read_text().splitlines()]
     assert [e["variant"] for e in epochs] == [0, 1]  # epoch e reads variant e mod K
     curves = tensorboard_scalars(tmp_path / "run1" / "tensorboard" / "mid")

@@ -75,3 +75,23 @@ def quiet_driver_loggers(stream=None) -> None:
 
 
 _log_stream = None
+
+
+def close_worker_bars() -> None:
+    """Close the bars of workers that have finished.
+
+    A worker's last bar update (its close) travels on its stdout; when the worker exits
+    before that line is shipped (seen on a busy machine), the driver keeps redrawing a
+    stale bar under every later line. A stage that knows its workers are done clears them.
+    """
+    try:
+        from ray.experimental import tqdm_ray
+
+        manager = tqdm_ray.instance()
+        with manager.lock:
+            for group in manager.bar_groups.values():
+                for bar in group.bars_by_uuid.values():
+                    bar.close()
+                group.bars_by_uuid.clear()
+    except (ImportError, AttributeError):
+        pass  # another Ray release: its own bar handling stays

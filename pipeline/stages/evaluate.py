@@ -53,18 +53,19 @@ def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, A
         ctx.claim("results", {f"{p}/{d}": k for (p, d), k in keys.items()})
         cells = {cell: fs.read_json(results_url(ctx.root, key)) for cell, key in keys.items()}
         missing = [cell for cell, found in cells.items() if found is None]
+        computed = []
         if missing:
             with ctx.build_locks([keys[c] for c in missing]):
                 for cell in missing:  # another run may have written it while this one waited
                     cells[cell] = fs.read_json(results_url(ctx.root, keys[cell]))
-                todo = [cell for cell in missing if cells[cell] is None]
-                if todo:
-                    built = evaluate(ctx, dataset, defenses, stored, todo)
-                    for cell in todo:
+                computed = [cell for cell in missing if cells[cell] is None]
+                if computed:
+                    built = evaluate(ctx, dataset, defenses, stored, computed)
+                    for cell in computed:
                         fs.write_json_atomic(results_url(ctx.root, keys[cell]), built[cell])
                         cells[cell] = built[cell]
-        record["cache_hit"] = not missing
-        record["details"] = {"cells": len(keys), "computed": len(missing)}
+        record["cache_hit"] = not computed
+        record["details"] = {"cells": len(keys), "computed": len(computed)}
     return {p: {d: in_table_order(cells[(p, d)], ctx.cfg.eval.attacks) for d in defenses}
             for p in ctx.cfg.eval.protocols}
 

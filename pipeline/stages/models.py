@@ -34,7 +34,7 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.console import quiet_driver_loggers
+    from pipeline.console import close_worker_bars, quiet_driver_loggers
 
     quiet_driver_loggers()  # Ray Train set up its loggers on import
     name = f"{stage}-{key}"
@@ -56,7 +56,10 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                              failure_config=FailureConfig(max_failures=ctx.cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    fit_off_the_main_thread(trainer)
+    try:
+        fit_off_the_main_thread(trainer)
+    finally:
+        close_worker_bars()
     manifest = checkpoints.verify_checkpoint(ctx.root, key)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but checkpoint {key} is not in the store")

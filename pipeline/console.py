@@ -88,10 +88,14 @@ def close_worker_bars() -> None:
         from ray.experimental import tqdm_ray
 
         manager = tqdm_ray.instance()
-        with manager.lock:
+        if not manager.lock.acquire(timeout=1.0):  # the log thread is drawing: leave the bars be
+            return
+        try:
             for group in manager.bar_groups.values():
                 for bar in group.bars_by_uuid.values():
                     bar.close()
                 group.bars_by_uuid.clear()
+        finally:
+            manager.lock.release()
     except (ImportError, AttributeError):
         pass  # another Ray release: its own bar handling stays

@@ -41,6 +41,10 @@ def run(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
         return run_stages(ctx)
 
 
+def model_summary(manifest: dict[str, Any], kind: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "key": manifest["key"], "sha256": manifest["sha256"], **extra}
+
+
 def crafted(ctx: RunContext, stage: str) -> dict[str, Any]:
     """Per stored test attack: its pool key, samples and success rate against its model."""
     return {attack: {k: v for k, v in info.items() if k != "cache_hit"}
@@ -55,13 +59,12 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
     if "source" in e.protocols:
         kind = ctx.cfg.pool.source_model if e.source_model == "pool" else e.source_model
         stored["source"] = pool.run_test_attacks(ctx, dataset, "source", kind, trained[kind])
-        meta["source"] = {"model": {"kind": kind, "key": trained[kind]["key"], "sha256": trained[kind]["sha256"]},
+        meta["source"] = {"source_model": model_summary(trained[kind], kind),
                           "attacks": crafted(ctx, "attacks-source")}
     if "transfer" in e.protocols:
         substitute = trained["substitute"] = models.run(ctx, dataset, "substitute")
         stored["transfer"] = pool.run_test_attacks(ctx, dataset, "transfer", "substitute", substitute)
-        meta["transfer"] = {"model": {"kind": "substitute", "key": substitute["key"], "sha256": substitute["sha256"],
-                                      "seed": ctx.cfg.models.substitute.seed},
+        meta["transfer"] = {"source_model": model_summary(substitute, "substitute", seed=ctx.cfg.models.substitute.seed),
                             "attacks": crafted(ctx, "attacks-transfer")}
     if "adaptive" in e.protocols:
         meta["adaptive"] = {"attacks": {}}

@@ -24,12 +24,12 @@ TITLES = {"source": "Source protocol (the paper's Table 2)",
 def crafted_against(protocol: str, meta: dict[str, Any]) -> str:
     """The table's one line saying what its attacks were crafted against."""
     if protocol == "source":
-        return (f"Attacks crafted once against the fixed {meta['model']['kind']} "
-                f"(`{meta['model']['key']}`) and fed to every defense: grey-box, not white-box.")
+        return (f"Attacks crafted once against the fixed {meta['source_model']['kind']} "
+                f"(`{meta['source_model']['key']}`) and fed to every defense: grey-box, not white-box.")
     if protocol == "transfer":
+        model = meta["source_model"]
         return (f"Attacks crafted once against a substitute, a plain classifier of the same architecture trained "
-                f"independently (seed {meta['model']['seed']}, `{meta['model']['key']}`), and fed to every defense: "
-                f"black-box transfer.")
+                f"independently (seed {model['seed']}, `{model['key']}`), and fed to every defense: black-box transfer.")
     return "Attacks crafted against each defense itself, end to end (MID: the teacher's classifier on the " \
            "student's features): white-box."
 

@@ -76,8 +76,9 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
             assert abs(row["avg_unknown"] - sum(values[5:]) / 8) < 0.02
             assert row["samples"]["JSMA_T"] == 16 and row["samples"]["PGD_N"] == 96
     source, transfer = results["protocols"]["source"], results["protocols"]["transfer"]
-    assert source["model"]["kind"] == "baseline"  # the model the training pool came from
-    assert transfer["model"]["kind"] == "substitute" and transfer["model"]["sha256"] != source["model"]["sha256"]
+    assert source["source_model"]["kind"] == "baseline"  # the model the training pool came from
+    substitute = transfer["source_model"]
+    assert substitute["kind"] == "substitute" and substitute["sha256"] != source["source_model"]["sha256"]
     none = results["protocols"]["adaptive"]["defenses"]["None"]
     assert none["benign"] > 30  # a few epochs already learn something
     # Crafted against None itself, the source attacks break it as the adaptive ones do.

@@ -21,7 +21,7 @@ def test_three_tables_with_their_averages_and_notes(tmp_path):
         "adaptive": {"None": row(90.0, {"PGD_N": 0.0, "MIM_T": None, "FGSM_N": 5.0, "CW_N": None}),
                      "MID": row(80.0, {"PGD_N": 2.0, "MIM_T": None, "FGSM_N": 9.0, "CW_N": None})},
     }
-    meta = {"source": {"model": {"kind": "baseline", "key": "baseline-k", "sha256": "s"},
+    meta = {"source": {"source_model": {"kind": "baseline", "key": "baseline-k", "sha256": "s"},
                        "attacks": {a: {"success_rate_stored": 99.0} for a in KNOWN + UNKNOWN}},
             "adaptive": {"attacks": {}}}
     printed = report.write(tmp_path, "t", protocols, meta, {}, KNOWN, UNKNOWN)
@@ -29,7 +29,7 @@ def test_three_tables_with_their_averages_and_notes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     mid = results["protocols"]["source"]["defenses"]["MID"]
     assert (mid["avg_known"], mid["avg_unknown"], mid["avg"]) == (82.5, 55.0, 71.0)
-    assert results["protocols"]["source"]["model"]["kind"] == "baseline"
+    assert results["protocols"]["source"]["source_model"]["kind"] == "baseline"
     adaptive = results["protocols"]["adaptive"]["defenses"]["None"]
     assert (adaptive["avg_known"], adaptive["avg_unknown"], adaptive["avg"]) == (0.0, 5.0, 31.67)  # None: not run
     md = (tmp_path / "report.md").read_text()

@@ -56,10 +56,8 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                              failure_config=FailureConfig(max_failures=ctx.cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    try:
-        fit_off_the_main_thread(trainer)
-    finally:
-        close_worker_bars()
+    fit_off_the_main_thread(trainer)
+    close_worker_bars()  # only once the run is over: an interrupted run leaves at once
     manifest = checkpoints.verify_checkpoint(ctx.root, key)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but checkpoint {key} is not in the store")

@@ -36,10 +36,16 @@ def command(verb: str, store: Path, out: Path, *extra: str) -> list[str]:
     return args
 
 
+def interruptible() -> None:
+    # A terminal delivers Ctrl-C; a CI job started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], log: Path) -> subprocess.Popen:
     # Its own session: the run and the Ray instance it starts form one process group, as in a terminal.
     return subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=interruptible)
 
 
 def test_runs_at_once_share_a_store_and_a_machine(tmp_path):

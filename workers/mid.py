@@ -1,7 +1,8 @@
 """Meta Invariance Defense: the per-view losses and the meta step of DESIGN §3.
 
 Notation: frozen teacher encoder E_t, classifier C_t, decoder D_t; student encoder E_s(θ);
-p(z) = softmax(z / τ) over feature dimensions. For a view x̃_v of a clean batch (x, y):
+p(z) = softmax(z / τ) over the feature's channel dimension (dim 1: the feature vector, or
+the channels at each location of a feature map). For a view x̃_v of a clean batch (x, y):
 
     AC_v = KL(p(E_t(x)) || p(E_s(x̃_v)))                 adversarial consistency
     CC_v = KL(p(E_t(x)) || p(E_t(D_t(E_s(x̃_v)))))        cyclic consistency (through frozen D_t, E_t)
@@ -12,6 +13,16 @@ One step holds out a* ∈ A: g = ∇θ J(θ; V), θ' = θ − α·g, L = J(θ; V
 Fast weights are a dict of tensors evaluated with ``torch.func.functional_call``, never
 loaded into a module, so the graph from θ' back to θ is never cut (the defect of the
 authors' public code, where ``load_state_dict`` made the meta-test loss constant in θ).
+
+BatchNorm in the student (ResNets): the meta-train views go through the student in one
+pass, so each step normalises with the statistics of the clean and adversarial views
+together, and only that pass updates the running statistics. The meta-test pass (fast
+weights, held-out view) normalises with its own batch's statistics and updates copies of
+the running buffers that are thrown away: the held-out view is already in the running
+statistics through earlier steps, where it was a meta-train view.
+
+A teacher without a decoder (ViT) has no cyclic-consistency term; the config requires its
+weights to be 0.
 """
 
 from __future__ import annotations
@@ -54,13 +65,24 @@ class FrozenTeacher:
 
     def __post_init__(self):
         for module in (self.encoder, self.classifier, self.decoder):
-            module.eval()
-            module.requires_grad_(False)
+            if module is not None:
+                module.eval()
+                module.requires_grad_(False)
+
+
+def feature_distribution(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p(z): softmax over dim 1 (the vector's entries, or a map's channels at each location)."""
+    return F.softmax(z / temperature, dim=1)
 
 
 def _kl_per_sample(p_target: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_q = F.log_softmax(logits / temperature, dim=-1)
-    return F.kl_div(log_q, p_target, reduction="none").sum(-1)
+    """KL(p_target || p(logits)) per sample, summed over channels (and a map's locations)."""
+    log_q = F.log_softmax(logits / temperature, dim=1)
+    return F.kl_div(log_q, p_target, reduction="none").flatten(1).sum(1)
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher: FrozenTeacher,
@@ -72,17 +94,19 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
     ``batch_views`` sends all views through the networks in one forward pass (fewer, larger
     kernels: faster on a GPU); otherwise one pass per view (faster on CPU, where the larger
     batch only spills caches: 2.9 against 3.1 ms per sample for a 28x28 LeNet step). Both
-    give the same value: the student must not hold batch statistics (LeNet has none).
+    give the same value for a student without batch statistics; ``meta_objective`` always
+    batches the views of a student with BatchNorm.
     """
     batch = labels.shape[0]
     chunks = [torch.cat(views)] if batch_views else views
-    ac = cc = lc = 0.0
+    ac = cc = lc = torch.zeros((), device=labels.device)
     for chunk in chunks:
         n = chunk.shape[0] // batch
         z = functional_call(student, params, (chunk,))
-        p_rep = p_teacher.repeat(n, 1)
+        p_rep = p_teacher.repeat(n, *([1] * (p_teacher.dim() - 1)))
         ac = ac + _kl_per_sample(p_rep, z, temperature).view(n, batch).mean(1).sum()
-        cc = cc + _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(n, batch).mean(1).sum()
+        if teacher.decoder is not None:
+            cc = cc + _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(n, batch).mean(1).sum()
         lc = lc + F.cross_entropy(teacher.classifier(z), labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
     total = weights.ac * ac + weights.cc * cc + weights.lc * lc
     return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item()}
@@ -100,17 +124,20 @@ def meta_objective(student: nn.Module, teacher: FrozenTeacher, clean: torch.Tens
     if held_out not in adversarial:
         raise KeyError(f"held-out attack {held_out!r} is not among the views {sorted(adversarial)}")
     params = dict(student.named_parameters())
+    batch_norm = has_batch_norm(student)
     with torch.no_grad():
-        p_teacher = F.softmax(teacher.encoder(clean) / settings.temperature, dim=-1)
+        p_teacher = feature_distribution(teacher.encoder(clean), settings.temperature)
     train_views = [clean] + [x for name, x in adversarial.items() if name != held_out]
     j_train, train_parts = view_objective(student, params, teacher, train_views, labels,
                                           p_teacher, settings.meta_train, settings.temperature,
-                                          settings.batch_views)
+                                          settings.batch_views or batch_norm)
     # retain_graph: J(θ; V) is differentiated again as part of L, also in first order.
     grads = torch.autograd.grad(j_train, list(params.values()), create_graph=settings.second_order,
                                 retain_graph=True)
     fast = {name: p - settings.inner_lr * (g if settings.second_order else g.detach())
             for (name, p), g in zip(params.items(), grads)}
+    if batch_norm:  # the meta-test pass must not move the running statistics (module docstring)
+        fast.update({name: b.clone() for name, b in student.named_buffers()})
     j_test, test_parts = view_objective(student, fast, teacher, [adversarial[held_out]], labels,
                                         p_teacher, settings.meta_test, settings.temperature)
     total = j_train + settings.beta * j_test

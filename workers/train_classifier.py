@@ -17,9 +17,11 @@ import torch.nn.functional as F
 
 from storage.checkpoints import save_checkpoint
 from workers.adversarial_training import madry_loss, trades_loss
+from workers.augment import augmentation_generator, crop_and_flip
 from workers.epoch_checkpoint import report_epoch, restore_state
 from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
+from workers.models.pretrained import load_pretrained
 from workers.progress import epoch_bar, quiet_ray_train
 
 PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step; keeps data wait small
@@ -40,6 +42,8 @@ def objective(kind: str, config: dict[str, Any], model, x: torch.Tensor, y: torc
     """(loss, clean or adversarial logits) of one batch for a model of this ``kind``."""
     if kind == "teacher":
         logits, reconstruction = model(x)
+        if reconstruction is None:  # a backbone without a decoder (ViT); the config holds lambda_rec at 0
+            return F.cross_entropy(logits, y), logits
         return F.cross_entropy(logits, y) + config["lambda_rec"] * F.l1_loss(reconstruction, x), logits
     if kind == "at":
         return madry_loss(model, unwrap(model), x, y, config["attack"])
@@ -56,6 +60,8 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
     spec = ModelSpec(**config["spec"])
     kind = config["kind"]
     model = build_teacher(spec) if kind == "teacher" else build_classifier_model(spec)
+    if config.get("pretrained"):  # checked and reported on the driver before training started
+        load_pretrained(model.encoder, model.classifier, config["pretrained"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     history, first_epoch = [], 0
     state = restore_state()
@@ -73,10 +79,12 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
     for epoch in range(first_epoch, config["epochs"]):
         epoch_config = {**config, "attack": epoch_attack(config, epoch)}
         start, seen, correct, total_loss = time.perf_counter(), 0, 0, 0.0
+        crops = augmentation_generator(config["seed"], rank, epoch)
         for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
                                               prefetch_batches=PREFETCH_BATCHES,
                                               local_shuffle_buffer_size=4 * config["batch_size"]):
-            x, y = to_float(batch["clean"]), batch["label"]
+            (x,), y = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops), \
+                batch["label"]
             loss, logits = objective(kind, epoch_config, model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,7 +6,6 @@ Each epoch ends with a Ray Train checkpoint; a restarted worker group resumes fr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from typing import Any
@@ -16,6 +15,8 @@ import ray.train.torch
 import torch
 
 from storage.checkpoints import save_checkpoint
+from workers.augment import augmentation_generator, crop_and_flip
+from workers.device import bf16_autocast
 from workers.epoch_checkpoint import report_epoch, restore_state
 from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
@@ -55,9 +56,7 @@ def autocast(config: dict[str, Any], device: torch.device):
 
     Gradients and the fast weights stay float32 (autocast keeps parameters in their dtype).
     """
-    if config["bf16"] and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return bf16_autocast(config["bf16"] and device.type == "cuda", device)
 
 
 def train_mid_loop(config: dict[str, Any]) -> None:
@@ -84,6 +83,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     for epoch in range(first_epoch, config["epochs"]):
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
+        crops = augmentation_generator(config["seed"], rank, epoch)
         batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
                                                 prefetch_batches=PREFETCH_BATCHES,
                                                 local_shuffle_buffer_size=4 * config["batch_size"]))
@@ -94,10 +94,11 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             if batch is None:
                 break
             held_out = draw_held_out(attacks, config["seed"], step)
+            clean, *views = crop_and_flip([to_float(batch[name]) for name in ["clean", *attacks]],
+                                          config["augment"], config["crop_padding"], crops)
             with autocast(config, device):
-                loss, metrics = meta_objective(
-                    student, teacher, to_float(batch["clean"]),
-                    {name: to_float(batch[name]) for name in attacks}, batch["label"], held_out, settings)
+                loss, metrics = meta_objective(student, teacher, clean, dict(zip(attacks, views)), batch["label"],
+                                               held_out, settings)
             grads = average_across_workers(meta_gradients(student, loss))
             apply_gradients(student, grads, optimizer)
             step += 1

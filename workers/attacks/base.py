@@ -58,6 +58,9 @@ class Attack(ABC):
         with torch.no_grad():
             num_classes = model(x[:1]).shape[-1]
         adversary = self.build(model, num_classes)
+        # advertorch flattens gradients with .view, which a channels-last image of more than
+        # one channel cannot take: the attacks see plain NCHW (the model converts on its own).
+        x = x.contiguous()
         with torch.enable_grad():
             adv = self.run(adversary, x, target if self.targeted else y)
         model.train(was_training)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from storage.pools import quantize
-from storage.raw import load_digits, resize_images
+from storage.readers.base import resize_images
+from storage.readers.digits import load_digits
 from workers.attacks import make_attack, random_targets
 from workers.mid import FrozenTeacher, LossWeights, MetaSettings, draw_held_out, meta_gradients, meta_objective
 from workers.models import EncoderClassifier, ModelSpec, build_classifier_model, build_encoder, build_teacher, to_float

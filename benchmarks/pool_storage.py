@@ -35,7 +35,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage import pools  # noqa: E402
-from storage.raw import MNIST_CLASSES, load_digits, load_idx_dataset, resize_images  # noqa: E402
+from storage.readers.base import resize_images  # noqa: E402
+from storage.readers.digits import load_digits  # noqa: E402
+from storage.readers.idx import MNIST_CLASSES, load_idx_dataset  # noqa: E402
 from workers.attacks import make_attack, parse_attack_name, random_targets  # noqa: E402
 from workers.models import ModelSpec, build_classifier_model, to_float  # noqa: E402
 

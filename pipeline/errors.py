@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.context import PipelineError
-from storage.raw import DataFileError
+from storage.readers.base import DataFileError
 from storage.store import StoreError, one_line
 
 LOG_FOLDER = "logs"

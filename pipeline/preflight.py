@@ -10,7 +10,7 @@ answers). Each problem is one line naming the file or URL and what to do.
 from __future__ import annotations
 
 from pipeline.config import RunConfig
-from storage import raw
+from storage.readers import reader
 from storage import store as store_location
 
 
@@ -21,6 +21,4 @@ def problems(cfg: RunConfig) -> list[str]:
 
 
 def data_problems(cfg: RunConfig) -> list[str]:
-    if cfg.data.source == "digits":  # ships with scikit-learn, nothing to check
-        return []
-    return raw.idx_folder_problems(cfg.data.path)
+    return reader(cfg.data.source).problems(cfg.data.path)

@@ -6,19 +6,22 @@ Layout under ``<store>/datasets/<key>/``::
     train/labels  int64 (N,)
     test/...      the same
     manifest.json written last: fingerprint, shapes, class names (its presence = committed)
+
+In-memory datasets and streamed ones (image folders, one chunk at a time) go through the
+same writer and get the same fingerprint for the same pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import zarr
 
 from storage import fs
-from storage.raw import RawDataset
+from storage.readers.base import RawDataset
 
 SPLITS = ("train", "test")
 FORMAT_VERSION = 1
@@ -53,26 +56,67 @@ def read_manifest(root: str, key: str) -> dict[str, Any] | None:
     return fs.read_json(fs.join(dataset_url(root, key), "manifest.json"))
 
 
+class DatasetWriter:
+    """Writes one dataset split by split, in order, from batches of any size: rows are
+    buffered to whole chunks, and the fingerprint is hashed as they pass. Nothing is
+    visible as committed until ``commit`` writes the manifest; ``abort`` removes the rest."""
+
+    def __init__(self, root: str, key: str):
+        self.root, self.key = root, key
+        self.url = dataset_url(root, key)
+        fs.remove(self.url)  # a leftover from a killed ingest is never committed; start clean
+        self.group = zarr.open_group(fs.zarr_store(self.url), mode="w")
+        self.hash = hashlib.sha256()
+        self.shapes: dict[str, list[int]] = {}
+
+    def write_split(self, split: str, labels: np.ndarray, image_shape: tuple[int, ...],
+                    batches: Iterable[np.ndarray]) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        shape = (len(labels), *image_shape)
+        rows = chunk_rows(int(np.prod(image_shape)))
+        images = self.group.create_array(f"{split}/images", shape=shape, dtype=np.uint8, chunks=(rows, *image_shape))
+        self.hash.update(f"{split}:{shape}:{labels.shape}".encode())
+        pending, written = [], 0
+        for batch in batches:
+            pending.append(np.ascontiguousarray(batch, dtype=np.uint8))
+            buffered = sum(len(b) for b in pending)
+            if buffered >= rows:
+                block = np.concatenate(pending)
+                whole = (len(block) // rows) * rows
+                written = self._write_rows(images, block[:whole], written)
+                pending = [block[whole:]]
+        if pending:
+            written = self._write_rows(images, np.concatenate(pending), written)
+        if written != len(labels):
+            raise RuntimeError(f"dataset {split}: {written} images written for {len(labels)} labels")
+        self.hash.update(labels.tobytes())
+        self.group.create_array(f"{split}/labels", data=labels, chunks=(rows,))
+        self.shapes[split] = list(shape)
+
+    def _write_rows(self, images: zarr.Array, block: np.ndarray, start: int) -> int:
+        if len(block):
+            images[start:start + len(block)] = block
+            self.hash.update(block.tobytes())
+        return start + len(block)
+
+    def commit(self, class_names: Iterable[str]) -> dict[str, Any]:
+        class_names = list(class_names)
+        self.hash.update("\n".join(class_names).encode())
+        manifest = {"format_version": FORMAT_VERSION, "key": self.key, "fingerprint": self.hash.hexdigest(),
+                    "shapes": self.shapes, "class_names": class_names}
+        fs.write_json_atomic(fs.join(self.url, "manifest.json"), manifest)
+        return manifest
+
+    def abort(self) -> None:
+        fs.remove(self.url)
+
+
 def write_dataset(root: str, key: str, raw: RawDataset) -> dict[str, Any]:
-    url = dataset_url(root, key)
-    fs.remove(url)  # a leftover from a killed ingest is never committed; start clean
-    group = zarr.open_group(fs.zarr_store(url), mode="w")
-    shapes = {}
+    writer = DatasetWriter(root, key)
     for split in SPLITS:
         images, labels = raw.split(split)
-        rows = chunk_rows(int(np.prod(images.shape[1:])))
-        group.create_array(f"{split}/images", data=np.ascontiguousarray(images), chunks=(rows, *images.shape[1:]))
-        group.create_array(f"{split}/labels", data=labels.astype(np.int64), chunks=(rows,))
-        shapes[split] = list(images.shape)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "key": key,
-        "fingerprint": fingerprint(raw),
-        "shapes": shapes,
-        "class_names": list(raw.class_names),
-    }
-    fs.write_json_atomic(fs.join(url, "manifest.json"), manifest)
-    return manifest
+        writer.write_split(split, labels, images.shape[1:], [images])
+    return writer.commit(raw.class_names)
 
 
 @dataclass

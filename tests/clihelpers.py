@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRESS_BAR = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # a tqdm line, e.g. "decoding train images:  40%|██  | 4/10 [...]"
 
 
 def mid(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
@@ -31,7 +33,8 @@ def the_error_line(result: subprocess.CompletedProcess, *names: str) -> str:
     """The single line the command printed on stderr besides its stage lines ('[mid] ...'):
     it starts with 'error:' (or 'config error:') and names every one of ``names`` (a file,
     URL or field)."""
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("[mid] ")]
+    lines = [line for line in result.stderr.strip().splitlines()
+             if line.strip() and not line.startswith("[mid] ") and not PROGRESS_BAR.match(line)]
     assert len(lines) == 1, f"expected one line, got:\n{result.stderr[-3000:]}"
     line = lines[0]
     assert line.startswith(("error: ", "config error: ")), line

@@ -4,7 +4,7 @@ import numpy as np
 
 from storage import datasets, pools
 from storage.datasource import AlignedViewsDatasource
-from storage.raw import load_digits
+from storage.readers.digits import load_digits
 
 
 def build_store(root, n_pools=2):

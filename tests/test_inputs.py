@@ -22,7 +22,7 @@ import pytest
 from clihelpers import mid, the_error_line
 from test_raw import make_idx_folder
 
-from storage.raw import IDX_FILES
+from storage.readers.idx import IDX_FILES
 
 TRAIN_IMAGES = IDX_FILES["train_images"] + ".gz"
 

@@ -6,8 +6,10 @@ import struct
 import numpy as np
 import pytest
 
-from storage.raw import (IDX_FILES, DataFileError, load_digits, load_idx_dataset, read_idx, resize_images,
-                         source_digest, take_subset)
+from storage.readers import reader
+from storage.readers.base import DataFileError, resize_images, take_subset
+from storage.readers.digits import load_digits
+from storage.readers.idx import IDX_FILES, load_idx_dataset, read_idx
 
 
 def write_idx(path, array, gz):
@@ -38,7 +40,7 @@ def test_idx_folder_round_trip(tmp_path, gz):
     assert raw.train_images.shape == (20, 1, 28, 28) and raw.train_images.dtype == np.uint8
     np.testing.assert_array_equal(raw.train_images[:, 0], arrays["train_images"])
     np.testing.assert_array_equal(raw.test_labels, arrays["test_labels"])
-    assert len(source_digest("mnist", str(tmp_path))) == 64
+    assert len(reader("mnist").digest(str(tmp_path))) == 64
 
 
 def test_idx_wrong_magic_and_truncation_are_named(tmp_path):

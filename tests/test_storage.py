@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from storage import checkpoints, datasets, pools
 from storage.keys import content_key
-from storage.raw import load_digits
+from storage.readers.digits import load_digits
 
 
 def test_dataset_round_trip_and_fingerprint(tmp_path):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from storage.pools import quantize
-from storage.raw import load_digits, resize_images
+from storage.readers.base import resize_images
+from storage.readers.digits import load_digits
 from workers.attacks import make_attack, make_targets
 from workers.models import ModelSpec, build_classifier_model, to_float
 

@@ -1,35 +1,77 @@
-"""Ingest: raw dataset files → the Zarr dataset store (uint8 NCHW images, labels)."""
+"""Ingest: raw dataset files → the Zarr dataset store (uint8 NCHW images, labels).
+
+In-memory formats (digits, IDX, CIFAR, SVHN) are read whole, subset and resized here;
+image folders are decoded by Ray Data and streamed into the store chunk by chunk.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from tqdm import tqdm
+
 from pipeline.context import RunContext
 from storage import datasets
 from storage.keys import content_key
-from storage.raw import load_raw, resize_images, source_digest, take_subset
+from storage.readers import reader
+from storage.readers.base import resize_images, take_subset
+
+DECODE_BATCH_ROWS = 256
 
 
 def dataset_key(ctx: RunContext) -> str:
     d = ctx.cfg.data
     return content_key("dataset", {
-        "source": d.source, "raw_sha256": source_digest(d.source, d.path), "image_size": d.image_size,
+        "source": d.source, "raw_sha256": reader(d.source).digest(d.path), "image_size": d.image_size,
         "test_fraction": d.test_fraction if d.source == "digits" else None,
         "train_limit": d.train_limit, "test_limit": d.test_limit, "seed": ctx.cfg.seed,
         "format_version": datasets.FORMAT_VERSION,
     })
 
 
+def split_limits(ctx: RunContext) -> dict[str, tuple[int | None, int]]:
+    """Each split's subset size and the seed that draws it."""
+    d = ctx.cfg.data
+    return {"train": (d.train_limit, ctx.cfg.seed), "test": (d.test_limit, ctx.cfg.seed + 1)}
+
+
 def ingest(ctx: RunContext, key: str) -> dict:
     d = ctx.cfg.data
+    source = reader(d.source)
     ctx.say(f"ingest: reading {d.source}" + (f" from {d.path}" if d.path else ""))
-    raw = load_raw(d.source, d.path, d.test_fraction, ctx.cfg.seed)
-    train_x, train_y = take_subset(raw.train_images, raw.train_labels, d.train_limit, ctx.cfg.seed)
-    test_x, test_y = take_subset(raw.test_images, raw.test_labels, d.test_limit, ctx.cfg.seed + 1)
+    if source.streaming:
+        return ingest_streaming(ctx, key, source)
+    raw = source.load(d.path, d.test_fraction, ctx.cfg.seed)
+    limits = split_limits(ctx)
+    train_x, train_y = take_subset(raw.train_images, raw.train_labels, *limits["train"])
+    test_x, test_y = take_subset(raw.test_images, raw.test_labels, *limits["test"])
     if d.image_size:
         train_x, test_x = resize_images(train_x, d.image_size), resize_images(test_x, d.image_size)
     raw = replace(raw, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y)
     return datasets.write_dataset(ctx.root, key, raw)
+
+
+def ingest_streaming(ctx: RunContext, key: str, source) -> dict:
+    """Decode on Ray Data, write chunk by chunk; a failure leaves nothing committed."""
+    ctx.ensure_ray()
+    size, writer = ctx.cfg.data.image_size, datasets.DatasetWriter(ctx.root, key)
+    try:
+        for split, (limit, seed) in split_limits(ctx).items():
+            files, labels = source.selected(ctx.cfg.data.path, split, limit, seed)
+            with tqdm(total=len(files), desc=f"decoding {split} images", unit="img") as bar:
+                def batches():
+                    done = 0
+                    for paths, images in source.decoded_batches(files, size, DECODE_BATCH_ROWS):
+                        if list(paths) != files[done:done + len(paths)]:  # preserve_order is on; make sure
+                            raise RuntimeError(f"ingest: Ray Data returned {split} images out of order")
+                        done += len(paths)
+                        bar.update(len(paths))
+                        yield images
+                writer.write_split(split, labels, (3, size, size), batches())
+        return writer.commit(source.classes(ctx.cfg.data.path))
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def run(ctx: RunContext) -> datasets.DatasetReader:
@@ -38,6 +80,6 @@ def run(ctx: RunContext) -> datasets.DatasetReader:
         record["key"] = key
         _, record["cache_hit"] = ctx.reuse_or_build(
             "ingest", key, lambda: datasets.read_manifest(ctx.root, key), lambda: ingest(ctx, key))
-        reader = datasets.DatasetReader.open(ctx.root, key)
-        record["details"] = {"fingerprint": reader.fingerprint, "shapes": reader.manifest["shapes"]}
-    return reader
+        reader_ = datasets.DatasetReader.open(ctx.root, key)
+        record["details"] = {"fingerprint": reader_.fingerprint, "shapes": reader_.manifest["shapes"]}
+    return reader_

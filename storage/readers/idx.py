@@ -1,8 +1,4 @@
-"""Readers for raw datasets: scikit-learn's bundled digits and MNIST-style IDX files.
-
-Every reader returns a :class:`RawDataset` of uint8 NCHW images, so the ingest stage and
-everything after it never care where the pixels came from.
-"""
+"""MNIST and Fashion-MNIST: the four IDX files (gzipped or raw) in one folder."""
 
 from __future__ import annotations
 
@@ -10,9 +6,9 @@ import gzip
 import os
 import struct
 import zlib
-from dataclasses import dataclass
-
 import numpy as np
+
+from storage.readers.base import DataFileError, RawDataset, Reader
 
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 FASHION_MNIST_CLASSES = (
@@ -27,41 +23,6 @@ IDX_FILES = {
 }
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
-
-
-@dataclass(frozen=True)
-class RawDataset:
-    train_images: np.ndarray  # uint8 (N, C, H, W)
-    train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    class_names: tuple[str, ...]
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name not in ("train", "test"):
-            raise ValueError(f"unknown split {name!r} (allowed: train, test)")
-        return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
-
-
-def load_digits(test_fraction: float, seed: int) -> RawDataset:
-    """scikit-learn's 1,797 8x8 digits (pixel values 0..16), rescaled to 0..255."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    labels = bunch.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = int(round(len(labels) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return RawDataset(
-        images[np.sort(train)], labels[np.sort(train)],
-        images[np.sort(test)], labels[np.sort(test)],
-        MNIST_CLASSES,
-    )
-
-
-class DataFileError(ValueError):
-    """A raw data file that cannot be read; the message is one line naming the file."""
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -176,39 +137,12 @@ def load_idx_dataset(directory: str, class_names: tuple[str, ...]) -> RawDataset
     return RawDataset(images["train"], labels["train"], images["test"], labels["test"], class_names)
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of uint8 NCHW images to size x size (digits are 8x8; LeNet wants more)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(images.astype(np.float32))
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return y.round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def take_subset(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int):
-    """A seeded random subset, kept in index order (the stored order stays meaningful)."""
-    if limit is None or limit >= len(labels):
-        return images, labels
-    keep = np.sort(np.random.default_rng(seed).choice(len(labels), size=limit, replace=False))
-    return images[keep], labels[keep]
-
-
-def source_digest(source: str, path: str | None) -> str:
-    """sha256 of the raw files a dataset is read from: the cheap half of its cache key."""
+def idx_digest(directory: str) -> str:
+    """sha256 of the four files' uncompressed bytes (gzipped or not, the same dataset)."""
     import hashlib
-    import importlib.util
 
     h = hashlib.sha256()
-    if source == "digits":
-        # Located without importing scikit-learn (a second of start-up on every cached run).
-        sklearn_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]
-        with open(os.path.join(sklearn_dir, "datasets", "data", "digits.csv.gz"), "rb") as f:
-            h.update(f.read())
-        return h.hexdigest()
-    for part, file in sorted(idx_files(path).items()):
+    for part, file in sorted(idx_files(directory).items()):
         name, f = _open_idx(file)
         try:
             with f:
@@ -220,8 +154,23 @@ def source_digest(source: str, path: str | None) -> str:
     return h.hexdigest()
 
 
-def load_raw(source: str, path: str | None, test_fraction: float, seed: int) -> RawDataset:
-    if source == "digits":
-        return load_digits(test_fraction, seed)
-    names = FASHION_MNIST_CLASSES if source == "fashion-mnist" else MNIST_CLASSES
-    return load_idx_dataset(path, names)
+class IdxFolder(Reader):
+    def __init__(self, class_names: tuple[str, ...]):
+        self.class_names = class_names
+
+    def problems(self, path):
+        return idx_folder_problems(path)
+
+    def digest(self, path):
+        return idx_digest(path)
+
+    def load(self, path, test_fraction, seed):
+        return load_idx_dataset(path, self.class_names)
+
+
+def MNIST() -> IdxFolder:  # noqa: N802 - registry factories are named after their datasets
+    return IdxFolder(MNIST_CLASSES)
+
+
+def FashionMNIST() -> IdxFolder:  # noqa: N802
+    return IdxFolder(FASHION_MNIST_CLASSES)

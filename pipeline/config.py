@@ -17,7 +17,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
+from storage.readers import SOURCES
 from workers.attacks import FAMILIES, parse_attack_name
+from workers.models import ARCHITECTURES, has_decoder
 
 
 def _types_in(annotation: Any) -> set[Any]:
@@ -59,19 +61,39 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "mnist", "fashion-mnist"] = "digits"
-    path: str | None = Field(None, description="folder of the IDX files (mnist, fashion-mnist)")
-    image_size: PositiveInt | None = Field(None, description="resize images to this side (bilinear)")
+    source: Literal[tuple(SOURCES)] = Field(
+        "digits", description="digits (bundled), mnist / fashion-mnist (IDX files), cifar10 / cifar100 (python "
+                              "tarball, its folder, or train.npz + test.npz), svhn (train_32x32.mat, test_32x32.mat), "
+                              "image_folder (train/<class>/… and val/<class>/… trees of JPEG / PNG files)")
+    path: str | None = Field(None, description="the dataset's file or folder (every source but digits)")
+    image_size: PositiveInt | None = Field(
+        None, description="resize images to this side (bilinear); image_folder: resize the shorter side, then "
+                          "centre-crop (required there)")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="digits only: share held out for test")
     train_limit: PositiveInt | None = Field(None, description="use a seeded subset of the train split")
     test_limit: PositiveInt | None = Field(None, description="use a seeded subset of the test split")
+    augment: Literal["auto", "none", "crop", "crop_flip"] = Field(
+        "auto", description="training augmentation on the workers: random crop after zero padding (crop), plus "
+                            "horizontal flips (crop_flip); auto: crop_flip for cifar and image folders, crop for "
+                            "svhn (a flipped digit is another digit), none for the 28-pixel grey sets and digits")
+    crop_padding: PositiveInt = Field(4, description="zero padding of the random crop, in pixels")
 
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.source != "digits" and not self.path:
-            raise ValueError(f"data.path is required for source {self.source!r}: the folder of its IDX "
-                             f"files, e.g. --set data.path=../shared/data/mnist")
+            raise ValueError(f"data.path is required for source {self.source!r}: {SOURCES[self.source]}, e.g. "
+                             f"--set data.path=../shared/data/{self.source}")
+        if self.source == "image_folder" and not self.image_size:
+            raise ValueError("data.image_size is required for source 'image_folder': its images have many sizes "
+                             "(e.g. 64 for Tiny-ImageNet, 224 for ImageNet)")
         return self
+
+    def augmentation(self) -> str:
+        """The augmentation actually applied (``auto`` resolved by source)."""
+        if self.augment != "auto":
+            return self.augment
+        return {"cifar10": "crop_flip", "cifar100": "crop_flip", "image_folder": "crop_flip",
+                "svhn": "crop"}.get(self.source, "none")
 
 
 class TrainConfig(Section):
@@ -111,8 +133,24 @@ class SubstituteConfig(TrainConfig):
 
 
 class ModelsConfig(Section):
-    arch: Literal["lenet"] = "lenet"
-    feature_dim: PositiveInt = 84
+    arch: Literal[tuple(ARCHITECTURES)] = Field(
+        "lenet", description="lenet (digits demo), mid_cnn (the authors' MNIST network), resnet18 / resnet50 "
+                             "(torchvision names), vit_s16 / vit_b16 (timm names, no decoder)")
+    feature_dim: PositiveInt = Field(84, description="lenet only: the feature vector's size")
+    mean: list[float] | None = Field(None, description="per-channel input mean, subtracted inside the model "
+                                                       "(attacks and ε stay in [0, 1] pixels)")
+    std: list[float] | None = Field(None, description="per-channel input std, divided inside the model")
+    pretrained: str | None = Field(
+        None, description="a torchvision / timm state dict file (.pth, .pt or .safetensors) that initialises the "
+                          "baseline and the teacher; never downloaded")
+
+    @model_validator(mode="after")
+    def _mean_with_std(self):
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("models.mean and models.std go together: give both or neither")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"models.std: every value must be positive, got {self.std}")
+        return self
     num_workers: PositiveInt = 2
     baseline: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig(epochs=30)
@@ -216,6 +254,8 @@ class PoolConfig(Section):
         1, le=16, description="store deltas on a grid of this many grey levels (1 = exact uint8 rounding)")
     compressor: Literal["zstd", "lzma", "blosc", "none"] = "zstd"
     num_actors: PositiveInt = 2
+    bf16: bool = Field(False, description="run the attacks under bfloat16 autocast (fast on GPUs; the stored "
+                                          "success rate is still measured in float32 and reported)")
 
     @field_validator("attacks")
     @classmethod
@@ -329,7 +369,9 @@ class RayConfig(Section):
     num_cpus: PositiveInt | None = None
     cpus_per_worker: PositiveFloat = Field(0.5, description="CPUs per Ray Train worker (leave some for Ray Data)")
     cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs per pool-generation or evaluation actor")
-    use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker (NCCL between them)")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per pool-generation or evaluation actor; fractions "
+                                                           "share one GPU between actors (e.g. 0.25: four per GPU)")
     max_failures: int = Field(2, ge=-1, description="restarts of a training run from its last epoch "
                                                      "checkpoint after a worker or node dies (-1: no limit)")
 
@@ -378,6 +420,19 @@ class RunConfig(Section):
                 first = e.errors()[0]
                 where = ".".join(["models", kind, "attack", *(str(p) for p in first["loc"])])
                 raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _no_decoder_no_cyclic_consistency(self):
+        arch = self.models.arch
+        if has_decoder(arch):
+            return self
+        for where, value in (("mid.meta_train_weights.cc", self.mid.meta_train_weights.cc),
+                             ("mid.meta_test_weights.cc", self.mid.meta_test_weights.cc),
+                             ("models.teacher.lambda_rec", self.models.teacher.lambda_rec)):
+            if value != 0:
+                raise ValueError(f"{where}: {value}, but {arch} has no decoder, so there is no reconstruction or "
+                                 f"cyclic-consistency term; set it to 0")
         return self
 
     @model_validator(mode="after")

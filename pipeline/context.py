@@ -177,6 +177,17 @@ class RunContext:
                 route_worker_lines()
         ray.data.DataContext.get_current().enable_progress_bars = False
         self._ray_started = True
+        self.check_gpus(ray.cluster_resources().get("GPU", 0))
+
+    def check_gpus(self, available: float) -> None:
+        """GPU settings the cluster cannot meet would leave actors and workers waiting forever."""
+        r = self.cfg.ray
+        wanted = {"ray.use_gpu": 1.0 if r.use_gpu else 0.0, "ray.gpus_per_actor": r.gpus_per_actor}
+        for field, gpus in wanted.items():
+            if gpus > available:
+                raise PipelineError(f"{field}: asks for {gpus:g} GPU(s) per worker, but the Ray cluster has "
+                                    f"{available:g}; set {field} to {'false' if field == 'ray.use_gpu' else 0} "
+                                    f"or run on a cluster with GPUs")
 
     def ray_train_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train: the store's ``train/`` folder.

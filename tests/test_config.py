@@ -24,6 +24,17 @@ BAD_CONFIGS = {
     "adaptive attack not in the table": ("eval: {unknown: [FGSM_N], adaptive_attacks: [CW_T]}\n",
                                          "eval.adaptive_attacks: 'CW_T' is not an attack of the table (eval.known"),
     "substitute seed": ("seed: 3\nmodels: {substitute: {seed: 3}}\n", "models.substitute.seed: 3 is the run's seed"),
+    "unknown backbone": ("models: {arch: resnet34}\n", "models.arch: 'resnet34' is not allowed (allowed: 'lenet', "
+                                                         "'mid_cnn', 'resnet18'"),
+    "ViT with cyclic consistency": ("models: {arch: vit_b16}\n", "mid.meta_train_weights.cc: 0.8, but vit_b16 has no "
+                                                                   "decoder"),
+    "ViT teacher reconstruction": ("models: {arch: vit_s16, teacher: {lambda_rec: 1}}\nmid: {meta_train_weights: "
+                                   "{cc: 0}, meta_test_weights: {cc: 0}}\n",
+                                   "models.teacher.lambda_rec: 1.0, but vit_s16 has no decoder"),
+    "mean without std": ("models: {mean: [0.5, 0.5, 0.5]}\n", "models: models.mean and models.std go together"),
+    "image folder without a size": ("data: {source: image_folder, path: /data/tiny}\n",
+                                    "data: data.image_size is required for source 'image_folder'"),
+    "negative GPUs": ("ray: {gpus_per_actor: -0.5}\n", "ray.gpus_per_actor: -0.5: Input should be greater than"),
 }
 
 
@@ -72,6 +83,16 @@ def test_files_need_a_path_and_configs_in_repo_are_valid():
         load_config("configs/mnist.yaml")
     mnist = load_config("configs/mnist.yaml", ["data.path=/data/mnist"])
     assert (mnist.attacks.PGD.eps, mnist.attacks.PGD.nb_iter, mnist.mid.epochs, mnist.mid.batch_size) == (0.3, 40, 120, 256)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_shipped_config_and_profile_validates(path):
+    from pipeline.config import read_profiles, read_tree
+
+    profiles = read_profiles(read_tree(__import__("pathlib").Path(path)), path)
+    for profile in [None, *profiles]:
+        cfg = load_config(path, ["data.path=/data/somewhere"], profile=profile)
+        assert cfg.models.arch and cfg.data.source
 
 
 def test_profiles_merge_before_overrides(tmp_path):

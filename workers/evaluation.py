@@ -13,6 +13,7 @@ import torch
 from storage.datasets import DatasetReader
 from storage.pools import PoolReader
 from workers.attacks import make_attack, make_targets
+from workers.device import actor_device
 from workers.loading import load_classifier, load_defended
 from workers.models import to_float
 
@@ -30,13 +31,14 @@ class Evaluator:
         torch.set_num_threads(threads)
         self.root = root
         self.dataset = DatasetReader.open(root, dataset_key)
+        self.device = actor_device()
         self.models = {}
         for name, spec in defenses.items():
             if spec["kind"] == "classifier":
                 model = load_classifier(root, spec["key"])
             else:
                 model = load_defended(root, spec["student_key"], spec["teacher_key"])
-            self.models[name] = model.requires_grad_(False)
+            self.models[name] = model.to(self.device).requires_grad_(False)
         self.family_settings = family_settings
         self.num_classes = num_classes
         self.seed = seed
@@ -50,7 +52,7 @@ class Evaluator:
 
     def _correct(self, defense: str, x: torch.Tensor, labels: torch.Tensor) -> int:
         with torch.no_grad():
-            return int((self.models[defense](x).argmax(1) == labels).sum())
+            return int((self.models[defense](x.to(self.device)).argmax(1).cpu() == labels.cpu()).sum())
 
     def benign(self, defense: str, start: int, stop: int) -> dict[str, Any]:
         images, labels = self.dataset.load("test", start, stop)
@@ -67,7 +69,8 @@ class Evaluator:
         generator = torch.Generator().manual_seed(batch_seed(self.seed, attack_name + "/targets", start))
         targets = make_targets(labels, self.num_classes, generator, self.target)
         torch.manual_seed(batch_seed(self.seed, attack_name, start))
-        x = make_attack(attack_name, self.family_settings).perturb(model, x, labels, targets)
+        x = make_attack(attack_name, self.family_settings).perturb(model, x.to(self.device), labels.to(self.device),
+                                                                   targets.to(self.device))
         return {"correct": self._correct(defense, x, labels), "total": len(labels_np)}
 
     def stored(self, defense: str, pool_key: str, start: int, stop: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from storage.datasets import DatasetReader
 from storage.pools import quantize, write_shard
 from workers.attacks import make_attack, make_targets
+from workers.device import actor_device, bf16_autocast
 from workers.loading import load_source_model
 from workers.models import to_float
 
@@ -34,13 +35,15 @@ def success(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, targe
 
 class PoolGenerator:
     def __init__(self, root: str, dataset_key: str, source_kind: str, source_key: str,
-                 num_classes: int, threads: int = 1):
+                 num_classes: int, threads: int = 1, bf16: bool = False):
         torch.set_num_threads(threads)
         self.root = root
         self.dataset = DatasetReader.open(root, dataset_key)
-        self.model = load_source_model(root, source_kind, source_key)
+        self.device = actor_device()
+        self.model = load_source_model(root, source_kind, source_key).to(self.device)
         self.model.requires_grad_(False)
         self.num_classes = num_classes
+        self.bf16 = bf16  # attacks run under bf16 autocast; success is always measured in float32
 
     def generate(self, pool_key: str, attack_name: str, split: str, variants: int, shard: int, start: int,
                  stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,
@@ -54,24 +57,26 @@ class PoolGenerator:
             clean_u8, labels_np = self.dataset.load(split, start, stop)
         else:
             clean_u8, labels_np = self.dataset.load_indices(split, np.asarray(indices))
-        clean, labels = to_float(torch.from_numpy(clean_u8)), torch.from_numpy(labels_np)
+        clean = to_float(torch.from_numpy(clean_u8)).to(self.device)
+        labels = torch.from_numpy(labels_np).to(self.device)
         adv_u8 = np.empty((variants, *clean_u8.shape), dtype=np.uint8)
         targets_all = np.full((variants, len(labels_np)), -1, dtype=np.int64)
         hits_float = hits_stored = 0
         for variant in range(variants):
             torch.manual_seed(shard_seed(seed, attack_name, shard, variant))
             generator = torch.Generator().manual_seed(shard_seed(seed, attack_name + "/targets", shard, variant))
-            targets = make_targets(labels, self.num_classes, generator, target)
+            targets = make_targets(labels.cpu(), self.num_classes, generator, target).to(self.device)
             for lo in range(0, len(labels), batch_size):
                 hi = min(lo + batch_size, len(labels))
-                adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi])
-                stored = quantize(adv.numpy(), clean_u8[lo:hi], attack.eps, delta_step)
+                with bf16_autocast(self.bf16, self.device):
+                    adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi]).float()
+                stored = quantize(adv.cpu().numpy(), clean_u8[lo:hi], attack.eps, delta_step)
                 adv_u8[variant, lo:hi] = stored
                 hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
-                hits_stored += success(self.model, to_float(torch.from_numpy(stored)), labels[lo:hi],
+                hits_stored += success(self.model, to_float(torch.from_numpy(stored)).to(self.device), labels[lo:hi],
                                        targets[lo:hi], attack.targeted)
             if attack.targeted:
-                targets_all[variant] = targets.numpy()
+                targets_all[variant] = targets.cpu().numpy()
         total = variants * len(labels_np)
         stats = {"success_rate_float": hits_float / total, "success_rate_stored": hits_stored / total,
                  "seconds": time.perf_counter() - started}

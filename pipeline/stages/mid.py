@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.stages.models import model_spec, read_views, train_with_ray
+from pipeline.stages.models import (augmentation_settings, model_spec, read_views, train_with_ray,
+                                    worker_augmentation)
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -18,7 +19,8 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
     m = ctx.cfg.mid
     with ctx.stage("mid") as record:
         key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
-                                  "pools": pool_keys, "mid": m.model_dump(), "seed": ctx.cfg.seed})
+                                  "pools": pool_keys, "mid": m.model_dump(), "seed": ctx.cfg.seed,
+                                  **augmentation_settings(ctx)})
         record["key"] = key
         def train() -> dict[str, Any]:
             ctx.ensure_ray()
@@ -31,7 +33,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
             config = {"root": ctx.root, "checkpoint_key": key, "teacher_key": teacher["key"],
                       "spec": model_spec(ctx, dataset).as_dict(), "seed": ctx.cfg.seed,
                       "attacks": list(pool_keys), "variants": ctx.cfg.pool.variants,
-                      **m.model_dump(exclude={"num_workers"})}
+                      **m.model_dump(exclude={"num_workers"}), **worker_augmentation(ctx)}
             if m.bf16 and not ctx.cfg.ray.use_gpu:
                 ctx.say("mid: mid.bf16 applies to GPU workers only (ray.use_gpu is false): training in float32")
             return train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, "mid", key)

@@ -14,10 +14,43 @@ from storage.keys import content_key
 from workers.models import ModelSpec
 
 
+PRETRAINED_KINDS = ("baseline", "teacher")  # models.pretrained initialises these two
+
+
 def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
     channels, height, width = dataset.image_shape()
-    return ModelSpec(arch=ctx.cfg.models.arch, in_channels=channels, image_size=height,
-                     num_classes=dataset.num_classes, feature_dim=ctx.cfg.models.feature_dim)
+    m = ctx.cfg.models
+    try:
+        return ModelSpec(arch=m.arch, in_channels=channels, image_size=height, num_classes=dataset.num_classes,
+                         feature_dim=m.feature_dim, mean=m.mean, std=m.std)
+    except ValueError as e:
+        raise PipelineError(f"{e} (dataset {dataset.key})") from None
+
+
+def augmentation_settings(ctx: RunContext) -> dict[str, Any]:
+    """The workers' training augmentation; part of every trained model's key when on."""
+    mode = ctx.cfg.data.augmentation()
+    return {} if mode == "none" else {"augment": mode, "crop_padding": ctx.cfg.data.crop_padding}
+
+
+def worker_augmentation(ctx: RunContext) -> dict[str, Any]:
+    return {"augment": "none", "crop_padding": 0, **augmentation_settings(ctx)}
+
+
+def check_pretrained(ctx: RunContext, spec: ModelSpec, kind: str) -> str:
+    """Match the pretrained file against the model on the driver, before any worker starts;
+    say what was loaded. Returns the file's sha256 (part of the model's key)."""
+    from workers.models import build_classifier_model
+    from workers.models.pretrained import PretrainedError, file_digest, load_pretrained
+
+    path = ctx.cfg.models.pretrained
+    model = build_classifier_model(spec)
+    try:
+        report = load_pretrained(model.encoder, model.classifier, path)
+    except PretrainedError as e:
+        raise PipelineError(str(e)) from None
+    ctx.say(f"{kind}: {report.summary()}")
+    return file_digest(path)
 
 
 def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
@@ -132,9 +165,12 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
     substitute's own seed (in its settings) replaces the run's for its initial weights."""
     from workers.train_classifier import train_classifier_loop
 
-    settings = training_settings(ctx, kind)
+    settings = {**training_settings(ctx, kind), **augmentation_settings(ctx)}
     spec = model_spec(ctx, dataset)
     with ctx.stage(kind) as record:
+        pretrained = ctx.cfg.models.pretrained if kind in PRETRAINED_KINDS else None
+        if pretrained:
+            settings["pretrained_sha256"] = check_pretrained(ctx, spec, kind)
         key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(),
                                  "train": settings, "seed": ctx.cfg.seed,
                                  "num_workers": ctx.cfg.models.num_workers})
@@ -143,7 +179,7 @@ def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
             ctx.ensure_ray()
             ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
             config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
-                      "seed": ctx.cfg.seed, **settings}
+                      "seed": ctx.cfg.seed, "pretrained": pretrained, **settings, **worker_augmentation(ctx)}
             return train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
                                   ctx.cfg.models.num_workers, kind, key)
 

@@ -61,6 +61,7 @@ def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], sp
         "target": ctx.cfg.attacks.target if targeted else None, "subset": spec.indices and len(spec.indices),
         "seed": ctx.cfg.seed, "variants": spec.variants, "encoding": spec.encoding, "delta_step": spec.delta_step,
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
+        **({"bf16": True} if p.bf16 and spec.split == "train" else {}),
     })
 
 
@@ -163,8 +164,10 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
     if ctx.cfg.attacks.target != "random" and ctx.cfg.attacks.target >= dataset.num_classes:
         raise PipelineError(f"attacks.target: {ctx.cfg.attacks.target} is not a class of this dataset "
                             f"(0 to {dataset.num_classes - 1})")
-    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor)(PoolGenerator)
-    actors = [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes)
+    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor, num_gpus=ctx.cfg.ray.gpus_per_actor)(PoolGenerator)
+    # bf16 speeds up the training pool only: the stored test attacks are measurements, kept float32.
+    bf16 = p.bf16 and all(spec.split == "train" for _, spec, *_ in todo)
+    actors = [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes, bf16=bf16)
               for _ in range(min(p.num_actors, len(todo)))]
     family_settings = ctx.cfg.attacks.family_settings()
     splits = sorted({spec.split for _, spec, *_ in todo})

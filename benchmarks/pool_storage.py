@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="write the pools under this folder and keep them")
+    p.add_argument("--bf16", action="store_true",
+                   help="also generate each attack under bfloat16 autocast (pool.bf16) and report its stored "
+                        "success rate, measured in float32, beside the float32 pool's")
     return p.parse_args(argv)
 
 
@@ -151,6 +154,26 @@ def measure(root, name, attack, encoding, compressor, step, model, clean_u8, adv
     }
 
 
+def compare_bf16(name, attack, model, clean, clean_u8, y, targets, adv_float32, args, float_seconds) -> dict:
+    """The same attack under bf16 autocast (what pool.bf16 does in the pool actors): stored
+    success rate of both pools, each measured with the float32 model."""
+    from workers.device import bf16_autocast
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with bf16_autocast(True, clean.device):
+        adv_bf16 = torch.cat([attack.perturb(model, clean[lo:hi], y[lo:hi], targets[lo:hi])
+                              for lo, hi in pools.shard_ranges(len(y), args.batch_size)]).float()
+    bf16_seconds = time.perf_counter() - t0
+    rates = {}
+    for label, images in (("float32", adv_float32), ("bf16", adv_bf16)):
+        stored = to_float(torch.from_numpy(pools.quantize(images.numpy(), clean_u8, attack.eps, 1)))
+        rates[label] = round(float(hits(model, stored, y, targets, attack.targeted).float().mean()) * 100, 2)
+    return {"attack": name, "device": clean.device.type, "success_rate_stored_float32": rates["float32"],
+            "success_rate_stored_bf16": rates["bf16"], "seconds_float32": round(float_seconds, 2),
+            "seconds_bf16": round(bf16_seconds, 2)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,7 +197,7 @@ def main(argv=None) -> dict:
                 "BIM": {"eps": args.eps, "nb_iter": args.nb_iter, "eps_iter": args.eps_iter},
                 "FGSM": {"eps": args.eps}}
     float_bytes = 4 * c * h * w
-    results, tmp = [], None
+    results, bf16_rows, tmp = [], [], None
     if args.keep:
         root = os.path.abspath(args.keep)
     else:
@@ -191,6 +214,8 @@ def main(argv=None) -> dict:
         attack_s = time.perf_counter() - t0
         float_hits = hits(model, adv, y, targets, attack.targeted)
         rate_float = float(float_hits.float().mean()) * 100
+        if args.bf16:
+            bf16_rows.append(compare_bf16(name, attack, model, clean, clean_u8, y, targets, adv, args, attack_s))
         linf = float((adv - clean).abs().max())
         for step in (int(v) for v in args.delta_steps.split(",")):
             adv_u8 = pools.quantize(adv.numpy(), clean_u8, attack.eps, step)
@@ -214,6 +239,7 @@ def main(argv=None) -> dict:
         "note": "bytes_per_view counts the view array's chunks and the target array's chunks; int8_delta "
                 "also needs the clean images, which the dataset store already holds (not counted)",
         "results": results,
+        **({"bf16": bf16_rows} if args.bf16 else {}),
         "all_meet_targets": all(r["meets_10x"] and r["meets_0.5_points"] for r in results),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -9,6 +9,8 @@ answers). Each problem is one line naming the file or URL and what to do.
 
 from __future__ import annotations
 
+import os
+
 from pipeline.config import RunConfig
 from storage.readers import reader
 from storage import store as store_location
@@ -16,6 +18,9 @@ from storage import store as store_location
 
 def problems(cfg: RunConfig) -> list[str]:
     found = [f"data.path: {p}" for p in data_problems(cfg)]
+    pretrained = cfg.models.pretrained
+    if pretrained and not os.path.isfile(pretrained):
+        found.append(f"models.pretrained: {pretrained}: no such file")
     found += store_location.probe_problems(cfg.store.url)  # each names the store already
     return found
 

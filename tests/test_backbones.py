@@ -196,3 +196,18 @@ def test_second_order_meta_gradient_through_the_authors_feature_map():
     spec = ModelSpec("mid_cnn", 1, 8, 4)
     student, teacher, clean = tiny_models(backbone("mid_cnn"), spec)
     directional_check(student, teacher, clean, SETTINGS)
+
+
+def test_a_pretrained_file_that_does_not_fit_stops_the_run_naming_the_key(tmp_path):
+    """The driver matches models.pretrained against the model before any worker starts."""
+    from clihelpers import mid, the_error_line
+
+    model = build_classifier_model(ModelSpec("lenet", 1, 16, 10))
+    state = {**model.encoder.state_dict(), **model.classifier.state_dict()}
+    del state["head.3.weight"]
+    torch.save(state, tmp_path / "lenet.pth")
+    result = mid("run", "configs/digits.yaml", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"),
+                 "--set", f"models.pretrained={tmp_path / 'lenet.pth'}")
+    assert result.returncode == 1
+    assert "missing key 'head.3.weight'" in the_error_line(result, tmp_path / "lenet.pth")
+    assert "starting a local Ray instance" not in result.stderr

@@ -28,6 +28,7 @@ in OUT/logs/ either way).
 examples:
   mid run configs/digits.yaml --out runs/digits
   mid run configs/mnist.yaml --profile fast --set data.path=../shared/data/mnist
+  mid run configs/cifar10.yaml --profile fast --set data.path=../shared/data/cifar10   (ResNet-18)
   mid run configs/digits.yaml --set mid.epochs=5 --set pool.attacks='[PGD_N, MIM_N]'
   mid pool configs/digits.yaml --set pool.attacks='[PGD_N, PGD_T, MIM_N, MIM_T, FGSM_N, BIM_N]'
   mid validate configs/mnist.yaml --set data.path=../shared/data/mnist

@@ -83,8 +83,8 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
                                               prefetch_batches=PREFETCH_BATCHES,
                                               local_shuffle_buffer_size=4 * config["batch_size"]):
-            (x,), y = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops), \
-                batch["label"]
+            x = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops)[0]
+            y = batch["label"]
             loss, logits = objective(kind, epoch_config, model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

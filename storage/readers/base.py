@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,24 +32,26 @@ class DataFileError(ValueError):
     """A raw data file that cannot be read; the message is one line naming the file."""
 
 
-class Reader:
+class Reader(ABC):
     """One dataset format. ``problems`` is cheap (run by ``mid validate`` before Ray starts);
-    ``digest`` keys the ingested dataset; ``load`` returns both splits in memory.
-
-    A reader whose sets do not fit in memory (``streaming``) writes the dataset store
-    itself instead of returning it (``storage.readers.image_folder``).
-    """
+    ``digest`` keys the ingested dataset."""
 
     streaming = False
 
     def problems(self, path: str | None) -> list[str]:
         return []
 
-    def digest(self, path: str | None) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def digest(self, path: str | None) -> str: ...
 
-    def load(self, path: str | None, test_fraction: float, seed: int) -> RawDataset:
-        raise NotImplementedError
+
+class InMemoryReader(Reader):
+    """A format whose sets fit in memory: ``load`` returns both splits. A format whose sets
+    do not (``streaming``) is decoded into the dataset store instead
+    (``storage.readers.image_folder``)."""
+
+    @abstractmethod
+    def load(self, path: str | None, test_fraction: float, seed: int) -> RawDataset: ...
 
 
 def files_digest(paths: list[str]) -> str:

@@ -20,7 +20,7 @@ import tarfile
 
 import numpy as np
 
-from storage.readers.base import DataFileError, RawDataset, Reader, files_digest, hwc_to_chw
+from storage.readers.base import DataFileError, InMemoryReader, RawDataset, files_digest, hwc_to_chw
 
 LAYOUTS = {
     10: {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
@@ -47,7 +47,7 @@ def _unpickle(data: bytes, name: str) -> dict:
         raise DataFileError(f"{name}: not a readable CIFAR batch ({type(e).__name__}: {e}); download it again") from None
 
 
-class Cifar(Reader):
+class Cifar(InMemoryReader):
     def __init__(self, classes: int):
         self.classes = classes
         self.layout = LAYOUTS[classes]

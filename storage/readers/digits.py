@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from storage.readers.base import RawDataset, Reader
+from storage.readers.base import InMemoryReader, RawDataset
 from storage.readers.idx import MNIST_CLASSES
 
 
@@ -29,7 +29,7 @@ def load_digits(test_fraction: float, seed: int) -> RawDataset:
     )
 
 
-class Digits(Reader):
+class Digits(InMemoryReader):
     def digest(self, path):
         # Located without importing scikit-learn (a second of start-up on every cached run).
         sklearn_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]

@@ -8,7 +8,7 @@ import struct
 import zlib
 import numpy as np
 
-from storage.readers.base import DataFileError, RawDataset, Reader
+from storage.readers.base import DataFileError, InMemoryReader, RawDataset
 
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 FASHION_MNIST_CLASSES = (
@@ -154,7 +154,7 @@ def idx_digest(directory: str) -> str:
     return h.hexdigest()
 
 
-class IdxFolder(Reader):
+class IdxFolder(InMemoryReader):
     def __init__(self, class_names: tuple[str, ...]):
         self.class_names = class_names
 

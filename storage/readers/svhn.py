@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from storage.readers.base import DataFileError, RawDataset, Reader, files_digest
+from storage.readers.base import DataFileError, InMemoryReader, RawDataset, files_digest
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 CLASSES = tuple(str(i) for i in range(10))
@@ -32,7 +32,7 @@ def read_mat(file: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
 
 
-class SVHN(Reader):
+class SVHN(InMemoryReader):
     def _files(self, path: str) -> dict[str, str]:
         return {split: os.path.join(path, name) for split, name in FILES.items()}
 

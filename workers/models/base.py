@@ -7,6 +7,7 @@ A family is one file in this package and one line in ``workers.models.BACKBONES`
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -58,22 +59,23 @@ class Encoder(nn.Module):
         return (x - self.pixel_mean) / self.pixel_std if self.normalizes else x
 
 
-class Backbone:
-    """One family of networks. Subclasses build the three parts for a spec."""
+class Backbone(ABC):
+    """One family of networks. Subclasses build the encoder and the classifier for a spec,
+    and the decoder where the family has one (``has_decoder``)."""
 
     has_decoder = True
 
     def check(self, spec: ModelSpec) -> None:
         """Raise ValueError naming what in the spec this family cannot build."""
 
-    def encoder(self, spec: ModelSpec) -> Encoder:
-        raise NotImplementedError
+    @abstractmethod
+    def encoder(self, spec: ModelSpec) -> Encoder: ...
 
-    def classifier(self, spec: ModelSpec) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def classifier(self, spec: ModelSpec) -> nn.Module: ...
 
     def decoder(self, spec: ModelSpec) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} has no decoder")
+        raise ValueError(f"{spec.arch} has no decoder (DESIGN §3: ImageNet-scale backbones have none)")
 
 
 class EncoderClassifier(nn.Module):

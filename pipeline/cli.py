@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", action="store_true",
                        help="show Ray's own output (worker logs, Ray Data and Ray Train lines) on the terminal; "
                             "by default it goes to OUT/logs/ray.log")
+    plan = with_config("plan", "what a run of the config costs, before it runs: MACs per sample of every stage "
+                               "counted on the real models (MID's second-order step included), multiplied out by "
+                               "the config; bytes stored and read; hours on N GPUs")
+    plan.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs of the cluster (default: 8)")
+    plan.add_argument("--gpu-tflops", type=float, default=None, metavar="X",
+                      help="peak TFLOP/s of one GPU at the run's precision (default: an H100's dense bf16, 989)")
+    plan.add_argument("--utilisation", type=float, default=None, metavar="U",
+                      help="share of the peak the stages sustain, 0 to 1 (default: 0.35, an assumption)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
                             "runs nothing")
 
@@ -116,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.config, args.overrides, args.store, args.profile)
         except ConfigError as e:
-            print(e, file=sys.stderr)
-            return 2
+            if args.command != "plan" or "data.path is required" not in str(e):
+                print(e, file=sys.stderr)
+                return 2
+            cfg = None
+        if args.command == "plan":
+            return run_plan(args, cfg)
         from pipeline import preflight
 
         problems = preflight.problems(cfg)
@@ -145,6 +158,44 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.errors import report
 
         return report(error, out_dir, debug, store)
+
+
+def run_plan(args: argparse.Namespace, cfg) -> int:
+    """``mid plan``: a plan needs no data files when the config's ``plan:`` section gives the
+    dataset's size, so a missing data.path is filled with a marker instead of refused."""
+    from pipeline import plan
+    from pipeline.config import ConfigError, load_config
+
+    if cfg is None:
+        try:
+            cfg = load_config(args.config, [*args.overrides, f"data.path={plan.PATH_NOT_GIVEN}"], args.store,
+                              args.profile)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+    for flag, value, allowed in (("--gpus", args.gpus, args.gpus >= 1),
+                                 ("--gpu-tflops", args.gpu_tflops, args.gpu_tflops is None or args.gpu_tflops > 0),
+                                 ("--utilisation", args.utilisation,
+                                  args.utilisation is None or 0 < args.utilisation <= 1)):
+        if not allowed:
+            print(f"{flag}: {value} is out of range (--gpus: 1 or more; --gpu-tflops: above 0; "
+                  f"--utilisation: above 0, at most 1)", file=sys.stderr)
+            return 2
+    tflops = args.gpu_tflops or plan.DEFAULT_GPU_TFLOPS
+    gpu_name = plan.DEFAULT_GPU if args.gpu_tflops is None else f"{tflops:g} TFLOP/s given"
+    if not args.json:
+        print(f"plan: counting MACs on real passes of {cfg.models.arch} (a minute for ViT-B on a CPU) ...",
+              file=sys.stderr)
+    from pipeline.context import PipelineError
+    from storage.readers.base import DataFileError
+
+    try:
+        result = plan.plan(cfg, args.gpus, tflops, args.utilisation or plan.DEFAULT_UTILISATION, gpu_name)
+    except (PipelineError, DataFileError) as e:  # what the plan cannot size: bad input, one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.as_json(result) if args.json else plan.render(result))
+    return 0
 
 
 def run_cache(args: argparse.Namespace) -> int:

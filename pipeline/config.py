@@ -376,6 +376,16 @@ class RayConfig(Section):
                                                      "checkpoint after a worker or node dies (-1: no limit)")
 
 
+class PlanConfig(Section):
+    """The dataset's size for ``mid plan`` where it cannot be read (an image folder, or data
+    that is not at hand): the plan multiplies per-sample costs by these counts."""
+
+    train_samples: PositiveInt | None = Field(None, description="images in the train split (before data.train_limit)")
+    test_samples: PositiveInt | None = Field(None, description="images in the test split (before data.test_limit)")
+    num_classes: PositiveInt | None = None
+    channels: PositiveInt = Field(3, description="colour channels of the images")
+
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -390,7 +400,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
-
+    plan: PlanConfig = Field(PlanConfig(), description="dataset sizes for `mid plan` (image folders)")
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,275 @@
+"""``mid plan``: what a config will cost before anything runs (DESIGN §7).
+
+Per-sample costs are counted on real passes of the config's models (``workers.flops``:
+torch's FlopCounterMode, MID's second-order step included) and multiplied out by the config:
+samples, attacks, steps, random-start variants, epochs. Bytes come from the image shape
+and the bytes one stored value takes (``BYTES_PER_VALUE``: a measured ratio or a stated
+assumption). Hours assume N GPUs, each at ``--gpu-tflops`` peak and ``--utilisation`` of it.
+
+Counts are in multiply-accumulates (MACs), the unit papers call FLOPs (ViT-B/16: 17.6 G);
+hours use 2 FLOPs per MAC against the peak, which counts the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.context import PipelineError
+
+# An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
+# project to measure one; `--gpu-tflops` / `--utilisation` replace these.
+DEFAULT_GPU = "H100 SXM (spec sheet, dense bf16)"
+DEFAULT_GPU_TFLOPS = 989.0
+DEFAULT_UTILISATION = 0.35  # an assumption: large-batch ViT training reaches 30-50% of peak
+
+# Bytes one stored value (one pixel channel of one sample) takes, compressed, and why.
+BYTES_PER_VALUE = {
+    "dataset": (1.0, "assumed: uint8 pixels of natural images, which lossless zstd barely shrinks"),
+    "int8_delta": (0.46, "measured: 360 B per 784-pixel MNIST PGD_N view, int8 deltas, zstd "
+                         "(docs/results.md, pool storage); a smaller ε has fewer distinct deltas"),
+    "uint8": (1.0, "assumed: adversarial uint8 images compress like the clean ones"),
+}
+
+# What `mid plan` puts in data.path when none is given: a plan needs no data when the
+# config's plan: section gives the sizes.
+PATH_NOT_GIVEN = "(not given)"
+
+# Gradient steps of each attack family: the config's iteration counts. JSMA's and
+# AutoAttack's cost depends on the data (saliency iterations until success; AutoAttack's
+# restarts, early stops and Square's queries), so the plan names them instead of guessing.
+def attack_steps(family: str, settings: dict[str, Any]) -> int | None:
+    if family in ("PGD", "MIM", "BIM"):
+        return settings["nb_iter"]
+    if family == "FGSM":
+        return 1
+    if family == "CW":
+        return settings["max_iterations"] * settings["binary_search_steps"]
+    return None
+
+
+@dataclass
+class DataShape:
+    train: int
+    test: int
+    channels: int
+    side: int
+    num_classes: int
+    sizes_from: str
+
+    @property
+    def values(self) -> int:
+        """Stored values (pixel channels) per image."""
+        return self.channels * self.side * self.side
+
+
+@dataclass
+class StageCost:
+    name: str
+    per_sample_macs: float  # one pass over one sample: the stage's whole work for it
+    samples: int            # samples × epochs (or × variants) the stage processes
+    note: str
+
+    @property
+    def total_macs(self) -> float:
+        return self.per_sample_macs * self.samples
+
+
+def _limited(count: int, limit: int | None) -> int:
+    return min(count, limit) if limit else count
+
+
+def data_shape(cfg: RunConfig) -> DataShape:
+    """The splits' sizes and the image shape: from ``plan:`` in the config, or read from the
+    data files (every source but an image folder, whose size only a listing of millions of
+    files would tell)."""
+    d, p = cfg.data, cfg.plan
+    if p.train_samples and p.test_samples and p.num_classes:
+        if not d.image_size:
+            raise PipelineError("plan: data.image_size is needed with plan.train_samples (the images' side)")
+        return DataShape(_limited(p.train_samples, d.train_limit), _limited(p.test_samples, d.test_limit),
+                         p.channels, d.image_size, p.num_classes, "the config's plan: section")
+    from storage.readers import reader
+
+    source = reader(d.source)
+    if source.streaming or d.path == PATH_NOT_GIVEN:
+        raise PipelineError(f"plan: the size of a {d.source} dataset is not known without reading it; set "
+                            f"plan.train_samples, plan.test_samples and plan.num_classes in the config")
+    raw = source.load(d.path, d.test_fraction, cfg.seed)
+    channels, height, _ = raw.train_images.shape[1:]
+    return DataShape(_limited(len(raw.train_labels), d.train_limit), _limited(len(raw.test_labels), d.test_limit),
+                     channels, d.image_size or height, len(raw.class_names),
+                     f"the files at {d.path}" if d.path else f"the bundled {d.source}")
+
+
+def _steps(cfg: RunConfig, attack: str) -> int | None:
+    from workers.attacks import parse_attack_name
+
+    family, _ = parse_attack_name(attack)
+    return attack_steps(family, getattr(cfg.attacks, family).model_dump())
+
+
+def _variants(cfg: RunConfig, attack: str) -> int:
+    from workers.attacks import make_attack
+
+    return cfg.pool.variants if make_attack(attack, cfg.attacks.family_settings()).stochastic else 1
+
+
+def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
+    from workers.flops import unit_costs as counted
+    from workers.models import ModelSpec
+
+    spec = ModelSpec(arch=cfg.models.arch, in_channels=shape.channels, image_size=shape.side,
+                     num_classes=shape.num_classes, feature_dim=cfg.models.feature_dim,
+                     mean=cfg.models.mean, std=cfg.models.std)
+    mid = cfg.mid.model_dump(exclude={"num_workers"})
+    return counted(spec, mid, list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
+
+
+def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
+    """Every stage of a run of ``cfg``, and the attacks whose cost is not counted."""
+    m, n = cfg.models, shape.train
+    attack_step, forward = units["attack_step"], units["forward"]
+    stages = [StageCost("baseline", units["train_step"], m.baseline.epochs * n, f"{m.baseline.epochs} epochs"),
+              StageCost("teacher", units["teacher_step"], m.teacher.epochs * n, f"{m.teacher.epochs} epochs")]
+    if "transfer" in cfg.eval.protocols:
+        stages.append(StageCost("substitute", units["train_step"], m.substitute.epochs * n,
+                                f"{m.substitute.epochs} epochs"))
+    uncounted: list[str] = []
+    pool_macs, pool_views = 0.0, 0
+    for attack in cfg.pool.attacks:
+        steps, variants = _steps(cfg, attack), _variants(cfg, attack)
+        if steps is None:
+            uncounted.append(f"{attack} (pool)")
+            continue
+        pool_macs += variants * (steps * attack_step + 2 * forward)  # + success before and after rounding
+        pool_views += variants
+    stages.append(StageCost("pool", pool_macs, n, f"{len(cfg.pool.attacks)} attacks, {pool_views} views per sample"))
+    stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
+                            f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} order, "
+                            f"{len(cfg.pool.attacks)} views + clean"))
+    k = cfg.training_attack("at").nb_iter
+    stages.append(StageCost("at", k * attack_step + units["train_step"], m.at.epochs * n,
+                            f"AT-PGD-{k}, {m.at.epochs} epochs"))
+    if "TRADES" in cfg.eval.defenses:
+        k_trades = cfg.training_attack("trades").nb_iter
+        stages.append(StageCost("trades", k_trades * attack_step + forward + 2 * units["train_step"],
+                                m.trades.epochs * n, f"TRADES-{k_trades}, {m.trades.epochs} epochs"))
+    test_attack_macs, adaptive_macs = 0.0, 0.0
+    defenses = len(cfg.eval.defenses)
+    for attack in cfg.eval.attacks:
+        steps = _steps(cfg, attack)
+        samples = _limited(shape.test, cfg.eval.subset.get(attack))
+        if steps is None:
+            uncounted.append(f"{attack} (evaluation)")
+            continue
+        test_attack_macs += samples * (steps * attack_step + 2 * forward)
+        adaptive_macs += defenses * samples * (steps * attack_step + forward)
+    # Per test image, over the attacks of the table (subsets included).
+    stored = [p for p in cfg.eval.protocols if p in ("source", "transfer")]
+    if stored:
+        stages.append(StageCost("test attacks", test_attack_macs * len(stored) / shape.test, shape.test,
+                                f"stored once, {' + '.join(stored)}"))
+    if "adaptive" in cfg.eval.protocols:
+        stages.append(StageCost("adaptive eval", adaptive_macs / shape.test, shape.test,
+                                f"against each of {defenses} defenses"))
+    return stages, uncounted
+
+
+def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_name: str) -> dict[str, Any]:
+    shape = data_shape(cfg)
+    units = unit_costs(cfg, shape)
+    stages, uncounted = stage_costs(cfg, shape, units)
+    rate = gpus * gpu_tflops * 1e12 * utilisation  # FLOP/s the cluster sustains
+
+    def hours(macs: float) -> float:
+        return 2 * macs / rate / 3600
+
+    bpv = {k: v for k, (v, _) in BYTES_PER_VALUE.items()}
+    linf = {a: cfg.attacks.linf_eps(a) is not None for a in cfg.pool.attacks}
+    pool_bpv = {a: bpv[cfg.pool.encoding if linf[a] else "uint8"] for a in cfg.pool.attacks}
+    pool_bytes = sum(_variants(cfg, a) * shape.train * shape.values * pool_bpv[a] for a in cfg.pool.attacks)
+    dataset_bytes = (shape.train + shape.test) * shape.values * bpv["dataset"]
+    # MID reads, per sample, the clean image and one variant of every pool attack.
+    read_per_sample = shape.values * (bpv["dataset"] + sum(pool_bpv.values()))
+    mid_samples_per_second = rate / (2 * units["mid_step"])
+    online_attack_macs = sum((_steps(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
+    online_epoch = shape.train * (units["mid_step"] + online_attack_macs)
+    cached_epoch = shape.train * units["mid_step"]
+    at_stage = next(s for s in stages if s.name == "at")
+    return {
+        "config": cfg.name, "arch": cfg.models.arch, "data": asdict(shape),
+        "gpus": gpus, "gpu": {"name": gpu_name, "peak_tflops": gpu_tflops, "utilisation": utilisation},
+        "macs_per_sample": units,
+        "stages": [{"name": s.name, "per_sample_macs": s.per_sample_macs, "samples": s.samples,
+                    "total_macs": s.total_macs, "hours": hours(s.total_macs), "note": s.note} for s in stages],
+        "total_hours": hours(sum(s.total_macs for s in stages)),
+        "storage": {"dataset_bytes": dataset_bytes, "pool_bytes": pool_bytes,
+                    "bytes_per_value": {k: {"bytes": v, "why": why} for k, (v, why) in BYTES_PER_VALUE.items()}},
+        "mid_reads": {"samples_per_second": mid_samples_per_second,
+                      "bytes_per_second": mid_samples_per_second * read_per_sample},
+        "per_epoch": {"mid_cached_hours": hours(cached_epoch), "mid_online_hours": hours(online_epoch),
+                      "saved_hours": hours(online_epoch - cached_epoch),
+                      "saved_fraction": 1 - cached_epoch / online_epoch,
+                      "at_hours": hours(at_stage.per_sample_macs * shape.train),
+                      "online_over_at": online_epoch / (at_stage.per_sample_macs * shape.train),
+                      "cached_over_at": cached_epoch / (at_stage.per_sample_macs * shape.train)},
+        "not_counted": uncounted,
+    }
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _hours(h: float) -> str:
+    if h * 60 < 1:
+        return f"{h * 3600:.2g} s"
+    return f"{h * 60:.1f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
+
+
+def render(result: dict[str, Any]) -> str:
+    d, g = result["data"], result["gpu"]
+    lines = [f"plan: {result['config']} ({result['arch']}, {d['channels']}x{d['side']}x{d['side']}, "
+             f"{d['train']:,} train / {d['test']:,} test images, {d['num_classes']} classes; "
+             f"sizes from {d['sizes_from']})",
+             f"on {result['gpus']} GPUs x {g['peak_tflops']:g} TFLOP/s peak ({g['name']}) at "
+             f"{g['utilisation']:.0%} utilisation; MACs = multiply-adds (papers' 'FLOPs'), counted on real "
+             f"passes by torch's FlopCounterMode", ""]
+    units = result["macs_per_sample"]
+    lines.append("per sample: " + ", ".join(f"{k.replace('_', ' ')} {_si(v, 'MAC')}" for k, v in units.items()))
+    lines.append("")
+    header = ["stage", "MACs / sample", "samples x passes", "total MACs", "hours", ""]
+    rows = [[s["name"], _si(s["per_sample_macs"], ""), f"{s['samples']:,}", _si(s["total_macs"], ""),
+             _hours(s["hours"]), s["note"]] for s in result["stages"]]
+    rows.append(["total", "", "", _si(sum(s["total_macs"] for s in result["stages"]), ""),
+                 _hours(result["total_hours"]), ""])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        lines.append("  ".join(str(c).ljust(w) if j in (0, 5) else str(c).rjust(w)
+                               for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    s, r, e = result["storage"], result["mid_reads"], result["per_epoch"]
+    lines += ["",
+              f"store: dataset {_si(s['dataset_bytes'], 'B')}, training pool {_si(s['pool_bytes'], 'B')}; "
+              f"bytes per stored value:",
+              *(f"  {k}: {v['bytes']:g} ({v['why']})" for k, v in s["bytes_per_value"].items()),
+              f"MID reads {_si(r['bytes_per_second'], 'B')}/s from the store at "
+              f"{r['samples_per_second']:,.0f} samples/s (clean image + one view per pool attack)",
+              f"per epoch: MID on the cached pool {_hours(e['mid_cached_hours'])}, with online attacks (the paper) "
+              f"{_hours(e['mid_online_hours'])}: the pool saves {_hours(e['saved_hours'])} "
+              f"({e['saved_fraction']:.0%}) per epoch; AT {_hours(e['at_hours'])} "
+              f"(online MID / AT {e['online_over_at']:.2f}, cached MID / AT {e['cached_over_at']:.2f})"]
+    if result["not_counted"]:
+        lines.append(f"not counted (cost depends on the data): {', '.join(result['not_counted'])}")
+    return "\n".join(lines)
+
+
+def as_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2)

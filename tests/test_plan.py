@@ -1,0 +1,122 @@
+"""`mid plan`: per-sample MACs counted on the real models match published figures and the
+real attacks and trainers they stand for, and the plan multiplies them out by the config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import load_config
+from pipeline.plan import DataShape, render, stage_costs
+from workers.flops import attack_step_macs, counted_macs, forward_macs, train_step_macs
+from workers.models import ModelSpec, build_classifier_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arch,published", [("vit_b16", 17.6e9), ("resnet50", 4.1e9), ("resnet18", 1.8e9)])
+def test_forward_at_224_matches_the_published_count(arch, published):
+    """timm / torchvision list ViT-B/16 at 17.6 G, ResNet-50 at 4.1 G, ResNet-18 at 1.8 G
+    multiply-adds ("FLOPs") per 224-pixel image."""
+    spec = ModelSpec(arch=arch, in_channels=3, image_size=224, num_classes=1000)
+    assert forward_macs(spec, batch=1) == pytest.approx(published, rel=0.05)
+
+
+LENET = ModelSpec(arch="lenet", in_channels=1, image_size=16, num_classes=10)
+
+
+def test_an_attack_costs_its_steps_times_one_counted_step():
+    """The plan's pool cost (steps × attack step) against the MACs of advertorch's real PGD-k."""
+    from workers.attacks import make_attack
+    from pipeline.config import AttackSettings
+
+    torch.manual_seed(0)
+    model = build_classifier_model(LENET).eval().requires_grad_(False)  # as the pool and eval actors hold it
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(10, (4,))
+    for k in (1, 7):
+        settings = AttackSettings(PGD={"eps": 0.1, "nb_iter": k, "eps_iter": 0.02}).family_settings()
+        real = counted_macs(lambda: make_attack("PGD_N", settings).perturb(model, x, y)) / 4
+        probe = forward_macs(LENET, batch=4) / 4  # perturb's one-image forward that reads the class count, per sample
+        assert real == pytest.approx(k * attack_step_macs(LENET, batch=4) + probe, rel=0.02)
+
+
+def test_adversarial_training_costs_k_attack_steps_and_one_training_step():
+    from workers.train_classifier import objective
+
+    torch.manual_seed(0)
+    model = build_classifier_model(LENET).train()
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(10, (4,))
+    attack = {"eps": 0.1, "nb_iter": 5, "eps_iter": 0.02, "rand_init": True}
+
+    def step() -> None:
+        loss, _ = objective("at", {"attack": attack}, model, x, y)
+        loss.backward()
+
+    real = counted_macs(step) / 4
+    assert real == pytest.approx(5 * attack_step_macs(LENET, batch=4) + train_step_macs(LENET, batch=4), rel=0.02)
+
+
+def test_second_order_mid_is_counted_through_the_double_backward():
+    from pipeline.plan import unit_costs
+
+    shape = DataShape(100, 20, 1, 16, 10, "test")
+    first = unit_costs(load_config(REPO / "configs/digits.yaml", ["mid.second_order=false"]), shape)
+    second = unit_costs(load_config(REPO / "configs/digits.yaml"), shape)
+    assert second["forward"] == first["forward"]
+    # The double backward: the second-order step costs clearly more than the first-order one.
+    assert second["mid_step"] > 1.3 * first["mid_step"]
+    # And both are many passes: 5 views, the teacher's clean pass, backward and meta-test.
+    assert first["mid_step"] > 10 * first["forward"]
+
+
+def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
+    units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
+    shape = DataShape(1000, 100, 1, 16, 10, "test")
+    base = ["eval.protocols=[source, adaptive]", "eval.subset={}", "pool.variants=2",
+            "pool.attacks=[PGD_N, FGSM_N]", "attacks.PGD.nb_iter=10", "attacks.PGD.rand_init=true",
+            "mid.epochs=4", "models.at.epochs=3", "models.at.attack={nb_iter: 5}",
+            "eval.known=[PGD_N, FGSM_N]", "eval.unknown=[AA_N]"]
+    stages, uncounted = stage_costs(load_config(REPO / "configs/digits.yaml", base), shape, units)
+    by_name = {s.name: s for s in stages}
+    assert by_name["mid"].total_macs == 4 * 1000 * 50
+    # PGD_N: 2 random-start variants × (10 steps + 2 success checks); FGSM_N is deterministic: 1 × (1 + 2).
+    assert by_name["pool"].total_macs == 1000 * (2 * (10 * 2 + 2) + (1 * 2 + 2))
+    assert by_name["at"].total_macs == 3 * 1000 * (5 * 2 + 3)
+    assert by_name["test attacks"].total_macs == pytest.approx(100 * ((10 * 2 + 2) + (1 * 2 + 2)))
+    assert "substitute" not in by_name  # no transfer protocol, no substitute
+    assert uncounted == ["AA_N (evaluation)"]
+
+
+def mid(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_mid_plan_json_and_table_for_an_image_folder_config_without_data():
+    """The ImageNet config's fast profile: no data.path, the sizes from its plan: section."""
+    result = mid("plan", "configs/imagenet1k-vitb.yaml", "--profile", "fast", "--gpus", "32", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)
+    assert plan["data"]["train"] == 128 and plan["data"]["side"] == 64  # the profile's limit and size
+    assert [s["name"] for s in plan["stages"]][:5] == ["baseline", "teacher", "substitute", "pool", "mid"]
+    assert all(s["hours"] > 0 and s["total_macs"] > 0 for s in plan["stages"])
+    assert plan["per_epoch"]["mid_online_hours"] > plan["per_epoch"]["mid_cached_hours"]
+    assert plan["storage"]["pool_bytes"] > 0 and plan["mid_reads"]["bytes_per_second"] > 0
+
+    table = render(plan)  # what `mid plan` prints without --json, from the same numbers
+    assert "stage" in table and "MID reads" in table and "the pool saves" in table
+    assert "on 32 GPUs" in table and "not counted (cost depends on the data): AA_N (evaluation)" in table
+
+
+def test_mid_plan_refuses_what_it_cannot_size_or_run_on():
+    no_sizes = mid("plan", "configs/mnist.yaml")  # IDX files not given, no plan: section
+    assert no_sizes.returncode == 2 and "plan.train_samples" in no_sizes.stderr
+    assert "Traceback" not in no_sizes.stderr
+    bad = mid("plan", "configs/digits.yaml", "--utilisation", "1.5")
+    assert bad.returncode == 2 and "--utilisation" in bad.stderr

@@ -20,22 +20,27 @@ from storage.datasets import DatasetReader
 from storage.pools import PoolReader
 
 MIN_ROWS_PER_TASK = 256
+# A block holds whole rows up to this many bytes (and at most MAX_BLOCK_ROWS rows): a fixed
+# row count would make a 1,024-row block of 224-pixel images with four views 770 MB, more
+# than a small object store holds; digits' rows still fill 1,024-row blocks.
+TARGET_BLOCK_BYTES = 8 << 20
+MAX_BLOCK_ROWS = 1024
 
 
 class AlignedViewsDatasource(Datasource):
     def __init__(self, root: str, dataset_key: str, split: str,
                  pools: dict[str, str] | None = None, variant: int = 0,
-                 block_rows: int = 1024):
+                 block_rows: int | None = None):
         super().__init__()
         self.root, self.dataset_key, self.split = root, dataset_key, split
         self.pools = dict(pools or {})
         self.variant = variant
-        self.block_rows = block_rows
         dataset = DatasetReader.open(root, dataset_key)
         for key in self.pools.values():
             PoolReader.open(root, key)  # refuse incomplete pools before any read task runs
         self.num_rows = dataset.num_samples(split)
         self.row_bytes = int(np.prod(dataset.image_shape())) * (1 + len(self.pools)) + 16
+        self.block_rows = block_rows or max(1, min(MAX_BLOCK_ROWS, TARGET_BLOCK_BYTES // self.row_bytes))
 
     def estimate_inmemory_data_size(self) -> int:
         return self.num_rows * self.row_bytes

@@ -36,35 +36,84 @@ class StageRecord:
         return {"key": self.key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3), **self.details}
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def free_port() -> int:
+    """A TCP port free on the loopback interface (a local run's Ray listens there only)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
+# Ray's switch between "a single machine" and "a node of a cluster". Off (Ray's default on
+# macOS and Windows), Ray keeps a loopback node address; on (its default on Linux),
+# ``ray.init`` replaces ``_node_ip_address="127.0.0.1"`` by the machine's own address
+# (ray/_private/worker.py, services.resolve_ip_for_localhost and get_node_ip_address),
+# and every Ray process then listens on all interfaces or that address.
+_RAY_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _ray_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the Ray processes started inside, then restore them."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def single_machine_ray() -> Iterator[None]:
+    """Ray started inside keeps the loopback node address, so all its processes listen on
+    127.0.0.1 only.
+
+    Ray reads the setting from the environment once, when it is imported, so the driver's
+    copy is switched here too; the environment variable reaches the processes Ray starts
+    (GCS, raylet, and through the raylet the agents and workers), which read it themselves.
+    """
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _ray_env(**{_RAY_CLUSTER_MODE_ENV: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
 def start_local_ray(num_cpus: int | None) -> None:
-    """A laptop run's own Ray instance, which its workers can always find again.
+    """A laptop run's own Ray instance, which its workers can always find again, reachable
+    from this machine only.
 
     With two Ray instances on one machine, code inside a worker that looks Ray up without an
     address (Ray Train's placement-group cleaner does) finds both and fails with "Found
     multiple active Ray instances". So the GCS port is chosen here, and every worker of the
     job gets that address in ``RAY_ADDRESS``.
+
+    Every listening socket of the instance (GCS, raylet, core workers, dashboard and runtime
+    env agents, metrics servers) is bound to 127.0.0.1; see ``single_machine_ray``. Its
+    workers inherit that setting from the raylet, which is also what keeps the loopback
+    ``RAY_ADDRESS`` they are given from being rewritten to the machine's address. (Not
+    Ray's: the rendezvous store torch.distributed opens in Ray Train's rank-0 worker
+    listens on all interfaces whatever its address.)
     """
     import ray
 
     port = free_port()
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read once, when the head node starts
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+    address = f"{LOOPBACK}:{port}"
+    # RAY_GCS_SERVER_PORT is read once, when the head node starts.
+    with single_machine_ray(), _ray_env(RAY_GCS_SERVER_PORT=str(port)):
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_ADDRESS": address},
                               "worker_process_setup_hook": "workers.progress.quiet_local_ray_worker"})
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT")
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 class RunContext:

@@ -146,12 +146,69 @@ def test_pool_on_s3_then_cache_ls_and_verify(s3_env, tmp_path):
     assert "starting a local Ray instance" not in again.stderr
 
 
-def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
-    """`mid run` on the store the first test filled: MID and eval read everything from S3."""
+def raylet_pid(node) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def runs_a_train_worker(node) -> bool:
+    """Whether a Ray Train worker process runs under this node's raylet."""
+    found = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    rows = [line.split(None, 2) for line in found if len(line.split(None, 2)) == 3]
+    children: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, args in rows:
+        children.setdefault(int(ppid), []).append((int(pid), args))
+    todo = [raylet_pid(node)]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            if "RayTrainWorker" in args:
+                return True
+            todo.append(pid)
+    return False
+
+
+def test_node_lost_during_mid_resumes_from_the_epoch_checkpoint_on_s3(s3_env, tmp_path, monkeypatch):
+    """`mid run` on a three-node cluster, the store the first test filled on S3: a worker
+    node dies during MID, Ray Train restarts the worker group on the nodes left, and it
+    resumes from the last epoch checkpoint, which lives on S3 like everything else; then
+    the stored test attacks and the evaluation read the bucket too."""
+    from ray.cluster_utils import Cluster
+
+    # The nodes reach the bucket through their environment, as on a real cluster.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(name, s3_env[name])
     out = tmp_path / "run"
+    epochs = 6
     pools_before = any(k.startswith("mid/pools/") for k in list_bucket(s3_env))
-    result = mid(s3_env, *with_overrides("run", "configs/digits.yaml", "--store", PREFIX, "--out", str(out)))
-    assert result.returncode == 0, result.stderr[-4000:]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node trains nothing
+    try:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        args = with_overrides("run", "configs/digits.yaml", "--store", PREFIX, "--out", str(out))
+        args += ["--set", f"mid.epochs={epochs}", "--set", f"ray.address={cluster.address}"]
+        run = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env={**s3_env, "RAY_ADDRESS": ""},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline, killed = time.time() + 600, None
+        while run.poll() is None and time.time() < deadline and killed is None:
+            checkpointed = any(k.startswith("mid/train/mid-") and k.endswith("checkpoint_manager_snapshot.json")
+                               for k in list_bucket(s3_env))
+            doomed = [node for node in workers if runs_a_train_worker(node)] if checkpointed else []
+            if doomed:
+                cluster.remove_node(doomed[0], allow_graceful=False)
+                killed = doomed[0]
+                cluster.add_node(num_cpus=2)  # the replacement a cluster's autoscaler would start
+            time.sleep(0.2)
+        assert killed is not None, "MID finished (or the run failed) before a node could be killed"
+        _, stderr = run.communicate(timeout=600)
+    finally:
+        cluster.shutdown()
+    assert run.returncode == 0, stderr[-4000:]
+
+    history = [json.loads(line) for line in (out / "metrics" / "mid.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(epochs))  # every epoch once, none repeated
+    resumed = [h["epoch"] for h in history if h["resumed"]]
+    assert len(resumed) == 1 and resumed[0] > 0, history  # from the checkpoint on S3, not from scratch
     results = json.loads((out / "results.json").read_text())
     stages = results["stages"]
     assert list(stages) == ["ingest", "baseline", "teacher", "pool", "mid", "attacks-source", "eval"]
@@ -165,8 +222,8 @@ def test_full_run_streams_the_pool_from_s3(s3_env, tmp_path):
         assert any(k.startswith(f"mid/pools/{key['key']}/commits/") for k in keys)
     student = [k for k in keys if k.startswith(f"mid/checkpoints/{stages['mid']['key']}/")]
     assert any(k.endswith("model.safetensors") for k in student), stages["mid"]["key"]
+    assert not [k for k in keys if k.startswith("mid/train/")]  # the resume state is gone once committed
     assert any(k.startswith("mid/results/") for k in keys)
-    assert (out / "metrics" / "mid.jsonl").read_text().strip()
 
 
 def test_build_locks_on_s3_let_one_holder_in_at_a_time(s3_env, monkeypatch):

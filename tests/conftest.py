@@ -8,13 +8,10 @@ def ray_local():
     """One real local Ray instance for the tests that need it (loopback, no dashboard)."""
     import ray
 
-    from pipeline.context import single_machine_ray
-
     # Workers import test modules by name (functions defined in tests), as pytest does.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    with single_machine_ray():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.path.dirname(tests_dir), tests_dir])}})
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.path.dirname(tests_dir), tests_dir])}})
     import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -7,6 +7,7 @@ A head node on loopback stands in for a cluster; the job joins it through RAY_AD
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,12 +50,17 @@ def ray_head():
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                              "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield ray, f"http://127.0.0.1:{dashboard}", env
     finally:
         head.terminate()
-        head.wait(timeout=120)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # A graceful stop after a job took 31 s; its processes are all in the head's group.
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -38,6 +38,17 @@ examples:
 """
 
 
+def number(kind, low, high, low_allowed: bool = True):
+    """An argparse type: ``kind`` from ``low`` (excluded unless ``low_allowed``) to ``high``."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            bound = f"{'at least' if low_allowed else 'above'} {low}" + (f", at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({bound})")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -73,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = with_config("plan", "what a run of the config costs, before it runs: MACs per sample of every stage "
                                "counted on the real models (MID's second-order step included), multiplied out by "
                                "the config; bytes stored and read; hours on N GPUs")
-    plan.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs of the cluster (default: 8)")
-    plan.add_argument("--gpu-tflops", type=float, default=None, metavar="X",
+    plan.add_argument("--gpus", type=number(int, 1, None), default=8, metavar="N",
+                      help="GPUs of the cluster (default: 8)")
+    plan.add_argument("--gpu-tflops", type=number(float, 0, None, low_allowed=False), default=None, metavar="X",
                       help="peak TFLOP/s of one GPU at the run's precision (default: an H100's dense bf16, 989)")
-    plan.add_argument("--utilisation", type=float, default=None, metavar="U",
+    plan.add_argument("--utilisation", type=number(float, 0, 1, low_allowed=False), default=None, metavar="U",
                       help="share of the peak the stages sustain, 0 to 1 (default: 0.35, an assumption)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
@@ -172,14 +184,6 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
                               args.profile)
         except ConfigError as e:
             print(e, file=sys.stderr)
-            return 2
-    for flag, value, allowed in (("--gpus", args.gpus, args.gpus >= 1),
-                                 ("--gpu-tflops", args.gpu_tflops, args.gpu_tflops is None or args.gpu_tflops > 0),
-                                 ("--utilisation", args.utilisation,
-                                  args.utilisation is None or 0 < args.utilisation <= 1)):
-        if not allowed:
-            print(f"{flag}: {value} is out of range (--gpus: 1 or more; --gpu-tflops: above 0; "
-                  f"--utilisation: above 0, at most 1)", file=sys.stderr)
             return 2
     tflops = args.gpu_tflops or plan.DEFAULT_GPU_TFLOPS
     gpu_name = plan.DEFAULT_GPU if args.gpu_tflops is None else f"{tflops:g} TFLOP/s given"

@@ -126,7 +126,7 @@ def fit_off_the_main_thread(trainer) -> Any:
 
 
 OBJECT_STORE_SHARE = 0.25  # at most this share of the object store holds a cached dataset
-READ_TASK_BYTES = 256 << 20  # rows per read task of a streamed dataset, in bytes
+READ_TASK_BYTES = 256 << 20  # bytes of rows per read task of a streamed dataset
 
 
 def read_views(source):

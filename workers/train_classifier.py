@@ -23,9 +23,7 @@ from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
 from workers.models.pretrained import load_pretrained
 from workers.progress import epoch_bar, quiet_ray_train
-
-PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step; keeps data wait small
-
+from workers.reproducible import deterministic_kernels, epoch_batches
 
 def epoch_attack(config: dict[str, Any], epoch: int) -> dict[str, Any] | None:
     """The training attack of ``epoch``: ε and the step ramp up linearly over the first
@@ -71,6 +69,7 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         history, first_epoch = state["history"], state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    deterministic_kernels(device)
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
@@ -80,9 +79,7 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         epoch_config = {**config, "attack": epoch_attack(config, epoch)}
         start, seen, correct, total_loss = time.perf_counter(), 0, 0, 0.0
         crops = augmentation_generator(config["seed"], rank, epoch)
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
-                                              prefetch_batches=PREFETCH_BATCHES,
-                                              local_shuffle_buffer_size=4 * config["batch_size"]):
+        for batch in epoch_batches(shard, config["batch_size"], config["seed"], rank, epoch, device):
             x = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops)[0]
             y = batch["label"]
             loss, logits = objective(kind, epoch_config, model, x, y)

@@ -20,7 +20,7 @@ from workers.device import bf16_autocast
 from workers.epoch_checkpoint import report_epoch, restore_state
 from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
-from workers.train_classifier import PREFETCH_BATCHES
+from workers.reproducible import deterministic_kernels, epoch_batches
 from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
                          average_across_workers, draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_encoder, to_float
@@ -37,7 +37,8 @@ def meta_settings(config: dict[str, Any], device: torch.device) -> MetaSettings:
     return MetaSettings(inner_lr=config["inner_lr"], beta=config["beta"], temperature=config["temperature"],
                         second_order=config["second_order"], batch_views=batch_views,
                         meta_train=LossWeights(**config["meta_train_weights"]),
-                        meta_test=LossWeights(**config["meta_test_weights"]))
+                        meta_test=LossWeights(**config["meta_test_weights"]),
+                        meta=config.get("meta", True), distill=config.get("distill", True))
 
 
 def initial_student(config: dict[str, Any], teacher_encoder: torch.nn.Module) -> torch.nn.Module:
@@ -63,6 +64,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     quiet_ray_train()
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
     device = ray.train.torch.get_device()
+    deterministic_kernels(device)
     teacher_model = load_teacher(config["root"], config["teacher_key"]).to(device)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
     student = initial_student(config, teacher_model.encoder).to(device)
@@ -84,9 +86,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
         crops = augmentation_generator(config["seed"], rank, epoch)
-        batches = iter(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True, device=device,
-                                                prefetch_batches=PREFETCH_BATCHES,
-                                                local_shuffle_buffer_size=4 * config["batch_size"]))
+        batches = iter(epoch_batches(shard, config["batch_size"], config["seed"], rank, epoch, device))
         while True:
             fetch = time.perf_counter()
             batch = next(batches, None)

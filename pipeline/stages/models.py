@@ -148,7 +148,12 @@ def read_views(source):
     # Ray Data joins a read task's output into blocks of up to target_max_block_size (128 MiB
     # by default): with a few large blocks in flight a pool larger than the object store
     # spills whole. The datasets of this driver take the datasource's block size instead.
-    ray.data.DataContext.get_current().target_max_block_size = TARGET_BLOCK_BYTES
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = TARGET_BLOCK_BYTES
+    # Blocks in read order, to every training worker by size alone: the same rows reach the
+    # same worker on every run (workers.reproducible). Ray Train copies this setting into
+    # each split dataset's execution options when the trainer is made.
+    context.execution_options.preserve_order = True
     if size <= budget:
         return ray.data.read_datasource(source, override_num_blocks=4).materialize()
     return ray.data.read_datasource(source, override_num_blocks=max(4, size // READ_TASK_BYTES))

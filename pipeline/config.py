@@ -287,6 +287,27 @@ class MIDConfig(Section):
     meta_test_weights: LossWeightsConfig = LossWeightsConfig()
     num_workers: PositiveInt = 2
     bf16: bool = Field(False, description="autocast forward passes to bfloat16 (GPU workers, ray.use_gpu)")
+    meta: bool = Field(True, description="false: the ablation without meta-learning (Table 8): every pool attack "
+                                         "is a training view each step; no held-out attack, no inner step")
+    distill: bool = Field(True, description="false: the ablation without distillation (Table 8): no teacher-feature "
+                                            "targets (AC and CC off in both phases); the student starts from random "
+                                            "weights (mid.init_student: random) and learns through C_t from labels")
+
+    @model_validator(mode="after")
+    def _nothing_distilled_without_distillation(self):
+        if not self.distill and self.init_student == "teacher":
+            raise ValueError("mid.distill: false trains a student that inherits nothing from the teacher's "
+                             "encoder; set mid.init_student: random")
+        return self
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings in MID's cache key; the ablation switches only when switched (so the
+        keys of existing students stay as they were)."""
+        settings = self.model_dump()
+        for switch in ("meta", "distill"):
+            if settings[switch]:
+                settings.pop(switch)
+        return settings
 
 
 PROTOCOLS = ("source", "transfer", "adaptive")

@@ -162,3 +162,50 @@ def test_bf16_autocast_keeps_the_second_order_meta_gradient():
     assert mixed.dtype == torch.float32  # parameters and their gradients stay float32
     assert torch.nn.functional.cosine_similarity(reference, mixed, dim=0) > 0.995
     assert (mixed - reference).norm() < 0.1 * reference.norm()
+
+
+def reference_objective(student, teacher, clean, views, labels, weights, temperature):
+    """J(θ; views) written out with plain modules, independently of ``view_objective``."""
+    p_t = torch.softmax(teacher.encoder(clean) / temperature, 1)
+    total = 0.0
+    for x in views:
+        z = student(x)
+        log_q = torch.log_softmax(z / temperature, 1)
+        ac = (p_t * (p_t.log() - log_q)).sum(1).mean()
+        log_c = torch.log_softmax(teacher.encoder(teacher.decoder(z)) / temperature, 1)
+        cc = (p_t * (p_t.log() - log_c)).sum(1).mean()
+        lc = nn.functional.cross_entropy(teacher.classifier(z), labels)
+        total = total + weights.ac * ac + weights.cc * cc + weights.lc * lc
+    return total
+
+
+def test_without_meta_learning_the_step_is_the_multi_view_objective():
+    """Table 8's 'no meta': L = J(θ; {clean} ∪ A), every attack a training view, whichever is drawn."""
+    settings = MetaSettings(**{**SETTINGS.__dict__, "meta": False})
+    student, teacher, clean, views, labels = tiny_problem()
+    loss, metrics = meta_objective(student, teacher, clean, views, labels, "PGD_T", settings)
+    reference = reference_objective(student, teacher, clean, [clean, *views.values()], labels,
+                                    settings.meta_train, settings.temperature)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-10) and metrics["meta_test"] == 0.0
+    assert torch.allclose(flat(meta_gradients(student, loss)), flat(meta_gradients(student, reference)),
+                          rtol=1e-10, atol=1e-12)
+    other, _ = meta_objective(student, teacher, clean, views, labels, "MIM_N", settings)
+    assert other.item() == loss.item()  # nothing is held out
+
+
+def test_without_distillation_no_teacher_feature_reaches_the_student():
+    """Table 8's 'no distillation': only LC is left in both phases; the teacher's encoder
+    and decoder no longer matter, and the meta gradient matches finite differences."""
+    settings = MetaSettings(**{**SETTINGS.__dict__, "distill": False})
+    student, teacher, clean, views, labels = tiny_problem()
+    loss, metrics = meta_objective(student, teacher, clean, views, labels, "MIM_T", settings)
+    assert metrics["ac"] == 0.0 and metrics["cc"] == 0.0 and metrics["lc"] > 0
+    _, other_teacher, *_ = tiny_problem(seed=1)
+    swapped = FrozenTeacher(other_teacher.encoder, teacher.classifier, other_teacher.decoder)
+    again, _ = meta_objective(student, swapped, clean, views, labels, "MIM_T", settings)
+    assert again.item() == loss.item()
+    analytic = flat(meta_gradients(student, loss))
+    reference = flat(finite_difference_gradient(student, teacher, clean, views, labels, "MIM_T", settings))
+    assert (analytic - reference).norm() / reference.norm() < 1e-4
+    with_teacher, _ = meta_objective(student, teacher, clean, views, labels, "MIM_T", SETTINGS)
+    assert with_teacher.item() != pytest.approx(loss.item(), rel=1e-6)

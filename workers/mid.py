@@ -22,7 +22,14 @@ the running buffers that are thrown away: the held-out view is already in the ru
 statistics through earlier steps, where it was a meta-train view.
 
 A teacher without a decoder (ViT) has no cyclic-consistency term; the config requires its
-weights to be 0.
+weights to be 0. A term whose weight is 0 is not computed at all.
+
+The paper's Table 8 ablations are switches of this step, not other runs of it:
+- without meta-learning (``meta=False``): every view is a training view each step,
+  L = J(θ; {clean} ∪ A), with no held-out attack and no inner step;
+- without distillation (``distill=False``): the teacher's features are no target (AC and CC
+  are off in both phases); the student learns through the frozen C_t from labels alone;
+- without AC or without CC: that term's weights are 0 in both phases (config only).
 """
 
 from __future__ import annotations
@@ -55,6 +62,12 @@ class MetaSettings:
     batch_views: bool = True            # one forward pass for all meta-train views
     meta_train: LossWeights = field(default_factory=lambda: LossWeights(1.5, 0.8, 1.0))
     meta_test: LossWeights = field(default_factory=LossWeights)
+    meta: bool = True                   # False: the ablation without meta-learning (module docstring)
+    distill: bool = True                # False: the ablation without distillation: AC and CC off
+
+    def weights(self, phase: LossWeights) -> LossWeights:
+        """A phase's weights as the step uses them: without distillation no teacher-feature term."""
+        return phase if self.distill else LossWeights(ac=0.0, cc=0.0, lc=phase.lc)
 
 
 @dataclass
@@ -103,11 +116,14 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
     for chunk in chunks:
         n = chunk.shape[0] // batch
         z = functional_call(student, params, (chunk,))
-        p_rep = p_teacher.repeat(n, *([1] * (p_teacher.dim() - 1)))
-        ac = ac + _kl_per_sample(p_rep, z, temperature).view(n, batch).mean(1).sum()
-        if teacher.decoder is not None:
+        if weights.ac or (weights.cc and teacher.decoder is not None):
+            p_rep = p_teacher.repeat(n, *([1] * (p_teacher.dim() - 1)))
+        if weights.ac:
+            ac = ac + _kl_per_sample(p_rep, z, temperature).view(n, batch).mean(1).sum()
+        if weights.cc and teacher.decoder is not None:
             cc = cc + _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(n, batch).mean(1).sum()
-        lc = lc + F.cross_entropy(teacher.classifier(z), labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
+        if weights.lc:
+            lc = lc + F.cross_entropy(teacher.classifier(z), labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
     total = weights.ac * ac + weights.cc * cc + weights.lc * lc
     return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item()}
 
@@ -120,16 +136,24 @@ def draw_held_out(attacks: list[str], seed: int, step: int) -> str:
 def meta_objective(student: nn.Module, teacher: FrozenTeacher, clean: torch.Tensor,
                    adversarial: dict[str, torch.Tensor], labels: torch.Tensor, held_out: str,
                    settings: MetaSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """L(θ) = J(θ; V) + β·J(θ − α∇J(θ; V); {a*}) with V = ({clean} ∪ A) \\ {a*}."""
+    """L(θ) = J(θ; V) + β·J(θ − α∇J(θ; V); {a*}) with V = ({clean} ∪ A) \\ {a*}; without
+    meta-learning L(θ) = J(θ; {clean} ∪ A)."""
     if held_out not in adversarial:
         raise KeyError(f"held-out attack {held_out!r} is not among the views {sorted(adversarial)}")
     params = dict(student.named_parameters())
     batch_norm = has_batch_norm(student)
-    with torch.no_grad():
-        p_teacher = feature_distribution(teacher.encoder(clean), settings.temperature)
+    p_teacher = None
+    if settings.distill:
+        with torch.no_grad():
+            p_teacher = feature_distribution(teacher.encoder(clean), settings.temperature)
+    if not settings.meta:
+        total, parts = view_objective(student, params, teacher, [clean, *adversarial.values()], labels, p_teacher,
+                                      settings.weights(settings.meta_train), settings.temperature,
+                                      settings.batch_views or batch_norm)
+        return total, {"meta_train": total.item(), "meta_test": 0.0, "loss": total.item(), **parts}
     train_views = [clean] + [x for name, x in adversarial.items() if name != held_out]
     j_train, train_parts = view_objective(student, params, teacher, train_views, labels,
-                                          p_teacher, settings.meta_train, settings.temperature,
+                                          p_teacher, settings.weights(settings.meta_train), settings.temperature,
                                           settings.batch_views or batch_norm)
     # retain_graph: J(θ; V) is differentiated again as part of L, also in first order.
     grads = torch.autograd.grad(j_train, list(params.values()), create_graph=settings.second_order,
@@ -139,7 +163,7 @@ def meta_objective(student: nn.Module, teacher: FrozenTeacher, clean: torch.Tens
     if batch_norm:  # the meta-test pass must not move the running statistics (module docstring)
         fast.update({name: b.clone() for name, b in student.named_buffers()})
     j_test, test_parts = view_objective(student, fast, teacher, [adversarial[held_out]], labels,
-                                        p_teacher, settings.meta_test, settings.temperature)
+                                        p_teacher, settings.weights(settings.meta_test), settings.temperature)
     total = j_train + settings.beta * j_test
     metrics = {"meta_train": j_train.item(), "meta_test": j_test.item(), "loss": total.item(),
                **{f"{k}": train_parts[k] + test_parts[k] for k in ("ac", "cc", "lc")}}

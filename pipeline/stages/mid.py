@@ -19,7 +19,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
     m = ctx.cfg.mid
     with ctx.stage("mid") as record:
         key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
-                                  "pools": pool_keys, "mid": m.model_dump(), "seed": ctx.cfg.seed,
+                                  "pools": pool_keys, "mid": m.key_settings(), "seed": ctx.cfg.seed,
                                   **augmentation_settings(ctx)})
         record["key"] = key
         def train() -> dict[str, Any]:

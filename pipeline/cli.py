@@ -32,6 +32,8 @@ examples:
   mid run configs/digits.yaml --set mid.epochs=5 --set pool.attacks='[PGD_N, MIM_N]'
   mid pool configs/digits.yaml --set pool.attacks='[PGD_N, PGD_T, MIM_N, MIM_T, FGSM_N, BIM_N]'
   mid validate configs/mnist.yaml --set data.path=../shared/data/mnist
+  mid sweep configs/experiments/ablations-digits.yaml   (Table 8 on Ray Tune, one shared store)
+  mid export digits runs/digits/export --format onnx
   mid cache ls --json; mid cache verify; mid cache gc --dry-run; mid cache gc --ref old-run --yes
   mid run configs/digits.yaml --store s3://bucket/mid
   ray job submit --working-dir . -- python -m pipeline run configs/digits.yaml
@@ -77,7 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "metrics and logs (default: runs/<config name>)")
     pool = with_config("pool", "run the stages up to the attacker pool (ingest, baseline, teacher, pool)")
     pool.add_argument("--out", default=None, metavar="DIR", help="the run's output folder (default: runs/<name>)")
-    for p in (run, pool):
+    sweep = commands.add_parser(
+        "sweep", parents=[debug], help="run a sweep file's variants of a config as trials on Ray Tune, over one store",
+        description="Run the variants of a sweep file (a base config plus named overrides, or a grid) as trials on "
+                    "Ray Tune, one whole run per trial, all on one store: the dataset, the models, the training "
+                    "pools and the stored test attacks are built by the first trial that needs them and reused by "
+                    "the others. Writes OUT/sweep.md, OUT/sweep.json and a chart per protocol: one table per "
+                    "protocol with a row per variant. A rerun reuses the trials that finished; a failed trial is "
+                    "reported and the others go on. See configs/experiments/.")
+    sweep.add_argument("sweep_file", metavar="SWEEP", help="sweep YAML (see configs/experiments/)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override one config value of every trial, after the sweep file's (repeatable)")
+    sweep.add_argument("--store", default=None, metavar="URL", help="the store of every trial (default: the base "
+                                                                    "config's store.url)")
+    sweep.add_argument("--out", default=None, metavar="DIR",
+                       help="the sweep's folder: the combined report, and each trial's run under trials/<variant>/ "
+                            "(default: runs/<sweep name>)")
+    sweep.add_argument("--max-concurrent-trials", type=number(int, 1, None), default=None, metavar="N",
+                       help="trials at once (default: the sweep file's max_concurrent_trials, 1)")
+    for p in (run, pool, sweep):
         p.add_argument("--verbose", action="store_true",
                        help="show Ray's own output (worker logs, Ray Data and Ray Train lines) on the terminal; "
                             "by default it goes to OUT/logs/ray.log")
@@ -93,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
                             "runs nothing")
+
+    export = commands.add_parser(
+        "export", parents=[debug], help="write one trained model of a run as a self-contained file with a JSON card",
+        description="Write one model of a finished run (MID's C_t ∘ E_s by default, or another row of its tables) "
+                    "as one self-contained file, normalisation inside, with a JSON card beside it: dataset, input "
+                    "shape, pool attacks, ε, the row's results under every protocol of the run, and the store keys "
+                    "it came from.")
+    export.add_argument("run_or_key", metavar="RUN_OR_KEY",
+                        help="a run name (its ref in the store, e.g. 'digits') or a checkpoint key (mid-…)")
+    export.add_argument("out", metavar="OUT", help="the folder to write the model and card.json into")
+    export.add_argument("--format", required=True, choices=["safetensors", "torchscript", "onnx"],
+                        help="safetensors: weights and the architecture's spec; torchscript: a traced module; "
+                             "onnx: an ONNX graph (needs the 'export' extra: pip install 'mid-pipeline[export]')")
+    export.add_argument("--row", default="MID", choices=["MID", "None", "AT", "TRADES"],
+                        help="which row of the run's tables to export (default: MID)")
+    export.add_argument("--store", default="store", metavar="URL", help="the store (default: store)")
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
                                 description="list, verify or clean what a store holds; every action refuses a "
@@ -131,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "cache":
             return run_cache(args)
+        if args.command == "export":
+            from pipeline.export import export_command
+
+            return export_command(args)
+        if args.command == "sweep":
+            return run_sweep(args)
         # Validation first: a bad config must fail before anything heavy is imported or started.
         from pipeline.config import ConfigError, load_config
 
@@ -170,6 +212,25 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.errors import report
 
         return report(error, out_dir, debug, store)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``mid sweep``: every trial's config and inputs are checked before Ray starts."""
+    from pipeline import preflight, sweep
+    from pipeline.config import ConfigError
+    from pipeline.sweep_config import load_sweep
+
+    try:
+        spec = load_sweep(args.sweep_file, args.overrides, args.store, args.max_concurrent_trials)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    problems = dict.fromkeys(p for cfg in spec.trials.values() for p in preflight.problems(cfg))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    return sweep.run(spec, Path(args.out) if args.out else Path("runs") / spec.name, args.verbose)
 
 
 def run_plan(args: argparse.Namespace, cfg) -> int:

@@ -250,6 +250,15 @@ class RunContext:
                                     f"{available:g}; set {field} to {'false' if field == 'ray.use_gpu' else 0} "
                                     f"or run on a cluster with GPUs")
 
+    def actor_options(self) -> dict[str, Any]:
+        """Ray options of a stage's pool or evaluation actors.
+
+        Scheduled by the cluster, not inside the placement group of whatever runs the stage:
+        in ``mid sweep`` that is a Ray Tune trial, whose group holds no CPU for them, and Ray
+        would otherwise put them there (Tune captures its trials' child tasks)."""
+        r = self.cfg.ray
+        return {"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor, "scheduling_strategy": "DEFAULT"}
+
     def ray_train_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Ray Train: the store's ``train/`` folder.
 

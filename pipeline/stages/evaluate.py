@@ -103,7 +103,7 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
                            (defense, attack, lo, min(lo + e.batch_size, size),
                             None if indices is None else indices[lo:lo + e.batch_size]))
                           for lo in range(0, size, e.batch_size)]
-    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor, num_gpus=ctx.cfg.ray.gpus_per_actor)(Evaluator)
+    actor_cls = ray.remote(**ctx.actor_options())(Evaluator)
     model_refs = {name: {k: v for k, v in d.items() if k != "sha256"} for name, d in defenses.items()}
     actors = [actor_cls.remote(ctx.root, dataset.key, model_refs, ctx.cfg.attacks.family_settings(),
                                dataset.num_classes, ctx.cfg.seed, ctx.cfg.attacks.target)

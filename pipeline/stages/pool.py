@@ -164,7 +164,7 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
     if ctx.cfg.attacks.target != "random" and ctx.cfg.attacks.target >= dataset.num_classes:
         raise PipelineError(f"attacks.target: {ctx.cfg.attacks.target} is not a class of this dataset "
                             f"(0 to {dataset.num_classes - 1})")
-    actor_cls = ray.remote(num_cpus=ctx.cfg.ray.cpus_per_actor, num_gpus=ctx.cfg.ray.gpus_per_actor)(PoolGenerator)
+    actor_cls = ray.remote(**ctx.actor_options())(PoolGenerator)
     # bf16 speeds up the training pool only: the stored test attacks are measurements, kept float32.
     bf16 = p.bf16 and all(spec.split == "train" for _, spec, *_ in todo)
     actors = [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes, bf16=bf16)

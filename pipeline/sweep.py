@@ -1,0 +1,153 @@
+"""``mid sweep``: the trials of a sweep file run on Ray Tune, one whole pipeline run per trial
+(its MID stage one Ray Train run), every trial on the same store.
+
+Sharing is the store's: every stage's output is content-addressed, and a stage being built
+by one trial is waited for, then reused, by another (``RunContext.reuse_or_build``). So the
+dataset, the models, each training pool attack and each stored test attack are built by
+the first trial that needs them and reused by every other; the summary counts it.
+
+A finished trial leaves ``OUT/trials/<variant>/trial.json`` (its config's digest and rows);
+a rerun of the sweep reuses it and sends only the others to Ray Tune. A failed trial is
+reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import sweep_report
+from pipeline.context import RunContext
+from pipeline.sweep_config import Sweep, describe_overrides
+
+TRIAL_FILE = "trial.json"
+TRIAL_DRIVER_MEMORY = 256 << 20  # bytes Ray reserves for a trial's driver process
+
+
+def trial_dir(out_dir: Path, variant: str) -> Path:
+    return out_dir / "trials" / variant
+
+
+def run_trial(params: dict[str, Any], configs: dict[str, Any], out_dir: str) -> None:
+    """A Ray Tune trial: the whole pipeline for one variant (``configs`` holds every
+    variant's config), inside a Tune worker (Ray is already up there, so its stages join it)."""
+    from ray import tune
+
+    from pipeline import driver
+    from pipeline.config import RunConfig
+
+    variant = params["variant"]
+    cfg = RunConfig.model_validate(configs[variant])
+    start = time.perf_counter()
+    with RunContext(cfg, trial_dir(Path(out_dir), variant)) as ctx:
+        result = driver.run_stages(ctx)
+    tune.report({"trial": json.dumps({"protocols": result["protocols"], "stages": result["stages"],
+                                      "seconds": time.perf_counter() - start})})
+
+
+def finished_trial(sweep: Sweep, out_dir: Path, variant: str) -> dict[str, Any] | None:
+    """The record of a trial finished earlier with this very config, if any."""
+    path = trial_dir(out_dir, variant) / TRIAL_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("digest") == sweep.digest(variant) and record.get("status") == "finished" else None
+
+
+def stage_verbs(stages: dict[str, Any]) -> str:
+    built = [s for s, r in stages.items() if not r["cache_hit"]]
+    reused = [s for s, r in stages.items() if r["cache_hit"]]
+    return f"built: {', '.join(built) or 'nothing'}; reused: {', '.join(reused) or 'nothing'}"
+
+
+def _tune_callback(ctx: RunContext, sweep: Sweep):
+    """Stage-like console lines as trials start, finish and fail (Tune's own status tables
+    go to the log with the rest of Ray's output)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            ctx.say(f"sweep: trial {trial.config['variant']} started "
+                    f"({describe_overrides(sweep.overrides[trial.config['variant']])})")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            record = json.loads(result["trial"])
+            ctx.say(f"sweep: trial {trial.config['variant']} finished in {record['seconds']:.1f} s "
+                    f"({stage_verbs(record['stages'])})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            ctx.say(f"sweep: trial {trial.config['variant']} failed; the other trials go on")
+
+    return TrialLines()
+
+
+def run_on_tune(ctx: RunContext, sweep: Sweep, variants: list[str], out_dir: Path) -> dict[str, Any]:
+    """Run ``variants`` as Tune trials; returns {variant: result record or {"error": line}}."""
+    # Tune's newer console reporter prints its status tables whatever the verbosity; the
+    # older one is silent at verbose=0, and the sweep prints its own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    from pipeline.console import quiet_driver_loggers
+    from pipeline.errors import describe, one_line
+    from pipeline.stages.models import fit_off_the_main_thread
+
+    quiet_driver_loggers()  # Tune set up its loggers on import
+    configs = {v: sweep.trials[v].model_dump(mode="json") for v in variants}
+    trainable = tune.with_parameters(run_trial, configs=configs, out_dir=str(out_dir.resolve()))
+    # A trial only directs: its stages ask Ray for their own actors and workers. Holding a
+    # CPU for it would leave the pool actors of a 2-core laptop one CPU, so it asks for
+    # memory alone (Tune refuses a request of nothing).
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    tuner = tune.Tuner(trainable, param_space={"variant": tune.grid_search(variants)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
+                       run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                 storage_path=str((out_dir / "tune").resolve()), verbose=0,
+                                                 callbacks=[_tune_callback(ctx, sweep)],
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    grid = fit_off_the_main_thread(tuner)
+    outcomes: dict[str, Any] = {}
+    for result in grid:
+        variant = result.config["variant"]
+        if result.error is not None:
+            error = getattr(result.error, "cause", None) or result.error  # the trial's own exception
+            outcomes[variant] = {"error": describe(error, ctx.cfg.store.url) or one_line(error)}
+        else:
+            outcomes[variant] = json.loads(result.metrics["trial"])
+    return outcomes
+
+
+def run(sweep: Sweep, out_dir: Path, verbose: bool = False) -> int:
+    """Every trial of ``sweep`` not finished before; the combined table; exit status 1 when
+    a trial failed (the table still has the others)."""
+    base = next(iter(sweep.trials.values()))
+    ctx = RunContext(base, out_dir, verbose=verbose)  # for Ray and the console only: trials open the store
+    reused = {v: r for v in sweep.trials if (r := finished_trial(sweep, out_dir, v)) is not None}
+    pending = [v for v in sweep.trials if v not in reused]
+    for variant in reused:
+        ctx.say(f"sweep: trial {variant} reused (finished earlier with the same config: "
+                f"{trial_dir(out_dir, variant) / TRIAL_FILE})")
+    outcomes: dict[str, Any] = {}
+    if pending:
+        ctx.say(f"sweep: {len(pending)} trial(s) on Ray Tune, {sweep.max_concurrent_trials} at a time, on the store "
+                f"{ctx.root}: the dataset, the models, the training pools and the stored test attacks are built by "
+                f"the first trial that needs them and reused by the others")
+        ctx.ensure_ray()
+        outcomes = run_on_tune(ctx, sweep, pending, out_dir)
+    for variant, outcome in outcomes.items():
+        if "error" in outcome:
+            continue
+        record = {"variant": variant, "digest": sweep.digest(variant), "status": "finished",
+                  "overrides": sweep.overrides[variant], **outcome}
+        path = trial_dir(out_dir, variant) / TRIAL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    records = {v: reused.get(v) or outcomes.get(v) or {"error": "not run"} for v in sweep.trials}
+    printed = sweep_report.write(out_dir, sweep, records, reused=set(reused))
+    print(printed, flush=True)
+    ctx.say(f"wrote {out_dir / 'sweep.md'}, sweep.json and the charts")
+    return 1 if any("error" in r for r in records.values()) else 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 LOG_NAME = "ray.log"
+STAGE_LINE = "[mid] "  # how the pipeline's own console lines start
 
 
 def route_ray_output(log_path: Path) -> None:
@@ -45,6 +46,8 @@ def route_worker_lines() -> None:
         for line in data.get("lines", []):
             if RAY_TQDM_MAGIC in line:
                 process_bar(line)
+            elif line.startswith(STAGE_LINE):  # a stage line of a run inside a worker (a sweep's trial)
+                print(line, file=sys.stderr, flush=True)
             else:
                 stream.write(f"({source} pid={data.get('pid')}) {line}\n")
 

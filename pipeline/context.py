@@ -143,6 +143,7 @@ class RunContext:
         self.claims: dict[str, Any] = {}
         self._ray_started = False
         self.lease: runs.Lease | None = None
+        self.label = ""  # before each console line: a sweep's trial says which it is
 
     def open(self) -> "RunContext":
         """Open (or create) the store, refusing a location that is not one; start the run's
@@ -198,7 +199,7 @@ class RunContext:
             yield
 
     def say(self, message: str) -> None:
-        print(f"[mid] {message}", file=sys.stderr, flush=True)
+        print(f"[mid] {self.label}{message}", file=sys.stderr, flush=True)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:

@@ -43,6 +43,7 @@ def run_trial(params: dict[str, Any], configs: dict[str, Any], out_dir: str) -> 
     cfg = RunConfig.model_validate(configs[variant])
     start = time.perf_counter()
     with RunContext(cfg, trial_dir(Path(out_dir), variant)) as ctx:
+        ctx.label = f"trial {variant}: "  # its stage lines reach the sweep's console (pipeline.console)
         result = driver.run_stages(ctx)
     tune.report({"trial": json.dumps({"protocols": result["protocols"], "stages": result["stages"],
                                       "seconds": time.perf_counter() - start})})

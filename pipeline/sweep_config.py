@@ -103,7 +103,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def _problem(path: Path, where: str, message: str) -> ConfigError:
-    return ConfigError(f"sweep error: {path}: {where}: {message}")
+    return ConfigError(f"config error: {path}: {where}: {message}")
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = None,
@@ -114,9 +114,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
     try:
         spec = SweepFile.model_validate(read_tree(path))
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e).replace("config error: ", f"sweep error: {path}: ")) from None
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("config error: ", "sweep error: ", 1)) from None
+        raise ConfigError(_format_validation_error(e).replace("config error: ", f"config error: {path}: ")) from None
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise _problem(path, "base", f"{spec.base}: no such file (looked for {base_path})")
@@ -139,7 +137,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
         try:
             trials[variant] = with_absolute_paths(RunConfig.model_validate(tree))
         except ValidationError as e:
-            lines = _format_validation_error(e).replace("config error: ", f"sweep error: {path}: variant {variant}: ")
+            lines = _format_validation_error(e).replace("config error: ", f"config error: {path}: variant {variant}: ")
             raise ConfigError(lines) from None
         changes[variant] = variant_overrides
     stores = {cfg.store.url for cfg in trials.values()}

@@ -16,3 +16,19 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """The tiny sweep of ``sweephelpers`` on a store of the session's own."""
+    from sweephelpers import TinySweep
+
+    return TinySweep(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tiny_sweep):
+    """(the sweep, its first run's CompletedProcess): shared by the sweep tests and the
+    export tests, which export its trials' models."""
+    return tiny_sweep, tiny_sweep.run()

@@ -65,9 +65,19 @@ def stage_verbs(stages: dict[str, Any]) -> str:
     return f"built: {', '.join(built) or 'nothing'}; reused: {', '.join(reused) or 'nothing'}"
 
 
-def _tune_callback(ctx: RunContext, sweep: Sweep):
+def write_finished(sweep: Sweep, out_dir: Path, variant: str, outcome: dict[str, Any]) -> None:
+    """The record a rerun reuses; written as soon as the trial finishes, so an interrupted
+    sweep keeps the trials it finished."""
+    record = {"variant": variant, "digest": sweep.digest(variant), "status": "finished",
+              "overrides": sweep.overrides[variant], **outcome}
+    path = trial_dir(out_dir, variant) / TRIAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _tune_callback(ctx: RunContext, sweep: Sweep, out_dir: Path):
     """Stage-like console lines as trials start, finish and fail (Tune's own status tables
-    go to the log with the rest of Ray's output)."""
+    go to the log with the rest of Ray's output); a finished trial's record."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
@@ -77,6 +87,7 @@ def _tune_callback(ctx: RunContext, sweep: Sweep):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             record = json.loads(result["trial"])
+            write_finished(sweep, out_dir, trial.config["variant"], record)
             ctx.say(f"sweep: trial {trial.config['variant']} finished in {record['seconds']:.1f} s "
                     f"({stage_verbs(record['stages'])})")
 
@@ -108,7 +119,7 @@ def run_on_tune(ctx: RunContext, sweep: Sweep, variants: list[str], out_dir: Pat
                        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
                        run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  storage_path=str((out_dir / "tune").resolve()), verbose=0,
-                                                 callbacks=[_tune_callback(ctx, sweep)],
+                                                 callbacks=[_tune_callback(ctx, sweep, out_dir)],
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     grid = fit_off_the_main_thread(tuner)
     outcomes: dict[str, Any] = {}
@@ -139,14 +150,6 @@ def run(sweep: Sweep, out_dir: Path, verbose: bool = False) -> int:
                 f"the first trial that needs them and reused by the others")
         ctx.ensure_ray()
         outcomes = run_on_tune(ctx, sweep, pending, out_dir)
-    for variant, outcome in outcomes.items():
-        if "error" in outcome:
-            continue
-        record = {"variant": variant, "digest": sweep.digest(variant), "status": "finished",
-                  "overrides": sweep.overrides[variant], **outcome}
-        path = trial_dir(out_dir, variant) / TRIAL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
     records = {v: reused.get(v) or outcomes.get(v) or {"error": "not run"} for v in sweep.trials}
     printed = sweep_report.write(out_dir, sweep, records, reused=set(reused))
     print(printed, flush=True)

@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
                             "runs nothing")
 
+    store = argparse.ArgumentParser(add_help=False, parents=[debug])
+    store.add_argument("--store", default="store", metavar="URL", help="the store: folder or fsspec URL (default: store)")
     export = commands.add_parser(
-        "export", parents=[debug], help="write one trained model of a run as a self-contained file with a JSON card",
+        "export", parents=[store], help="write one trained model of a run as a self-contained file with a JSON card",
         description="Write one model of a finished run (MID's C_t ∘ E_s by default, or another row of its tables) "
                     "as one self-contained file, normalisation inside, with a JSON card beside it: dataset, input "
                     "shape, pool attacks, ε, the row's results under every protocol of the run, and the store keys "
@@ -128,13 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "onnx: an ONNX graph (needs the 'export' extra: pip install 'mid-pipeline[export]')")
     export.add_argument("--row", default="MID", choices=["MID", "None", "AT", "TRADES"],
                         help="which row of the run's tables to export (default: MID)")
-    export.add_argument("--store", default="store", metavar="URL", help="the store (default: store)")
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
                                 description="list, verify or clean what a store holds; every action refuses a "
                                             "location that is not a MID store (no mid-store.json)")
-    store = argparse.ArgumentParser(add_help=False, parents=[debug])
-    store.add_argument("--store", default="store", metavar="URL", help="the store: folder or fsspec URL (default: store)")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("ls", parents=[store], help="every entry: kind, key, attack, samples, bytes, complete, "
                                                         "created; then a summary line")

@@ -33,7 +33,7 @@ from pipeline.config import (SAFE_NAME, ConfigError, RunConfig, Section, _format
                              parse_override, read_profiles, read_tree, set_path)
 from storage.store import check_url
 
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,39}")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
 
 
 class SweepFile(Section):
@@ -58,7 +58,7 @@ class SweepFile(Section):
     def _safe_variant_names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name in v:
             if not VARIANT_NAME.fullmatch(str(name)):
-                raise ValueError(f"variant {name!r}: up to 40 letters, digits, '.', '_', '+' or '-' (it names "
+                raise ValueError(f"variant {name!r}: up to 40 letters, digits, '.', '_' or '-' (it names "
                                  f"the trial's run and folder)")
         return v
 

@@ -8,7 +8,7 @@ OUT ?= runs/digits
 
 help:
 	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
-	@echo "make test   install (if needed) and run the test suite on a local Ray instance"
+	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
 	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
 
 $(BIN)/mid: pyproject.toml
@@ -18,6 +18,11 @@ $(BIN)/mid: pyproject.toml
 	# already met and pip never reaches for a CUDA build. Elsewhere this finds nothing
 	# and the ordinary torch from the index is installed with the project.
 	-$(BIN)/pip install --quiet --no-index --no-deps torch 2>/dev/null
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+# The test extra (pytest, an S3 server, ONNX) on top: the demo does not wait for it.
+$(VENV)/.test-extra: $(BIN)/mid
 	$(BIN)/pip install --quiet -e ".[test]"
 	@touch $@
 
@@ -26,7 +31,7 @@ install: $(BIN)/mid
 demo: install
 	$(BIN)/mid run configs/digits.yaml --out $(OUT)
 
-test: install
+test: $(VENV)/.test-extra
 	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 tests
 
 clean:

@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
         out = Path(store) / "runs"
         start = time.perf_counter()
         ctx = RunContext(load_config(REPO / "configs/mnist.yaml", base, store), out).open()
-        dataset, _, teacher, pool_keys = prepare_pool(ctx)
+        dataset, trained, pool_keys = prepare_pool(ctx)
+        teacher = trained["teacher"]
         ctx.close("finished")
         prepare_seconds = time.perf_counter() - start
         results = {}

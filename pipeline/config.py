@@ -395,6 +395,9 @@ class RayConfig(Section):
                                                            "share one GPU between actors (e.g. 0.25: four per GPU)")
     max_failures: int = Field(2, ge=-1, description="restarts of a training run from its last epoch "
                                                      "checkpoint after a worker or node dies (-1: no limit)")
+    checkpoint_interval_s: float = Field(
+        60.0, ge=0.0, description="seconds between a training stage's epoch checkpoints, the points a restarted "
+                                  "or rerun stage resumes from (checked at each epoch's end; 0: every epoch)")
 
 
 class PlanConfig(Section):

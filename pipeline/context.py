@@ -207,10 +207,13 @@ class RunContext:
         record: dict[str, Any] = {"details": {}}
         start = time.perf_counter()
         yield record
-        self.stages[name] = StageRecord(record["key"], record["cache_hit"], time.perf_counter() - start,
-                                        record["details"])
-        verb = "reused cached" if record["cache_hit"] else "built"
-        self.say(f"{name}: {verb} {record['key']} ({self.stages[name].seconds:.1f} s)")
+        self.record_stage(name, record["key"], record["cache_hit"], time.perf_counter() - start, record["details"])
+
+    def record_stage(self, name: str, key: str, cache_hit: bool, seconds: float, details: dict[str, Any]) -> None:
+        """Record (and say) a stage timed elsewhere, e.g. one of several models trained together."""
+        self.stages[name] = StageRecord(key, cache_hit, seconds, details)
+        verb = "reused cached" if cache_hit else "built"
+        self.say(f"{name}: {verb} {key} ({seconds:.1f} s)")
 
     def ensure_ray(self) -> None:
         """Start (or join) Ray only when a stage has real work: a fully cached run needs none."""

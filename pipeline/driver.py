@@ -1,5 +1,6 @@
-"""One run, stage after stage: ingest → baseline, teacher → pool → mid, AT, TRADES → stored test
-attacks (source, substitute → transfer) → eval → report."""
+"""One run, stage after stage: ingest → the classifiers (baseline, teacher, AT, TRADES,
+substitute: one Ray Train worker group) → pool → mid → stored test attacks (source,
+transfer) → eval → report."""
 
 from __future__ import annotations
 
@@ -12,19 +13,28 @@ from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
 
 
-def prepare_pool(ctx: RunContext):
+def classifier_kinds(cfg: RunConfig) -> list[str]:
+    """The classifiers a whole run trains: they all read the clean dataset, so they train
+    together before the pool (``models.run_many``)."""
+    kinds = ["baseline", "teacher"]
+    kinds += [row.lower() for row in cfg.eval.defenses if row in ("AT", "TRADES")]
+    if "transfer" in cfg.eval.protocols:
+        kinds.append("substitute")
+    return kinds
+
+
+def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baseline", "teacher")):
+    """The dataset, the classifiers ``kinds`` (by kind) and the training pool's keys."""
     dataset = ingest.run(ctx)
-    baseline = models.run(ctx, dataset, "baseline")
-    teacher = models.run(ctx, dataset, "teacher")
-    source = baseline if ctx.cfg.pool.source_model == "baseline" else teacher
-    pool_keys = pool.run(ctx, dataset, source)
-    return dataset, baseline, teacher, pool_keys
+    trained = models.run_many(ctx, dataset, list(kinds))
+    pool_keys = pool.run(ctx, dataset, trained[ctx.cfg.pool.source_model])
+    return dataset, trained, pool_keys
 
 
 def run_pool(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, str]:
     """The stages up to the pool; the store keeps them under the ref ``<name>-pool``."""
     with RunContext(cfg, out_dir, ref_name=f"{cfg.name}-pool", verbose=verbose) as ctx:
-        _, _, _, pool_keys = prepare_pool(ctx)
+        _, _, pool_keys = prepare_pool(ctx)
     for name, rec in ctx.stages.items():
         print(f"{name:<9} {rec.key:<34} {'cached' if rec.cache_hit else 'built':<7} {rec.seconds:8.1f} s")
     return pool_keys
@@ -62,7 +72,7 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
         meta["source"] = {"source_model": model_summary(trained[kind], kind),
                           "attacks": crafted(ctx, "attacks-source")}
     if "transfer" in e.protocols:
-        substitute = trained["substitute"] = models.run(ctx, dataset, "substitute")
+        substitute = trained["substitute"]
         stored["transfer"] = pool.run_test_attacks(ctx, dataset, "transfer", "substitute", substitute)
         meta["transfer"] = {"source_model": model_summary(substitute, "substitute", seed=ctx.cfg.models.substitute.seed),
                             "attacks": crafted(ctx, "attacks-transfer")}
@@ -78,8 +88,8 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
 
 def run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    dataset, baseline, teacher, pool_keys = prepare_pool(ctx)
-    trained = {"baseline": baseline, "teacher": teacher}
+    dataset, trained, pool_keys = prepare_pool(ctx, classifier_kinds(cfg))
+    baseline, teacher = trained["baseline"], trained["teacher"]
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order
         if row == "None":
@@ -89,9 +99,7 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
             defenses[row] = {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
                              "sha256": [student["sha256"], teacher["sha256"]]}
         else:
-            kind = row.lower()
-            trained[kind] = models.run(ctx, dataset, kind)
-            defenses[row] = classifier_row(trained[kind])
+            defenses[row] = classifier_row(trained[row.lower()])
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])

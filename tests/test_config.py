@@ -127,5 +127,5 @@ def test_training_that_would_starve_ray_data_is_refused(tmp_path):
     result = run_cli("run", "configs/digits.yaml", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"),
                      "--set", "ray.num_cpus=2", "--set", "ray.cpus_per_worker=1", "--set", "data.train_limit=64")
     assert result.returncode == 1
-    assert "error: baseline-" in result.stderr and "take all 2 CPUs of the Ray cluster" in result.stderr
+    assert "error: models-baseline-" in result.stderr and "take all 2 CPUs of the Ray cluster" in result.stderr
     assert "Traceback" not in result.stderr

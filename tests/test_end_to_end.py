@@ -95,8 +95,10 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     assert (tmp_path / "run1" / "logs" / "ray.log").stat().st_size > 0
 
     stages = results["stages"]
-    assert list(stages) == ["ingest", "baseline", "teacher", "pool", "at", "mid", "attacks-source", "substitute",
+    assert list(stages) == ["ingest", "baseline", "teacher", "at", "substitute", "pool", "mid", "attacks-source",
                             "attacks-transfer", "eval"]
+    # The four classifiers trained in one Ray Train worker group, one after another.
+    assert stages["baseline"]["worker_group"]["models"] == ["baseline", "teacher", "at", "substitute"]
     assert not any(s["cache_hit"] for s in stages.values())
 
     # Every stored adversarial example lies in the ε-ball of its clean image, and the

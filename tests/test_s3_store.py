@@ -186,7 +186,8 @@ def test_node_lost_during_mid_resumes_from_the_epoch_checkpoint_on_s3(s3_env, tm
         workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes()
         args = with_overrides("run", "configs/digits.yaml", "--store", PREFIX, "--out", str(out))
-        args += ["--set", f"mid.epochs={epochs}", "--set", f"ray.address={cluster.address}"]
+        args += ["--set", f"mid.epochs={epochs}", "--set", f"ray.address={cluster.address}",
+                 "--set", "ray.checkpoint_interval_s=0"]
         run = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env={**s3_env, "RAY_ADDRESS": ""},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline, killed = time.time() + 600, None

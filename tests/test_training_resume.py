@@ -22,7 +22,7 @@ TINY = [
     "data.train_limit=1024", "data.test_limit=32", "eval.defenses=[None, MID]",
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=8",
     "attacks.PGD.nb_iter=2", "attacks.MIM.nb_iter=2", "attacks.BIM.nb_iter=2",
-    "pool.variants=1", "pool.shard_size=512", "eval.batch_size=32",
+    "pool.variants=1", "pool.shard_size=512", "eval.batch_size=32", "ray.checkpoint_interval_s=0",
     "eval.protocols=[adaptive]", "eval.unknown=[FGSM_N]",  # evaluation is test_end_to_end's subject
 ]
 

@@ -69,6 +69,7 @@ class Evaluator:
         generator = torch.Generator().manual_seed(batch_seed(self.seed, attack_name + "/targets", start))
         targets = make_targets(labels, self.num_classes, generator, self.target)
         torch.manual_seed(batch_seed(self.seed, attack_name, start))
+        np.random.seed(batch_seed(self.seed, attack_name, start) % 2**32)  # ART's AutoAttack draws from numpy's
         x = make_attack(attack_name, self.family_settings).perturb(model, x.to(self.device), labels.to(self.device),
                                                                    targets.to(self.device))
         return {"correct": self._correct(defense, x, labels), "total": len(labels_np)}

@@ -6,6 +6,11 @@ The rows a worker receives are fixed on the driver (``preserve_order`` in
 order, and its output splitter assigns them by size alone, not by which worker asked
 first). Here each worker shuffles them with a seed of its own per epoch.
 
+A dataset small enough that the driver materialized it is read by each worker once and
+reshuffled in the worker's memory every epoch (``WorkerRows``): Ray Data's streaming split
+restarts its executor every epoch otherwise, which on small data costs more than the
+epoch's steps. Larger datasets stream through Ray Data every epoch.
+
 Still varies across machines: float results of the same kernels on other CPUs or GPUs
 (vector widths, thread counts, cuBLAS / cuDNN versions), and a different ``num_workers``
 splits the data differently. A run resumed after a worker died redraws the random starts
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step; keeps data wait small
@@ -47,3 +54,50 @@ def epoch_batches(shard: Any, batch_size: int, seed: int, rank: int, epoch: int,
     return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
                                     prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=4 * batch_size,
                                     local_shuffle_seed=worker_seed(seed, rank, epoch, "shuffle"))
+
+
+class WorkerRows:
+    """This worker's rows of one Ray Dataset shard, epoch after epoch.
+
+    ``in_memory``: read the shard once (in the order Ray Data hands it over) and draw each
+    epoch's batches from a seeded permutation of those rows, a full shuffle. Otherwise every
+    epoch streams the shard through Ray Data with ``epoch_batches``' local shuffle buffer.
+    Every worker gets the same number of rows (Ray Train splits with ``equal=True``), so
+    every worker takes the same number of steps either way.
+    """
+
+    def __init__(self, shard: Any, in_memory: bool):
+        self.shard, self.in_memory = shard, in_memory
+        self.rows: dict[str, torch.Tensor] | None = None
+        self.wait_seconds = 0.0  # spent waiting for batches, all epochs together
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[np.ndarray]] = {}
+        for block in self.shard.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, values in block.items():
+                parts.setdefault(name, []).append(values)
+        return {name: torch.from_numpy(np.concatenate(values)) for name, values in parts.items()}
+
+    def batches(self, batch_size: int, seed: int, rank: int, epoch: int,
+                device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        source = self._batches(batch_size, seed, rank, epoch, device)
+        while True:
+            started = time.perf_counter()
+            batch = next(source, None)
+            self.wait_seconds += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
+
+    def _batches(self, batch_size: int, seed: int, rank: int, epoch: int,
+                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.in_memory:
+            yield from epoch_batches(self.shard, batch_size, seed, rank, epoch, device)
+            return
+        if self.rows is None:
+            self.rows = self._read()
+        count = len(next(iter(self.rows.values())))
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(worker_seed(seed, rank, epoch, "shuffle")))
+        for lo in range(0, count - batch_size + 1, batch_size):  # full batches, as drop_last
+            rows = order[lo:lo + batch_size]
+            yield {name: values[rows].to(device) for name, values in self.rows.items()}

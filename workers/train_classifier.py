@@ -2,7 +2,8 @@
 the teacher (cross-entropy + λ·L1 reconstruction), and the adversarial-training baselines
 AT (Madry PGD) and TRADES, all streaming clean data from the dataset store through Ray Data.
 
-Each epoch ends with a Ray Train checkpoint; a restarted worker group resumes from it.
+Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
+group resumes from the last one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
-from storage.checkpoints import save_checkpoint
+from storage.checkpoints import save_checkpoint, verify_checkpoint
 from workers.adversarial_training import madry_loss, trades_loss
 from workers.augment import augmentation_generator, crop_and_flip
-from workers.epoch_checkpoint import report_epoch, restore_state
+from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
 from workers.models.pretrained import load_pretrained
 from workers.progress import epoch_bar, quiet_ray_train
-from workers.reproducible import deterministic_kernels, epoch_batches
+from workers.reproducible import WorkerRows, deterministic_kernels
 
 def epoch_attack(config: dict[str, Any], epoch: int) -> dict[str, Any] | None:
     """The training attack of ``epoch``: ε and the step ramp up linearly over the first
@@ -51,9 +52,31 @@ def objective(kind: str, config: dict[str, Any], model, x: torch.Tensor, y: torc
     return F.cross_entropy(logits, y), logits
 
 
-def train_classifier_loop(config: dict[str, Any]) -> None:
+def train_classifiers_loop(config: dict[str, Any]) -> None:
+    """Train ``config["models"]`` one after another in this worker group, on the same rows.
+
+    Models that read the same dataset (baseline, teacher, substitute, AT, TRADES) share one
+    worker group: starting one costs 10-14 s on a small machine (benchmarks/train_startup.py),
+    more than a small model's whole training. A model already committed to the store (by a
+    group that died after it) is skipped; the one an epoch checkpoint belongs to resumes.
+    """
+    loop_started_at = time.time()
     quiet_ray_train()
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
+    device = ray.train.torch.get_device()
+    deterministic_kernels(device)
+    rows = WorkerRows(ray.train.get_dataset_shard("train"), config["rows_in_memory"])
+    state = restore_state()
+    for job in config["models"]:
+        if verify_checkpoint(job["root"], job["checkpoint_key"]) is not None:
+            continue
+        resume = state if state is not None and state.get("checkpoint_key") == job["checkpoint_key"] else None
+        train_classifier(job, rows, resume, device, config["checkpoint_interval_s"], loop_started_at)
+
+
+def train_classifier(config: dict[str, Any], rows: WorkerRows, state: dict[str, Any] | None,
+                     device: torch.device, checkpoint_interval_s: float, loop_started_at: float) -> None:
+    started = time.perf_counter()
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
     spec = ModelSpec(**config["spec"])
     kind = config["kind"]
@@ -62,24 +85,21 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         load_pretrained(model.encoder, model.classifier, config["pretrained"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     history, first_epoch = [], 0
-    state = restore_state()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch = state["history"], state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    deterministic_kernels(device)
-    shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
+    checkpoints = EpochCheckpoints(checkpoint_interval_s, config["epochs"], device)
     bar = epoch_bar(f"{kind} training", config["epochs"], show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
         epoch_config = {**config, "attack": epoch_attack(config, epoch)}
-        start, seen, correct, total_loss = time.perf_counter(), 0, 0, 0.0
+        start, waited, seen, correct, total_loss = time.perf_counter(), rows.wait_seconds, 0, 0, 0.0
         crops = augmentation_generator(config["seed"], rank, epoch)
-        for batch in epoch_batches(shard, config["batch_size"], config["seed"], rank, epoch, device):
+        for batch in rows.batches(config["batch_size"], config["seed"], rank, epoch, device):
             x = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops)[0]
             y = batch["label"]
             loss, logits = objective(kind, epoch_config, model, x, y)
@@ -92,16 +112,20 @@ def train_classifier_loop(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - start
         metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                    "samples_per_second": seen * world_size / seconds, "seconds": seconds,
+                   "data_wait_seconds": rows.wait_seconds - waited,
                    "lr": optimizer.param_groups[0]["lr"], "resumed": state is not None and epoch == first_epoch}
         if epoch_config["attack"] is not None:
             metrics["attack_eps"] = epoch_config["attack"]["eps"]
         history.append(metrics)
-        report_epoch(metrics, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch, "history": history})
+        checkpoints.end_epoch(epoch, metrics, {"checkpoint_key": config["checkpoint_key"], "model": unwrap(model).state_dict(),
+                                               "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history})
         bar.set_description(f"{kind} training (loss {metrics['loss']:.3f}, "
                             f"train acc {metrics['train_accuracy']:.1f}%)")
         bar.update(1)
     bar.close()
     if rank == 0:
         save_checkpoint(config["root"], config["checkpoint_key"], unwrap(model).state_dict(),
-                        {"kind": kind, "spec": spec.as_dict(), "history": history})
+                        {"kind": kind, "spec": spec.as_dict(), "history": history,
+                         "worker_seconds": {"training": time.perf_counter() - started,
+                                            "checkpoints": checkpoints.seconds,
+                                            "loop_started_at": loop_started_at, "committed_at": time.time()}})

@@ -1,7 +1,8 @@
 """Ray Train loop for MID: stream clean images and every pool view, aligned by sample,
 and take the meta step of ``workers.mid`` with the outer gradient averaged across workers.
 
-Each epoch ends with a Ray Train checkpoint; a restarted worker group resumes from it.
+Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
+group resumes from the last one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 from storage.checkpoints import save_checkpoint
 from workers.augment import augmentation_generator, crop_and_flip
 from workers.device import bf16_autocast
-from workers.epoch_checkpoint import report_epoch, restore_state
+from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
-from workers.reproducible import deterministic_kernels, epoch_batches
+from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
                          average_across_workers, draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_encoder, to_float
@@ -61,6 +62,7 @@ def autocast(config: dict[str, Any], device: torch.device):
 
 
 def train_mid_loop(config: dict[str, Any]) -> None:
+    started, loop_started_at = time.perf_counter(), time.time()
     quiet_ray_train()
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
     device = ray.train.torch.get_device()
@@ -77,16 +79,18 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     settings = meta_settings(config, device)
     attacks = list(config["attacks"])
-    shards = [ray.train.get_dataset_shard(variant_dataset_name(k)) for k in range(config["variants"])]
+    shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), config["rows_in_memory"])
+              for k in range(config["variants"])]
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
+    checkpoints = EpochCheckpoints(config["checkpoint_interval_s"], config["epochs"], device)
     bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
         crops = augmentation_generator(config["seed"], rank, epoch)
-        batches = iter(epoch_batches(shard, config["batch_size"], config["seed"], rank, epoch, device))
+        batches = iter(shard.batches(config["batch_size"], config["seed"], rank, epoch, device))
         while True:
             fetch = time.perf_counter()
             batch = next(batches, None)
@@ -113,8 +117,8 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                          "resumed": state is not None and epoch == first_epoch,
                          **{k: v / max(steps, 1) for k, v in sums.items()}}
         history.append(epoch_metrics)
-        report_epoch(epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch, "step": step, "history": history})
+        checkpoints.end_epoch(epoch, epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                                                     "epoch": epoch, "step": step, "history": history})
         bar.set_description(f"MID training (loss {epoch_metrics['loss']:.3f}, "
                             f"data wait {epoch_metrics['data_wait_fraction']:.0%})")
         bar.update(1)
@@ -122,4 +126,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         save_checkpoint(config["root"], config["checkpoint_key"], student.state_dict(),
                         {"kind": "mid_student", "spec": config["spec"], "teacher_key": config["teacher_key"],
-                         "history": history})
+                         "history": history, "worker_seconds": {"training": time.perf_counter() - started,
+                                                                "checkpoints": checkpoints.seconds,
+                                                                "loop_started_at": loop_started_at,
+                                                                "committed_at": time.time()}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.stages.models import (augmentation_settings, model_spec, read_views, train_with_ray,
+from pipeline.stages.models import (BATCH_ORDER, augmentation_settings, model_spec, read_views, train_with_ray,
                                     worker_augmentation)
 from storage import checkpoints
 from storage.datasets import DatasetReader
@@ -20,6 +20,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
     with ctx.stage("mid") as record:
         key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
                                   "pools": pool_keys, "mid": m.key_settings(), "seed": ctx.cfg.seed,
+                                  "batch_order": BATCH_ORDER,
                                   **augmentation_settings(ctx)})
         record["key"] = key
         def train() -> dict[str, Any]:

@@ -5,6 +5,7 @@ shares (fault tolerance, per-epoch checkpoints in the store)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from pipeline.context import PipelineError, RunContext
@@ -15,6 +16,9 @@ from workers.models import ModelSpec
 
 
 PRETRAINED_KINDS = ("baseline", "teacher")  # models.pretrained initialises these two
+# The order batches reach a training step (workers.reproducible.WorkerRows): part of every
+# trained model's key, so a store never mixes models trained under an earlier order.
+BATCH_ORDER = 2
 
 
 def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
@@ -54,14 +58,15 @@ def check_pretrained(ctx: RunContext, spec: ModelSpec, kind: str) -> str:
 
 
 def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
-                   num_workers: int, stage: str, key: str) -> dict[str, Any]:
+                   num_workers: int, stage: str, key: str, commits: list[str] | None = None) -> dict[str, Any]:
     """Run a train loop on ``num_workers`` Ray Train workers (each named Ray Dataset is
-    split across them) until the loop commits checkpoint ``key``; returns its manifest.
+    split across them) until the loop has committed the checkpoints ``commits`` (default:
+    ``key``); returns the manifest of the last.
 
     The run lives in the store's ``train/<stage>-<key>`` folder: a worker or node that dies
     restarts the worker group from the last epoch checkpoint (up to ``ray.max_failures``
     times), and a rerun after the driver died resumes there too, the name being the same.
-    The folder is removed once the stage's checkpoint is committed.
+    The folder is removed once every checkpoint is committed.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -80,6 +85,8 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
                            f"take all {total:g} CPUs of the Ray cluster and leave none for Ray Data; lower "
                            f"ray.cpus_per_worker (e.g. {total / (num_workers + 1):.2g}) or the number of workers")
     storage_path, storage_filesystem = ctx.ray_train_storage()
+    loop_config = {**loop_config, "rows_in_memory": rows_fit_in_workers(datasets, num_workers),
+                   "checkpoint_interval_s": ctx.cfg.ray.checkpoint_interval_s}
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets,
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.
@@ -91,12 +98,27 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     )
     fit_off_the_main_thread(trainer)
     close_worker_bars()  # only once the run is over: an interrupted run leaves at once
-    manifest = checkpoints.verify_checkpoint(ctx.root, key)
-    if manifest is None:
-        raise RuntimeError(f"{stage}: training finished but checkpoint {key} is not in the store")
+    for committed in commits or [key]:
+        manifest = checkpoints.verify_checkpoint(ctx.root, committed)
+        if manifest is None:
+            raise RuntimeError(f"{stage}: training finished but checkpoint {committed} is not in the store")
     # Committed: the run folder's resume state is only bytes now.
     fs.remove(fs.join(checkpoints.train_runs_url(ctx.root), name))
     return manifest
+
+
+WORKER_ROWS_BYTES = 1 << 30  # at most this much of a training stage's data held in each worker's memory
+
+
+def rows_fit_in_workers(datasets: dict[str, Any], num_workers: int) -> bool:
+    """Whether each worker may keep its rows in memory across epochs (``workers.reproducible.
+    WorkerRows``): every dataset was materialized (it fits the object store comfortably) and
+    a worker's share of them all is at most ``WORKER_ROWS_BYTES``."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not all(isinstance(d, MaterializedDataset) for d in datasets.values()):
+        return False
+    return sum(d.size_bytes() for d in datasets.values()) / num_workers <= WORKER_ROWS_BYTES
 
 
 def fit_off_the_main_thread(trainer) -> Any:
@@ -175,32 +197,69 @@ def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
     return settings
 
 
-def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
-    """Train (or reuse) the ``baseline``, the ``teacher``, the ``at`` / ``trades`` baselines
-    or the transfer protocol's ``substitute``; returns its checkpoint manifest. The
-    substitute's own seed (in its settings) replaces the run's for its initial weights."""
-    from workers.train_classifier import train_classifier_loop
-
+def model_key(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: str) -> tuple[str, dict[str, Any]]:
+    """(content key, the worker's config) of one classifier. The substitute's own seed (in
+    its settings) replaces the run's for its initial weights."""
     settings = {**training_settings(ctx, kind), **augmentation_settings(ctx)}
-    spec = model_spec(ctx, dataset)
-    with ctx.stage(kind) as record:
-        pretrained = ctx.cfg.models.pretrained if kind in PRETRAINED_KINDS else None
-        if pretrained:
-            settings["pretrained_sha256"] = check_pretrained(ctx, spec, kind)
-        key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(),
-                                 "train": settings, "seed": ctx.cfg.seed,
-                                 "num_workers": ctx.cfg.models.num_workers})
-        record["key"] = key
-        def train() -> dict[str, Any]:
-            ctx.ensure_ray()
-            ctx.say(f"{kind}: training on {ctx.cfg.models.num_workers} Ray Train workers")
-            config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(),
-                      "seed": ctx.cfg.seed, "pretrained": pretrained, **settings, **worker_augmentation(ctx)}
-            return train_with_ray(ctx, train_classifier_loop, config, {"train": clean_dataset(ctx, dataset)},
-                                  ctx.cfg.models.num_workers, kind, key)
+    pretrained = ctx.cfg.models.pretrained if kind in PRETRAINED_KINDS else None
+    if pretrained:
+        settings["pretrained_sha256"] = check_pretrained(ctx, spec, kind)
+    key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(), "train": settings,
+                             "seed": ctx.cfg.seed, "num_workers": ctx.cfg.models.num_workers,
+                             "batch_order": BATCH_ORDER})
+    config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(), "seed": ctx.cfg.seed,
+              "pretrained": pretrained, **settings, **worker_augmentation(ctx)}
+    return key, config
 
-        manifest, record["cache_hit"] = ctx.reuse_or_build(
-            kind, key, lambda: checkpoints.verify_checkpoint(ctx.root, key), train)
-        record["details"] = {"sha256": manifest["sha256"],
-                             "train_accuracy": manifest["history"][-1]["train_accuracy"]}
-    return manifest
+
+def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) the classifiers ``kinds`` (``baseline``, ``teacher``, ``at``,
+    ``trades``, ``substitute``); returns their checkpoint manifests by kind.
+
+    Those not in the store train one after another in ONE Ray Train worker group, on one
+    read of the dataset (``workers.train_classifier.train_classifiers_loop``): a worker
+    group's start costs more than a small model's training. Each gets its own stage record,
+    with the seconds its own training took on the workers; the group's start-up and
+    commit are in the first one's details.
+    """
+    from workers.train_classifier import train_classifiers_loop
+
+    spec = model_spec(ctx, dataset)
+    started = time.perf_counter()
+    planned = {kind: model_key(ctx, dataset, spec, kind) for kind in kinds}
+    manifests, built = {}, []
+    for kind, (key, _) in planned.items():
+        ctx.claim(kind, key)
+        manifests[kind] = checkpoints.verify_checkpoint(ctx.root, key)
+    missing = [kind for kind in kinds if manifests[kind] is None]
+    if missing:
+        with ctx.build_locks([planned[kind][0] for kind in missing]):
+            for kind in missing:  # another run may have built some while this one waited
+                manifests[kind] = checkpoints.verify_checkpoint(ctx.root, planned[kind][0])
+            built = [kind for kind in missing if manifests[kind] is None]
+            if built:
+                ctx.ensure_ray()
+                group = "-".join([*built, content_key("models", {"keys": [planned[k][0] for k in built]}).split("-")[-1]])
+                ctx.say(f"{', '.join(built)}: training on {ctx.cfg.models.num_workers} Ray Train workers"
+                        + (" (one worker group, one after another)" if len(built) > 1 else ""))
+                train_with_ray(ctx, train_classifiers_loop, {"models": [planned[k][1] for k in built]},
+                               {"train": clean_dataset(ctx, dataset)}, ctx.cfg.models.num_workers, "models",
+                               group, commits=[planned[k][0] for k in built])
+                for kind in built:
+                    manifests[kind] = checkpoints.verify_checkpoint(ctx.root, planned[kind][0])
+    group_seconds = time.perf_counter() - started
+    worker_seconds = sum(manifests[k].get("worker_seconds", {}).get("training", 0.0) for k in built)
+    for kind in kinds:
+        manifest = manifests[kind]
+        seconds = manifest.get("worker_seconds", {}).get("training", 0.0) if kind in built else 0.0
+        details = {"sha256": manifest["sha256"], "train_accuracy": manifest["history"][-1]["train_accuracy"]}
+        if kind in built and kind == built[0]:  # the group's start-up, data read and commits
+            seconds += group_seconds - worker_seconds
+            details["worker_group"] = {"models": built, "seconds": round(group_seconds, 3)}
+        ctx.record_stage(kind, planned[kind][0], kind not in built, seconds, details)
+    return manifests
+
+
+def run(ctx: RunContext, dataset: DatasetReader, kind: str) -> dict[str, Any]:
+    """Train (or reuse) one classifier; ``run_many`` of one."""
+    return run_many(ctx, dataset, [kind])[kind]

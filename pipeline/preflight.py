@@ -22,6 +22,23 @@ def problems(cfg: RunConfig) -> list[str]:
     if pretrained and not os.path.isfile(pretrained):
         found.append(f"models.pretrained: {pretrained}: no such file")
     found += store_location.probe_problems(cfg.store.url)  # each names the store already
+    found += training_cpu_problems(cfg)
+    return found
+
+
+def training_cpu_problems(cfg: RunConfig) -> list[str]:
+    """Training workers that would take every CPU of the local Ray instance this run starts:
+    Ray Data's read tasks need CPUs of their own, and training would wait for data forever.
+    (On a cluster the CPUs are only known once joined; ``train_with_ray`` checks there.)"""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return []
+    total = cfg.ray.num_cpus or os.cpu_count() or 1
+    found = []
+    for field, workers in (("models.num_workers", cfg.models.num_workers), ("mid.num_workers", cfg.mid.num_workers)):
+        if workers * cfg.ray.cpus_per_worker >= total:
+            found.append(f"ray.cpus_per_worker: {field}={workers} workers x {cfg.ray.cpus_per_worker:g} CPUs take all "
+                         f"{total:g} CPUs of the local Ray instance and leave none for Ray Data; lower "
+                         f"ray.cpus_per_worker (e.g. {total / (workers + 1):.2g}) or {field}")
     return found
 
 

@@ -123,9 +123,10 @@ def test_validate_command_and_help():
 
 
 def test_training_that_would_starve_ray_data_is_refused(tmp_path):
-    """2 workers x 1 CPU on a 2-CPU Ray leave nothing for Ray Data: fail, don't hang."""
+    """2 workers x 1 CPU on a 2-CPU Ray leave nothing for Ray Data: fail before Ray starts, don't hang."""
     result = run_cli("run", "configs/digits.yaml", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"),
                      "--set", "ray.num_cpus=2", "--set", "ray.cpus_per_worker=1", "--set", "data.train_limit=64")
-    assert result.returncode == 1
-    assert "error: models-baseline-" in result.stderr and "take all 2 CPUs of the Ray cluster" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert ("error: ray.cpus_per_worker: models.num_workers=2 workers x 1 CPUs take all 2 CPUs of the local Ray "
+            "instance") in result.stderr
+    assert "starting a local Ray instance" not in result.stderr and "Traceback" not in result.stderr

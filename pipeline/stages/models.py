@@ -239,7 +239,9 @@ def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[
             built = [kind for kind in missing if manifests[kind] is None]
             if built:
                 ctx.ensure_ray()
-                group = "-".join([*built, content_key("models", {"keys": [planned[k][0] for k in built]}).split("-")[-1]])
+                # The run folder is "models-<first model's key>": gc keeps it while a ref names
+                # that model, and a rerun of the same models finds its resume state.
+                group = planned[built[0]][0]
                 ctx.say(f"{', '.join(built)}: training on {ctx.cfg.models.num_workers} Ray Train workers"
                         + (" (one worker group, one after another)" if len(built) > 1 else ""))
                 train_with_ray(ctx, train_classifiers_loop, {"models": [planned[k][1] for k in built]},

@@ -14,11 +14,17 @@ and Ray is started before the clock starts. Then:
   ε-ball, encode, write Zarr chunks, commit, then the driver finalizes every pool. Its time
   includes the actors' start-up (import, model load) but not Ray's.
 
-Samples = images x attacks x variants. Target of the issue: ratio >= 1.0 on 2 cores.
-Prints one JSON document.
+Samples = images x attacks x variants. Prints one JSON document. It also reports the
+FLOP/s each path achieved against the machine's matrix-multiply peak, measured in the same
+run (float32 ``torch.mm`` of 1024 and 2048 squares, torch threads = cores, best of five).
+FLOPs are counted by ``torch.utils.flop_counter`` on the real model (``workers.flops``):
+per adversarial sample, nb_iter attack steps (forward and input gradient) plus the success
+checks each path runs (one forward in the plain loop; two in the pipeline, before and after
+rounding to uint8). Like every such counter it counts matrix products and convolutions only.
 
     python benchmarks/pool_throughput.py --mnist ../shared/data/mnist --samples 4000
     python benchmarks/pool_throughput.py --samples 1024 --nb-iter 10     # digits
+    python benchmarks/pool_throughput.py --cifar10 ../shared/data/cifar10 --samples 128 --nb-iter 5
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from workers.pool_generation import shard_seed  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (default: digits)")
+    p.add_argument("--cifar10", default=None, help="folder of the CIFAR-10 python batches (ResNet-18)")
     p.add_argument("--samples", type=int, default=4000, help="train images to attack (per attack)")
     p.add_argument("--attacks", default="PGD_N,PGD_T", help="comma-separated attack names (at least 2)")
     p.add_argument("--eps", type=float, default=0.3)
@@ -84,6 +91,9 @@ def build_config(args, root: str):
     ]
     if args.mnist:
         overrides += ["data.source=mnist", f"data.path={os.path.abspath(args.mnist)}", "data.image_size=null"]
+    if args.cifar10:
+        overrides += ["data.source=cifar10", f"data.path={os.path.abspath(args.cifar10)}", "data.image_size=null",
+                      "models.arch=resnet18"]
     for family in ("PGD", "MIM", "BIM"):
         overrides += [f"attacks.{family}.eps={args.eps}", f"attacks.{family}.nb_iter={args.nb_iter}",
                       f"attacks.{family}.eps_iter={args.eps_iter}"]
@@ -139,6 +149,30 @@ def baseline_loop(ctx, dataset, source, attacks, variants, batch_size, threads) 
     return time.perf_counter() - started, count, success
 
 
+def matmul_peak_flops(threads: int) -> dict:
+    """The machine's float32 matrix-multiply rate (FLOP/s, 2 per multiply-add): best of five
+    ``torch.mm`` of 1024 and 2048 squares with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    best = {}
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        best[n] = 2 * n ** 3 / min(times)
+    return {"flops_per_second": max(best.values()), "by_size": {str(n): round(f / 1e9, 1) for n, f in best.items()}}
+
+
+def attack_flops(spec, nb_iter: int, checks: int) -> float:
+    """FLOPs of one adversarial sample: ``nb_iter`` attack steps and ``checks`` forwards."""
+    from workers.flops import FLOPS_PER_MAC, attack_step_macs, forward_macs
+
+    return FLOPS_PER_MAC * (nb_iter * attack_step_macs(spec) + checks * forward_macs(spec))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     attacks = args.attacks.split(",")
@@ -160,6 +194,8 @@ def main(argv=None) -> dict:
     source = train_source(ctx, dataset, args.epochs)
     prepare_s = time.perf_counter() - t0
 
+    peak = matmul_peak_flops(args.cores)
+    spec = model_spec(ctx, dataset)
     base_s, base_count, base_success = baseline_loop(ctx, dataset, source, attacks, args.variants,
                                                      args.batch_size, args.cores)
 
@@ -195,10 +231,16 @@ def main(argv=None) -> dict:
             "seconds_around_stage": round(pool_s, 2),
         },
         "ratio_pipeline_to_baseline": round(base_s / record.seconds, 3),
-        "meets_ratio_1": base_s / record.seconds >= 1.0,
+        "matmul_peak_gflops": round(peak["flops_per_second"] / 1e9, 1), "matmul_peak_by_size": peak["by_size"],
+        "flops_counted_per_sample": {"baseline": attack_flops(spec, args.nb_iter, 1),
+                                     "pipeline": attack_flops(spec, args.nb_iter, 2)},
         "untimed": {"ingest_and_training_seconds": round(prepare_s, 1), "ray_start_seconds": round(ray_s, 1)},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    for path, seconds in (("baseline", base_s), ("pipeline_pool_stage", record.seconds)):
+        flops = report["flops_counted_per_sample"][path.split("_")[0]] * base_count / seconds
+        report[path]["gflops_per_second"] = round(flops / 1e9, 2)
+        report[path]["share_of_matmul_peak"] = round(flops / peak["flops_per_second"], 3)
     if args.keep_store:
         report["store"] = root
         report["pools"] = keys

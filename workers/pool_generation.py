@@ -64,6 +64,7 @@ class PoolGenerator:
         hits_float = hits_stored = 0
         for variant in range(variants):
             torch.manual_seed(shard_seed(seed, attack_name, shard, variant))
+            np.random.seed(shard_seed(seed, attack_name, shard, variant) % 2**32)  # ART's AutoAttack draws from numpy's
             generator = torch.Generator().manual_seed(shard_seed(seed, attack_name + "/targets", shard, variant))
             targets = make_targets(labels.cpu(), self.num_classes, generator, target).to(self.device)
             for lo in range(0, len(labels), batch_size):

@@ -224,10 +224,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    problems = dict.fromkeys(p for cfg in spec.trials.values() for p in preflight.problems(cfg))
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if problems:
+    variants_of: dict[str, list[str]] = {}  # a problem -> the variants that have it
+    for variant, cfg in spec.trials.items():
+        for problem in preflight.problems(cfg):
+            variants_of.setdefault(problem, []).append(variant)
+    for problem, variants in variants_of.items():
+        where = "" if len(variants) == len(spec.trials) else f"{args.sweep_file}: variant {', '.join(variants)}: "
+        print(f"error: {where}{problem}", file=sys.stderr)
+    if variants_of:
         return 2
     return sweep.run(spec, Path(args.out) if args.out else Path("runs") / spec.name, args.verbose)
 

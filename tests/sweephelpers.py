@@ -1,6 +1,8 @@
 """A tiny sweep on the bundled digits, run once per test session through the real CLI:
 three trials that finish (full MID, MID without meta-learning, a pool grown by FGSM_N) and
-one that fails at run time (more training workers than the 2-CPU instance can hold)."""
+one that fails at run time (64 GPUs per actor, which only the running Ray instance can
+refuse, for a MID of its own: a config that a check before Ray starts can refuse refuses
+the whole sweep)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ variants:
   full: {{}}
   no-meta: {{mid.meta: false}}
   fgsm: {{pool.attacks: [PGD_N, MIM_N, FGSM_N]}}
-  broken: {{mid.num_workers: 4}}
+  broken: {{mid.epochs: 2, ray.gpus_per_actor: 64}}   # a MID of its own to build, so it needs Ray
 """
 
 

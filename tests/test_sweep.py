@@ -73,7 +73,7 @@ def test_a_failed_trial_is_reported_and_loses_nothing_and_a_rerun_reuses_finishe
     assert result.returncode == 1  # a trial failed; the others finished and are in the table
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["trials"]["broken"]["status"] == "failed"
-    assert "take all 2 CPUs" in summary["trials"]["broken"]["error"]
+    assert "ray.gpus_per_actor: asks for 64 GPU(s) per worker" in summary["trials"]["broken"]["error"]
     assert "trial broken failed; the other trials go on" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     again = tiny_sweep.run()
@@ -92,6 +92,12 @@ def test_a_bad_variant_is_refused_before_ray_starts(tmp_path):
                           f"variants: {{ok: {{}}, typo: {{mid.epoch: 3}}}}\n")
     line = the_error_line(mid("sweep", str(sweep_file)), str(sweep_file), "variant typo", "mid")
     assert "unknown key 'epoch'" in line
+    # Valid as a config, but its training workers would take every CPU of the local instance.
+    sweep_file.write_text(f"name: {SWEEP_NAME}\nbase: {REPO}/configs/digits.yaml\nset: {{ray.num_cpus: 2}}\n"
+                          f"variants: {{ok: {{}}, greedy: {{mid.num_workers: 4}}}}\n")
+    line = the_error_line(mid("sweep", str(sweep_file), "--store", str(tmp_path / "store")), str(sweep_file),
+                          "variant greedy", "mid.num_workers=4")
+    assert "take all 2 CPUs of the local Ray instance" in line
 
 
 @pytest.mark.parametrize("sweep_file", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)

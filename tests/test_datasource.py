@@ -58,3 +58,39 @@ def test_incomplete_pools_are_refused(tmp_path):
                       variants=1, shard_size=500, compressor="none", encoding="uint8", attrs={})
     with pytest.raises(RuntimeError, match="incomplete"):
         AlignedViewsDatasource(root, "dataset-d", "train", pools={**keys, "X": "pool-partial"})
+
+
+def test_rows_kept_in_a_worker_are_each_epochs_seeded_permutation_of_its_split(tmp_path, ray_local):
+    """``WorkerRows`` in memory: every row of the worker's split once per epoch (full batches
+    only), rows still aligned across views, the same batches for the same (seed, rank,
+    epoch), another order the next epoch; and the same rows as streaming through Ray Data."""
+    import ray.data
+    import torch
+
+    from workers.reproducible import WorkerRows
+
+    root = str(tmp_path)
+    raw, keys = build_store(root)
+    source = AlignedViewsDatasource(root, "dataset-d", "train", pools=keys, variant=0, block_rows=300)
+    dataset = ray.data.read_datasource(source, override_num_blocks=3).materialize()
+    shards = dataset.streaming_split(1, equal=True)  # one consumer: a split's readers must all read at once
+    kept, streamed = WorkerRows(shards[0], in_memory=True), WorkerRows(shards[0], in_memory=False)
+    cpu, batch = torch.device("cpu"), 64
+
+    def epoch(rows, number):
+        return list(rows.batches(batch, seed=3, rank=0, epoch=number, device=cpu))
+
+    first, second = epoch(kept, 0), epoch(kept, 1)
+    assert len(first) == len(second) == len(kept.rows["label"]) // batch
+    for batches in (first, second):
+        indices = torch.cat([b["index"] for b in batches]).tolist()
+        assert len(indices) == len(set(indices)) and set(indices) <= set(kept.rows["index"].tolist())
+        for b in batches:  # each pool view is its clean image moved by +(p + 1), clipped
+            moved = b["ATTACK0"].int() - b["clean"].int()
+            assert ((moved == 1) | (b["clean"] == 255)).all()
+    assert [b["index"].tolist() for b in first] != [b["index"].tolist() for b in second]
+    again = WorkerRows(shards[0], in_memory=True)
+    assert [b["index"].tolist() for b in epoch(again, 1)] == [b["index"].tolist() for b in second]
+    assert sorted(kept.rows["index"].tolist()) == list(range(len(raw.train_labels)))  # the whole split, once
+    via_ray_data = torch.cat([b["index"] for b in epoch(streamed, 0)]).tolist()
+    assert len(set(via_ray_data)) == len(via_ray_data) == len(first) * batch

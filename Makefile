@@ -11,12 +11,12 @@ help:
 	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
 	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
 
+# A torch wheel that pip's own configuration provides locally (e.g. a CPU build in a
+# find-links folder) is installed first, so the project's `torch` requirement is already
+# met and pip never reaches for a CUDA build. Elsewhere this finds nothing and the
+# ordinary torch from the index is installed with the project.
 $(BIN)/mid: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# A torch wheel that pip's own configuration provides locally (e.g. a CPU build in a
-	# find-links folder) is installed first, so the project's `torch` requirement is
-	# already met and pip never reaches for a CUDA build. Elsewhere this finds nothing
-	# and the ordinary torch from the index is installed with the project.
 	-$(BIN)/pip install --quiet --no-index --no-deps torch 2>/dev/null
 	$(BIN)/pip install --quiet -e .
 	@touch $@

@@ -33,13 +33,20 @@ def training_cpu_problems(cfg: RunConfig) -> list[str]:
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return []
     total = cfg.ray.num_cpus or os.cpu_count() or 1
-    found = []
-    for field, workers in (("models.num_workers", cfg.models.num_workers), ("mid.num_workers", cfg.mid.num_workers)):
-        if workers * cfg.ray.cpus_per_worker >= total:
-            found.append(f"ray.cpus_per_worker: {field}={workers} workers x {cfg.ray.cpus_per_worker:g} CPUs take all "
-                         f"{total:g} CPUs of the local Ray instance and leave none for Ray Data; lower "
-                         f"ray.cpus_per_worker (e.g. {total / (workers + 1):.2g}) or {field}")
-    return found
+    found = [starved_data_problem(field, workers, cfg.ray.cpus_per_worker, total, "the local Ray instance")
+             for field, workers in (("models.num_workers", cfg.models.num_workers),
+                                    ("mid.num_workers", cfg.mid.num_workers))]
+    return [problem for problem in found if problem]
+
+
+def starved_data_problem(field: str, workers: int, cpus_per_worker: float, total: float, where: str) -> str | None:
+    """The problem line when ``workers`` training workers of ``cpus_per_worker`` CPUs take all
+    ``total`` CPUs of ``where``, leaving Ray Data's read tasks none; None when they fit."""
+    if workers * cpus_per_worker < total:
+        return None
+    return (f"ray.cpus_per_worker: {field}={workers} workers x {cpus_per_worker:g} CPUs take all {total:g} CPUs "
+            f"of {where} and leave none for Ray Data; lower ray.cpus_per_worker "
+            f"(e.g. {total / (workers + 1):.2g}) or {field}")
 
 
 def data_problems(cfg: RunConfig) -> list[str]:

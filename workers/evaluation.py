@@ -12,7 +12,7 @@ import torch
 
 from storage.datasets import DatasetReader
 from storage.pools import PoolReader
-from workers.attacks import make_attack, make_targets
+from workers.attacks import make_attack, make_targets, seed_attack_randomness
 from workers.device import actor_device
 from workers.loading import load_classifier, load_defended
 from workers.models import to_float
@@ -68,8 +68,7 @@ class Evaluator:
         x, labels = to_float(torch.from_numpy(images)), torch.from_numpy(labels_np)
         generator = torch.Generator().manual_seed(batch_seed(self.seed, attack_name + "/targets", start))
         targets = make_targets(labels, self.num_classes, generator, self.target)
-        torch.manual_seed(batch_seed(self.seed, attack_name, start))
-        np.random.seed(batch_seed(self.seed, attack_name, start) % 2**32)  # ART's AutoAttack draws from numpy's
+        seed_attack_randomness(batch_seed(self.seed, attack_name, start))
         x = make_attack(attack_name, self.family_settings).perturb(model, x.to(self.device), labels.to(self.device),
                                                                    targets.to(self.device))
         return {"correct": self._correct(defense, x, labels), "total": len(labels_np)}

@@ -13,7 +13,7 @@ import torch
 
 from storage.datasets import DatasetReader
 from storage.pools import quantize, write_shard
-from workers.attacks import make_attack, make_targets
+from workers.attacks import make_attack, make_targets, seed_attack_randomness
 from workers.device import actor_device, bf16_autocast
 from workers.loading import load_source_model
 from workers.models import to_float
@@ -63,8 +63,7 @@ class PoolGenerator:
         targets_all = np.full((variants, len(labels_np)), -1, dtype=np.int64)
         hits_float = hits_stored = 0
         for variant in range(variants):
-            torch.manual_seed(shard_seed(seed, attack_name, shard, variant))
-            np.random.seed(shard_seed(seed, attack_name, shard, variant) % 2**32)  # ART's AutoAttack draws from numpy's
+            seed_attack_randomness(shard_seed(seed, attack_name, shard, variant))
             generator = torch.Generator().manual_seed(shard_seed(seed, attack_name + "/targets", shard, variant))
             targets = make_targets(labels.cpu(), self.num_classes, generator, target).to(self.device)
             for lo in range(0, len(labels), batch_size):

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from pipeline.context import PipelineError, RunContext
+from pipeline.preflight import starved_data_problem
 from storage import checkpoints, fs
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -77,13 +78,12 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     quiet_driver_loggers()  # Ray Train set up its loggers on import
     name = f"{stage}-{key}"
     # Ray Data's read tasks need CPUs of their own; if the workers take them all, training
-    # waits for data forever instead of failing. Refuse before starting.
-    total = ray.cluster_resources().get("CPU", 0)
-    wanted = num_workers * ctx.cfg.ray.cpus_per_worker
-    if wanted >= total:
-        raise PipelineError(f"{name}: {num_workers} workers x ray.cpus_per_worker={ctx.cfg.ray.cpus_per_worker} "
-                           f"take all {total:g} CPUs of the Ray cluster and leave none for Ray Data; lower "
-                           f"ray.cpus_per_worker (e.g. {total / (num_workers + 1):.2g}) or the number of workers")
+    # waits for data forever instead of failing. A local run was checked before Ray started
+    # (pipeline.preflight); a joined cluster's CPUs are known only now.
+    problem = starved_data_problem(f"{stage}.num_workers", num_workers, ctx.cfg.ray.cpus_per_worker,
+                                   ray.cluster_resources().get("CPU", 0), "the Ray cluster")
+    if problem:
+        raise PipelineError(problem)
     storage_path, storage_filesystem = ctx.ray_train_storage()
     loop_config = {**loop_config, "rows_in_memory": rows_fit_in_workers(datasets, num_workers),
                    "checkpoint_interval_s": ctx.cfg.ray.checkpoint_interval_s}

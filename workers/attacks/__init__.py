@@ -27,7 +27,7 @@ SUFFIXES = {"N": False, "T": True}
 ATTACK_NAMES = tuple(sorted(f"{f}_{s}" for f, (_, variants) in FAMILIES.items() for s in variants))
 
 __all__ = ["ATTACK_NAMES", "FAMILIES", "Attack", "attack_class", "make_attack", "make_targets",
-           "parse_attack_name", "random_targets"]
+           "parse_attack_name", "random_targets", "seed_attack_randomness"]
 
 
 def parse_attack_name(name: str) -> tuple[str, bool]:
@@ -49,6 +49,6 @@ def make_attack(name: str, family_settings: dict[str, dict[str, Any]]) -> "Attac
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Attack", "make_targets", "random_targets"):  # the torch-side names, imported on first use
+    if name in ("Attack", "make_targets", "random_targets", "seed_attack_randomness"):  # the torch-side names, imported on first use
         return getattr(import_module(f"{__name__}.base"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

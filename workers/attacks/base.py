@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +66,13 @@ class Attack(ABC):
             adv = self.run(adversary, x, target if self.targeted else y)
         model.train(was_training)
         return adv.detach()
+
+
+def seed_attack_randomness(seed: int) -> None:
+    """Seed the global generators the attack libraries draw from: torch's (advertorch's random
+    starts) and numpy's (ART's AutoAttack), so an attack's output depends on ``seed`` alone."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +45,49 @@ def the_error_line(result: subprocess.CompletedProcess, *names: str) -> str:
         assert str(name) in line, (name, line)
     assert "Traceback" not in result.stdout + result.stderr
     return line
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped is not None:  # [::ffff:127.0.0.1]
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def listening_sockets(root: "psutil.Process") -> list[dict]:
+    """Every listening TCP socket of ``root`` and all its descendants (a run's driver, its
+    GCS and raylet, and through the raylet every worker, Ray Train's included)."""
+    import psutil
+
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            cmd, conns = " ".join(" ".join(proc.cmdline()).split())[:100], proc.net_connections(kind="inet")
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            continue
+        found += [{"pid": proc.pid, "cmd": cmd, "ip": conn.laddr.ip, "port": conn.laddr.port}
+                  for conn in conns if conn.status == psutil.CONN_LISTEN]
+    return found
+
+
+def run_watching_listeners(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run ``args`` and scan its process tree's listening sockets every 0.2 s until it ends:
+    (the finished process, every distinct listener seen)."""
+    import ray  # noqa: F401  (psutil is vendored with Ray: importable once ray is imported)
+    import psutil
+
+    process = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    root, seen, deadline = psutil.Process(process.pid), {}, time.monotonic() + timeout
+    output: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: output.update(zip(("stdout", "stderr"), process.communicate())))
+    reader.start()
+    while reader.is_alive() and time.monotonic() < deadline:
+        for item in listening_sockets(root):
+            seen[(item["pid"], item["ip"], item["port"])] = item
+        time.sleep(0.2)
+    if reader.is_alive():
+        process.kill()
+    reader.join()
+    return (subprocess.CompletedProcess(args, process.returncode, output.get("stdout", ""), output.get("stderr", "")),
+            list(seen.values()))

@@ -1,13 +1,17 @@
 """A laptop run's Ray instance is reachable from this machine only: every TCP socket its
 processes listen on (GCS, raylet, core workers, dashboard and runtime env agents, metrics
-servers) is bound to the loopback interface."""
+servers) is bound to the loopback interface.
 
-import ipaddress
+Training stages (Ray Train workers and torch.distributed's rendezvous store) are checked on
+a real `mid pool` run: `tests/test_training_resume.py::test_training_stages_listen_on_loopback_only`."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from clihelpers import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,13 +82,6 @@ try:
 finally:
     ray.shutdown()
 '''
-
-
-def is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%")[0])
-    if address.version == 6 and address.ipv4_mapped is not None:  # [::ffff:127.0.0.1]
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def test_local_ray_listens_on_loopback_only():

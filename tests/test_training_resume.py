@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from clihelpers import is_loopback, run_watching_listeners, the_error_line
+
 TINY = [
     "data.train_limit=1024", "data.test_limit=32", "eval.defenses=[None, MID]",
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=8",
@@ -41,15 +43,33 @@ def cli_args(store: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A store with the dataset, baseline, teacher and pool of TINY, built once: both tests
-    are about MID's training, and each starts from a copy."""
+def preparing(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A store with the dataset, baseline, teacher and pool of TINY, built once: the resume
+    tests are about MID's training, and each starts from a copy. Also every listening socket
+    the run's processes opened meanwhile (its classifiers train on Ray Train workers)."""
     store = tmp_path_factory.mktemp("prepared") / "store"
     args = cli_args(store, store.parent / "out")
     args[args.index("run")] = "pool"
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    result, listeners = run_watching_listeners(args)
     assert result.returncode == 0, result.stderr[-4000:]
-    return store
+    return store, listeners
+
+
+@pytest.fixture(scope="module")
+def prepared(preparing) -> Path:
+    return preparing[0]
+
+
+def test_training_stages_listen_on_loopback_only(preparing):
+    """A local run's training keeps every listening socket on 127.0.0.1, torch.distributed's
+    rendezvous store and gloo's connections included (before: the store listened on all
+    interfaces). Reproduce: `mid pool configs/digits.yaml` and `ss -ltnp` while it trains."""
+    _, listeners = preparing
+    table = "\n".join(f"  {item['ip']}:{item['port']}  pid {item['pid']}  ({item['cmd']})" for item in listeners)
+    # The scan saw the training workers listen (a scan that sees nothing proves nothing).
+    assert any("RayTrainWorker" in item["cmd"] for item in listeners), table
+    offenders = [item for item in listeners if not is_loopback(item["ip"])]
+    assert not offenders, "listening beyond loopback:\n" + table
 
 
 def copy_of(prepared: Path, tmp_path: Path) -> Path:
@@ -80,7 +100,7 @@ def collect_during_the_run(store: Path) -> None:
     assert refused.returncode == 2 and "in progress" in refused.stderr, refused.stderr
     collected = mid_cache("gc", "--store", str(store), "--yes")
     assert collected.returncode == 0, collected.stderr
-    assert "removed 0 items" in collected.stdout or "nothing to remove" in collected.stdout, collected.stdout
+    assert collected.stdout.startswith(f"nothing removed: a run is in progress on {store}: digits-"), collected.stdout
 
 
 def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path, prepared):
@@ -110,3 +130,20 @@ def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path, prepared):
     rerun = subprocess.run(cli_args(store, out), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     check_finished_run(store, out)
+
+
+def test_a_diverging_stage_stops_and_commits_nothing(tmp_path, prepared):
+    """A training stage whose loss becomes non-finite stops at that epoch with one line and
+    commits nothing (before: a checkpoint of NaN weights was committed, the pool and tables
+    built on it, exit 0). Reproduce: `mid pool configs/digits.yaml --set models.baseline.lr=1e30`
+    (finite, so the config takes it; Adam's first steps overflow the weights)."""
+    store = copy_of(prepared, tmp_path)
+    committed = sorted(p.name for p in (store / "checkpoints").iterdir())
+    args = cli_args(store, tmp_path / "out") + ["--set", "models.baseline.lr=1e30"]
+    args[args.index("run")] = "pool"
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stderr[-4000:]
+    line = the_error_line(result, "baseline training", "epoch 0", "nothing was committed")
+    assert "non-finite" in line or "loss became nan" in line, line
+    assert sorted(p.name for p in (store / "checkpoints").iterdir()) == committed  # no new model
+    assert not list((store / "train").iterdir())  # and no resume state to resume a broken model from

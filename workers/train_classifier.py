@@ -25,6 +25,7 @@ from workers.models import ModelSpec, build_classifier_model, build_teacher, to_
 from workers.models.pretrained import load_pretrained
 from workers.progress import epoch_bar, quiet_ray_train
 from workers.reproducible import WorkerRows, deterministic_kernels
+from workers.training_health import epoch_problem, record_stop
 
 def epoch_attack(config: dict[str, Any], epoch: int) -> dict[str, Any] | None:
     """The training attack of ``epoch``: ε and the step ramp up linearly over the first
@@ -71,11 +72,15 @@ def train_classifiers_loop(config: dict[str, Any]) -> None:
         if verify_checkpoint(job["root"], job["checkpoint_key"]) is not None:
             continue
         resume = state if state is not None and state.get("checkpoint_key") == job["checkpoint_key"] else None
-        train_classifier(job, rows, resume, device, config["checkpoint_interval_s"], loop_started_at)
+        problem = train_classifier(job, rows, resume, device, config["checkpoint_interval_s"], loop_started_at)
+        if problem is not None:  # the models after it are not trained either: the run stops here
+            record_stop(config["stop_record"], problem)
+            return
 
 
 def train_classifier(config: dict[str, Any], rows: WorkerRows, state: dict[str, Any] | None,
-                     device: torch.device, checkpoint_interval_s: float, loop_started_at: float) -> None:
+                     device: torch.device, checkpoint_interval_s: float, loop_started_at: float) -> str | None:
+    """Train and commit one classifier; returns why it stopped uncommitted (``workers.training_health``), or None."""
     started = time.perf_counter()
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
     spec = ModelSpec(**config["spec"])
@@ -97,7 +102,7 @@ def train_classifier(config: dict[str, Any], rows: WorkerRows, state: dict[str, 
     bar.update(first_epoch)
     for epoch in range(first_epoch, config["epochs"]):
         epoch_config = {**config, "attack": epoch_attack(config, epoch)}
-        start, waited, seen, correct, total_loss = time.perf_counter(), rows.wait_seconds, 0, 0, 0.0
+        start, waited, seen, steps, correct, total_loss = time.perf_counter(), rows.wait_seconds, 0, 0, 0, 0.0
         crops = augmentation_generator(config["seed"], rank, epoch)
         for batch in rows.batches(config["batch_size"], config["seed"], rank, epoch, device):
             x = crop_and_flip([to_float(batch["clean"])], config["augment"], config["crop_padding"], crops)[0]
@@ -106,10 +111,15 @@ def train_classifier(config: dict[str, Any], rows: WorkerRows, state: dict[str, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             total_loss += loss.item() * len(y)
         seconds = time.perf_counter() - start
+        problem = epoch_problem(kind, epoch, steps, config["batch_size"], total_loss / max(seen, 1), model, device)
+        if problem is not None:
+            bar.close()
+            return problem
         metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
                    "samples_per_second": seen * world_size / seconds, "seconds": seconds,
                    "data_wait_seconds": rows.wait_seconds - waited,
@@ -129,3 +139,4 @@ def train_classifier(config: dict[str, Any], rows: WorkerRows, state: dict[str, 
                          "worker_seconds": {"training": time.perf_counter() - started,
                                             "checkpoints": checkpoints.seconds,
                                             "loop_started_at": loop_started_at, "committed_at": time.time()}})
+    return None

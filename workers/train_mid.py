@@ -22,6 +22,7 @@ from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
 from workers.reproducible import WorkerRows, deterministic_kernels
+from workers.training_health import epoch_problem, record_stop
 from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
                          average_across_workers, draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_encoder, to_float
@@ -111,6 +112,12 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
+        problem = epoch_problem("MID", epoch, steps, config["batch_size"], sums.get("loss", 0.0) / max(steps, 1),
+                                student, device)
+        if problem is not None:
+            bar.close()
+            record_stop(config["stop_record"], problem)
+            return
         epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps,
                          "samples_per_second": seen * world_size / seconds, "data_wait_fraction": waited / seconds,
                          "seconds": seconds, "lr": optimizer.param_groups[0]["lr"],

@@ -14,12 +14,14 @@ from storage import checkpoints, fs
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.models import ModelSpec
+from workers.training_health import read_stop
 
 
 PRETRAINED_KINDS = ("baseline", "teacher")  # models.pretrained initialises these two
 # The order batches reach a training step (workers.reproducible.WorkerRows): part of every
 # trained model's key, so a store never mixes models trained under an earlier order.
 BATCH_ORDER = 2
+STOP_RECORD = "stopped.json"  # in a training run's folder: why its loop stopped without committing
 
 
 def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
@@ -73,6 +75,8 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from workers.loopback_torch import LoopbackTorchConfig
+
     from pipeline.console import close_worker_bars, quiet_driver_loggers
 
     quiet_driver_loggers()  # Ray Train set up its loggers on import
@@ -85,10 +89,13 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     if problem:
         raise PipelineError(problem)
     storage_path, storage_filesystem = ctx.ray_train_storage()
+    # Where the loop says why it stopped without committing (workers.training_health).
+    stop_record = fs.join(checkpoints.train_runs_url(ctx.root), name, STOP_RECORD)
+    fs.remove(stop_record)
     loop_config = {**loop_config, "rows_in_memory": rows_fit_in_workers(datasets, num_workers),
-                   "checkpoint_interval_s": ctx.cfg.ray.checkpoint_interval_s}
+                   "checkpoint_interval_s": ctx.cfg.ray.checkpoint_interval_s, "stop_record": stop_record}
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets=datasets,
+        loop, train_loop_config=loop_config, datasets=datasets, torch_config=LoopbackTorchConfig(),
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=ctx.cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": ctx.cfg.ray.cpus_per_worker}),
@@ -98,6 +105,11 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     )
     fit_off_the_main_thread(trainer)
     close_worker_bars()  # only once the run is over: an interrupted run leaves at once
+    problem = read_stop(stop_record)
+    if problem is not None:
+        # Its epoch checkpoints hold the same broken or untrained state: nothing to resume.
+        fs.remove(fs.join(checkpoints.train_runs_url(ctx.root), name))
+        raise PipelineError(problem)
     for committed in commits or [key]:
         manifest = checkpoints.verify_checkpoint(ctx.root, committed)
         if manifest is None:

@@ -139,6 +139,9 @@ class RunContext:
         # working directory. Nothing is touched until the run opens the store.
         self.root = store_location.check_url(cfg.store.url)
         self.ref_name = ref_name or cfg.name
+        # One ref per run of a config: another --set is another ref, never a replacement.
+        # Where it runs (store, Ray) is not part of what it computes.
+        self.ref_id = runs.ref_id(self.ref_name, cfg.model_dump(mode="json", exclude={"store", "ray"}))
         self.stages: dict[str, StageRecord] = {}
         self.claims: dict[str, Any] = {}
         self._ray_started = False
@@ -149,13 +152,15 @@ class RunContext:
         """Open (or create) the store, refusing a location that is not one; start the run's
         lease and write its ref."""
         store_location.open_or_create(self.root)
-        self.lease = runs.Lease(self.root, self.ref_name).start()
-        runs.write_ref(self.root, self.ref_name, {}, "running", self.lease.run_id)
+        self.lease = runs.Lease(self.root, self.ref_id, on_wait=lambda: self.say(
+            f"waiting: mid cache gc is cleaning the store {self.root}")).start()
+        self.say(f"ref {self.ref_id} in {self.root}")
+        runs.write_ref(self.root, self.ref_id, {}, "running", self.lease.run_id, name=self.ref_name)
         return self
 
     def close(self, status: str) -> None:
         try:
-            runs.write_ref(self.root, self.ref_name, self.claims, status, self.lease.run_id)
+            runs.write_ref(self.root, self.ref_id, self.claims, status, self.lease.run_id, name=self.ref_name)
         finally:
             self.lease.release()
 
@@ -171,7 +176,7 @@ class RunContext:
         so gc keeps it while the run lives and, if the run is interrupted, until its ref goes."""
         self.claims[label] = key
         if self.lease is not None:  # an opened run (benchmarks and tests may use stages without one)
-            runs.write_ref(self.root, self.ref_name, self.claims, "running", self.lease.run_id)
+            runs.write_ref(self.root, self.ref_id, self.claims, "running", self.lease.run_id, name=self.ref_name)
             self.lease.claim(label, key)
 
     def reuse_or_build(self, label: str, key: str, find: Callable[[], T | None],

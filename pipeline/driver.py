@@ -32,7 +32,7 @@ def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baselin
 
 
 def run_pool(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, str]:
-    """The stages up to the pool; the store keeps them under the ref ``<name>-pool``."""
+    """The stages up to the pool; the store keeps them under the run's ref ``<name>-pool-<digest>``."""
     with RunContext(cfg, out_dir, ref_name=f"{cfg.name}-pool", verbose=verbose) as ctx:
         _, _, pool_keys = prepare_pool(ctx)
     for name, rec in ctx.stages.items():
@@ -45,8 +45,9 @@ def classifier_row(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
-    """Every stage; the store keeps what the run used under the ref ``<name>``, from its start
-    (so an interrupted run keeps its outputs and resume state) until a later run replaces it."""
+    """Every stage; the store keeps what the run used under its ref ``<name>-<digest of its
+    config>``, from its start (so an interrupted run keeps its outputs and resume state) until
+    the user drops it (``mid cache gc --ref``)."""
     with RunContext(cfg, out_dir, verbose=verbose) as ctx:
         return run_stages(ctx)
 

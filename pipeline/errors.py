@@ -75,17 +75,24 @@ def _describe_one(error: BaseException, store: str) -> str | None:
 
 
 def log_path(out_dir: Path | None) -> Path:
-    """``OUT/logs/error-<time>.log``, or a temporary folder when the run has none (or it is unwritable)."""
+    """``OUT/logs/error-<time>.log``, or a new private folder (``mkdtemp``: mode 0700, a name no
+    one can guess or plant a link at beforehand) when the run has none or it is unwritable."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for folder in ([out_dir / LOG_FOLDER] if out_dir else []) + [Path(tempfile.gettempdir()) / "mid-logs"]:
+    name = f"error-{stamp}-{os.getpid()}.log"
+    if out_dir:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"error-{stamp}-{os.getpid()}.log"
+            (out_dir / LOG_FOLDER).mkdir(parents=True, exist_ok=True)
+            path = out_dir / LOG_FOLDER / name
             path.touch()
             return path
         except OSError:
-            continue
-    return Path(os.devnull)
+            pass
+    try:
+        path = Path(tempfile.mkdtemp(prefix="mid-logs-")) / name
+        path.touch()
+        return path
+    except OSError:
+        return Path(os.devnull)
 
 
 def report(error: BaseException, out_dir: Path | None, debug: bool, store: str | None = None) -> int:

@@ -1,8 +1,8 @@
 """``mid export``: one trained model of a run (or one checkpoint of a store) as a
 self-contained file in OUT, with ``card.json`` beside it.
 
-Everything comes from the store: a run's ref (``STORE/refs/NAME.json``) names the key each
-stage claimed; the checkpoint, dataset, pool and results entries say the rest. The card
+Everything comes from the store: a run's ref (``STORE/refs/<name>-<digest>.json``) names the
+key each stage claimed; the checkpoint, dataset, pool and results entries say the rest. The card
 says what the model is, what it reads and returns, the dataset and attacker pool it was
 trained with, the row's results under every protocol the run evaluated, and those keys.
 The file itself is written by ``workers.export_formats``.
@@ -52,8 +52,9 @@ class Source:
 
     manifest: dict[str, Any]
     row: str | None  # None: a model no table has (the teacher, the substitute)
-    run: str | None
+    run: str | None  # the ref id
     ref: dict[str, Any] | None
+    row_from_run: bool = False  # a run was named (not a checkpoint key)
 
     @property
     def claims(self) -> dict[str, Any]:
@@ -67,11 +68,23 @@ def export_command(args) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ExportError(f"{out} is a file; OUT must be a folder (it is created if missing)")
+        if not getattr(args, "force", False):
+            for existing in (out / FILES[args.format], out / "card.json"):
+                if existing.exists():
+                    raise ExportError(f"{existing} exists; choose another OUT, or pass --force to replace it")
+        if not runs.SAFE_REF.fullmatch(args.run_or_key) or ".." in args.run_or_key:
+            raise ExportError(f"RUN_OR_KEY {args.run_or_key!r} is not a run name, ref or checkpoint key (a name "
+                              f"like digits, a ref like digits-3f9a2c1b, a key like mid-<20 hex digits>; "
+                              f"`mid cache ls` lists them)")
         root = open_existing(args.store)
         source = resolve(root, args.run_or_key, args.row)
     except (StoreError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if source.ref is not None and source.ref.get("status") != "finished" and source.row_from_run:
+        # The model is committed, but the run did not finish: its results may be missing or stale.
+        print(f"warning: run {source.run} is {source.ref.get('status')}, not finished: its card may lack "
+              f"results; rerun it to finish", file=sys.stderr)
     path = export(root, source, args.format, out)
     what = f"row {source.row}" if source.row else source.manifest["kind"]
     print(f"wrote {path} ({what}{f' of run {source.run}' if source.run else ''}) and {out / 'card.json'}")
@@ -79,14 +92,20 @@ def export_command(args) -> int:
 
 
 def resolve(root: str, name: str, row: str) -> Source:
-    """A run name (its ``row``), or a checkpoint key (its own model: ``row`` must not name another)."""
+    """A run's ref id or name (its ``row``; a name: the newest ref of that name), or a checkpoint
+    key (its own model: ``row`` must not name another)."""
     refs = runs.read_refs(root)
-    if name in refs:
-        return from_run(root, name, refs[name], row)
+    found = runs.find_refs(refs, name)
+    if found:
+        if len(found) > 1:
+            print(f"note: {len(found)} refs are named {name!r}; exporting the newest, {found[0]} "
+                  f"(the others: {', '.join(found[1:])}; name one to choose it)", file=sys.stderr)
+        return from_run(root, found[0], refs[found[0]], row)
     manifest = checkpoints.read_manifest(root, name)
     if manifest is None:
-        raise ExportError(f"no run or checkpoint {name!r} in store {root} (runs: {', '.join(sorted(refs)) or 'none'}; "
-                          f"`mid cache ls` lists the checkpoints)")
+        names = sorted({ref["name"] for ref in refs.values()})
+        raise ExportError(f"no run or checkpoint {name!r} in store {root} (runs: {', '.join(names) or 'none'}; "
+                          f"`mid cache ls` lists their refs and the checkpoints)")
     label = "mid" if manifest["kind"] == "mid_student" else manifest["kind"]
     own_row = ROW_OF_LABEL.get(label)
     # --row defaults to MID, so only another row given with a key can be a contradiction.
@@ -108,7 +127,7 @@ def from_run(root: str, name: str, ref: dict[str, Any], row: str) -> Source:
     manifest = checkpoints.read_manifest(root, key)
     if manifest is None:
         raise ExportError(f"run {name!r} ({ref.get('status')}): the {row} checkpoint {key} is not in store {root}")
-    return Source(manifest, row, name, ref)
+    return Source(manifest, row, name, ref, row_from_run=True)
 
 
 def load_model(root: str, manifest: dict[str, Any]):
@@ -160,7 +179,7 @@ def export(root: str, source: Source, fmt: str, out: Path) -> Path:
         "pool": pool_card(root, claims.get("pools")),
         **results_card(root, source),
         "keys": keys_card(source),
-        "run": {k: source.ref.get(k) for k in ("name", "status", "run_id")} if source.ref else None,
+        "run": {k: source.ref.get(k) for k in ("id", "name", "status", "run_id")} if source.ref else None,
         "check": {"images": checked_on, "largest_logit_difference": difference},
     }
     fs.write_json_atomic(str(out / "card.json"), card)

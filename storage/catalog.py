@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from storage import checkpoints, datasets, fs, pools, runs
 
@@ -39,7 +39,10 @@ class Entry:
 
 def _bytes(url: str) -> int:
     filesystem, path = fs.filesystem(url)
-    return int(filesystem.du(path)) if filesystem.exists(path) else 0
+    try:
+        return int(filesystem.du(path)) if filesystem.exists(path) else 0
+    except FileNotFoundError:  # a file removed while it was counted (a run or another gc)
+        return 0
 
 
 def _created(url: str) -> float | None:
@@ -56,10 +59,14 @@ def list_entries(root: str) -> list[Entry]:
     entries = []
     for kind, folder in (("dataset", "datasets"), ("checkpoint", "checkpoints"), ("pool", "pools")):
         for key in fs.children(root, folder):
+            url = _entry_url(root, kind, key)
             try:
                 entries.append(_describe(root, kind, key))
+            except FileNotFoundError:
+                if fs.exists(url):
+                    raise
+                continue  # removed while it was read: nothing to list
             except (ValueError, KeyError, TypeError) as e:  # JSON that does not parse or lacks fields
-                url = _entry_url(root, kind, key)
                 entries.append(Entry(kind, key, False, _bytes(url), None,
                                      problem=f"{kind} {key}: unreadable metadata ({type(e).__name__}: {e})"))
     for name in fs.children(root, "results"):
@@ -80,8 +87,11 @@ def _describe(root: str, kind: str, key: str) -> Entry:
         return Entry(kind, key, manifest is not None, _bytes(url), _created(fs.join(url, checkpoints.MANIFEST_FILE)))
     manifest = pools.read_manifest(root, key) or {}
     attrs = pools.read_attrs(root, key)
-    return Entry(kind, key, bool(manifest.get("complete")), _bytes(url), attrs.get("created"),
-                 attack=attrs.get("attack"), split=attrs.get("split"), samples=attrs.get("num_samples"))
+    complete = bool(manifest.get("complete"))
+    uncommitted = pools.uncommitted_shards(root, key, manifest) if complete else []
+    return Entry(kind, key, complete and not uncommitted, _bytes(url), attrs.get("created"),
+                 attack=attrs.get("attack"), split=attrs.get("split"), samples=attrs.get("num_samples"),
+                 problem=pools.uncommitted_problem(key, uncommitted) if uncommitted else None)
 
 
 @dataclass
@@ -94,13 +104,16 @@ class Verified:
 
 
 def verify_entry(root: str, entry: Entry) -> Verified:
+    if entry.kind == "pool" and (entry.complete or entry.problem):
+        try:  # a pool marked complete with a shard not committed: every chunk is re-hashed all the same
+            problems, chunks = pools.verify_pool(root, entry.key)
+        except Exception as e:  # metadata zarr or json cannot read: the entry's own problem says which
+            return Verified([entry.problem or f"pool {entry.key}: unreadable metadata ({type(e).__name__}: {e})"])
+        return Verified(problems, chunks)
     if entry.problem:
         return Verified([entry.problem])
     if not entry.complete:
         return Verified([], skipped="not committed yet")
-    if entry.kind == "pool":
-        problems, chunks = pools.verify_pool(root, entry.key)
-        return Verified(problems, chunks)
     if entry.kind == "checkpoint":
         ok = checkpoints.verify_checkpoint(root, entry.key) is not None
         return Verified([] if ok else [f"checkpoint {entry.key}: weights do not match the sha256 of its manifest"], 1)
@@ -167,10 +180,20 @@ def garbage(root: str, without_refs: tuple[str, ...] = ()) -> list[tuple[str, st
             # A live run may be between writing a temporary file and renaming it.
             if live and now - (_created(url) or now) < TEMPORARY_GRACE_SECONDS:
                 continue
-            found.append((url, "temporary file of an interrupted write", int(filesystem.size(path))))
+            try:
+                size = int(filesystem.size(path))
+            except FileNotFoundError:  # renamed into place or removed since it was listed
+                continue
+            found.append((url, "temporary file of an interrupted write", size))
     return found
 
 
-def remove(found: list[tuple[str, str, int]]) -> None:
+def remove(found: list[tuple[str, str, int]], still_free: Callable[[], bool] = lambda: True) -> int:
+    """Remove ``found`` while ``still_free()`` (no run became live); returns how many were removed."""
+    removed = 0
     for url, _, _ in found:
+        if not still_free():
+            break
         fs.remove(url)
+        removed += 1
+    return removed

@@ -70,10 +70,22 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def remove(url: str) -> None:
+def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    """Remove a file or folder; one that is gone already, or goes while it is removed, is fine."""
+    fs, path = filesystem(url)
+    for _ in range(3):
+        if not fs.exists(path):
+            return
+        try:
+            fs.rm(path, recursive=True)
+            return
+        except FileNotFoundError:  # part of it removed by someone else meanwhile: look again
+            continue
 
 
 def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:

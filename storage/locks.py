@@ -10,6 +10,18 @@ second waits, then finds the entry committed and reuses it.
 
 Lock files are a few bytes and stay in place: deleting one that another process is about
 to open would let two processes lock different files.
+
+The store as a whole has two more (``STORE/locks/store.lock`` and ``store-gc.lock``; keys
+always have a ``<kind>-<hex>`` form, so no key's lock can collide with them):
+
+* every live run holds ``store.lock`` shared for its whole life (``hold_store``); gc takes
+  it exclusively without waiting (``store_exclusive``) and removes nothing when it cannot,
+  because a run's lease names only what it has claimed so far, not what it will reuse; a
+  run that starts while gc removes waits for it;
+* ``store-gc.lock`` makes two gcs take turns (``gc_lock``).
+
+On object stores there is no shared lock: gc removes nothing while any live lease exists,
+looks again before each removal, and two gcs take turns through a lease object.
 """
 
 from __future__ import annotations
@@ -19,12 +31,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from storage import fs
 
 POLL_SECONDS = 0.5
 REMOTE_LOCK_SECONDS = 60.0
+STORE_LOCK = "store"
+GC_LOCK = "store-gc"
 
 
 def lock_url(root: str, key: str, suffix: str) -> str:
@@ -90,3 +104,67 @@ def _remote_lock(url: str, on_wait) -> Iterator[None]:
         renewer.join()
         if (fs.read_json(url) or {}).get("owner") == owner:
             fs.remove(url)
+
+
+class StoreHold:
+    """A live run's shared hold on a local store (released by the kernel if the run dies)."""
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+
+    def release(self) -> None:
+        self._handle.close()  # closing the file drops its flock
+
+
+def _store_lock_path(root: str) -> str:
+    path = lock_url(root, STORE_LOCK, ".lock").removeprefix("file://")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def hold_store(root: str, on_wait: Callable[[], None] | None = None) -> StoreHold | None:
+    """Hold the store shared for a run's life; waits while gc holds it. None on object stores."""
+    if not fs.is_local(root):
+        return None
+    import fcntl
+
+    handle = open(_store_lock_path(root), "a+b")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_SH)  # blocks; Ctrl-C interrupts it
+    except BaseException:
+        handle.close()
+        raise
+    return StoreHold(handle)
+
+
+@contextmanager
+def store_exclusive(root: str, no_live_run: Callable[[], bool]) -> Iterator[bool]:
+    """Yields whether no run is live, holding the store exclusively while it is so (local
+    stores); ``no_live_run`` answers for object stores, which have no such lock."""
+    if not fs.is_local(root):
+        yield no_live_run()
+        return
+    import fcntl
+
+    with open(_store_lock_path(root), "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def gc_lock(root: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """One gc at a time on a store; a second one waits (``on_wait`` says so once)."""
+    with build_lock(root, GC_LOCK, on_wait):
+        yield

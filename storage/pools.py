@@ -218,15 +218,46 @@ def finalize_pool(root: str, key: str, num_shards: int, extra: dict[str, Any]) -
     return manifest
 
 
+def expected_shards(manifest: dict[str, Any]) -> int:
+    """How many shards a complete pool has: its manifest says, or its attributes imply."""
+    if "num_shards" in manifest:
+        return int(manifest["num_shards"])
+    attrs = manifest["attrs"]
+    return len(shard_ranges(int(attrs["num_samples"]), int(attrs["shard_size"])))
+
+
+def uncommitted_shards(root: str, key: str, manifest: dict[str, Any] | None = None) -> list[int]:
+    """Shards of a pool marked complete whose commit record is missing (only the names are
+    listed: cheap enough for ``mid cache ls`` on an object store)."""
+    manifest = read_manifest(root, key) if manifest is None else manifest
+    if not manifest or not manifest.get("complete"):
+        return []
+    present = {int(name[6:11]) for name in fs.children(pool_url(root, key), "commits")
+               if name.startswith("shard-") and name.endswith(".json") and name[6:11].isdigit()}
+    return [shard for shard in range(expected_shards(manifest)) if shard not in present]
+
+
+def uncommitted_problem(key: str, shards: list[int]) -> str:
+    listed = ", ".join(str(s) for s in shards[:10]) + (" …" if len(shards) > 10 else "")
+    return (f"pool {key}: shard{'s' if len(shards) > 1 else ''} {listed} not committed (no "
+            f"commits/shard-{shards[0]:05d}.json), though its manifest marks the pool complete")
+
+
 def verify_pool(root: str, key: str) -> tuple[list[str], int]:
     """Re-hash every committed chunk: (one line per problem naming pool, shard and array,
-    the number of chunks checked)."""
+    the number of chunks checked). A pool marked complete must have every shard's commit
+    record; its chunks are checked against the records its manifest copied."""
     group = zarr.open_group(fs.zarr_store(pool_url(root, key), read_only=True), mode="r")
     version = group.attrs.get("format_version")
     if version != FORMAT_VERSION:
         return [f"pool {key}: written in pool format version {version}; this version verifies {FORMAT_VERSION}"], 0
-    problems, chunks = [], 0
-    for shard, record in sorted(committed_shards(root, key).items()):
+    manifest = read_manifest(root, key) or {}
+    missing = uncommitted_shards(root, key, manifest)
+    problems, chunks = ([uncommitted_problem(key, missing)] if missing else []), 0
+    records = committed_shards(root, key)
+    if manifest.get("complete"):
+        records.update({record["shard"]: record for record in manifest.get("shards", [])})
+    for shard, record in sorted(records.items()):
         for array, expected in record["sha256"].items():
             try:
                 actual = _chunk_hashes(group[array][:, record["start"]:record["stop"]])

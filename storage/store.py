@@ -9,6 +9,7 @@ commands only open locations that already carry it.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -110,11 +111,45 @@ def _foreign_hint(root: str) -> str:
     return f"no {MARKER_FILE}; mid never writes into or deletes from a folder it did not create"
 
 
+_KEY = r"[a-z][a-z0-9_-]*-[0-9a-f]{20}"
+_CHUNK = r"c(/[0-9]+)+"
+# Every file a store's writers (this package, zarr, Ray Train under train/) put in a store, by
+# path relative to its root. `mid cache init` marks a folder only if all its files are such:
+# gc deletes what no ref names, so a user's own file in a marked folder would be lost.
+STORE_FILES = re.compile("|".join([
+    rf"datasets/{_KEY}/((train|test)/((images|labels)/)?)?zarr\.json",
+    rf"datasets/{_KEY}/manifest\.json",
+    rf"datasets/{_KEY}/(train|test)/(images|labels)/{_CHUNK}",
+    rf"checkpoints/{_KEY}/(model\.safetensors|manifest\.json)",
+    rf"pools/{_KEY}/((adv|delta|target)/)?zarr\.json",
+    rf"pools/{_KEY}/(manifest\.json|commits/shard-[0-9]{{5}}\.json)",
+    rf"pools/{_KEY}/(adv|delta|target)/{_CHUNK}",
+    rf"results/{_KEY}\.json",
+    r"refs/[A-Za-z0-9][A-Za-z0-9._-]*\.json",
+    r"leases/[A-Za-z0-9][A-Za-z0-9._-]*\.json",
+    r"locks/[A-Za-z0-9][A-Za-z0-9._-]*\.(lock|json)",
+    rf"train/{_KEY}/.+",  # Ray Train's resume state of a stage: its files are Ray's own
+    re.escape(MARKER_FILE),
+]))
+TEMPORARY_FILE = re.compile(r".+\.tmp-[0-9a-f]{32}")  # fs.write_bytes_atomic's, before its rename
+
+
+def foreign_file(root: str) -> str | None:
+    """One file under ``root`` that a store would not have written (a path relative to it), or None."""
+    filesystem, path = fs.filesystem(root)
+    base = path.rstrip("/")
+    for found in sorted(filesystem.find(base)):
+        relative = found[len(base):].lstrip("/")
+        if not STORE_FILES.fullmatch(relative) and not TEMPORARY_FILE.fullmatch(relative.rsplit("/", 1)[-1]):
+            return relative
+    return None
+
+
 def looks_like_unmarked_store(root: str) -> bool:
-    """Every top-level name is a store folder: a store written before markers existed."""
+    """Every file is one a store writes: a store written before markers existed."""
     filesystem, path = fs.filesystem(root)
     names = {name.rstrip("/").rsplit("/", 1)[-1] for name in filesystem.ls(path, detail=False)}
-    return bool(names) and names <= LAYOUT
+    return bool(names) and names <= LAYOUT and foreign_file(root) is None
 
 
 def adopt(url: str) -> str:
@@ -123,9 +158,11 @@ def adopt(url: str) -> str:
     where = describe_location(root)
     if where == "file":
         raise StoreError(f"not a MID store: {root} (a file, not a folder)")
-    if where == "foreign" and not looks_like_unmarked_store(root):
-        raise StoreError(f"not a MID store: {root} (it holds files other than a store's folders: "
-                         f"{', '.join(sorted(LAYOUT))}); refusing to mark it")
+    if where == "foreign":
+        stray = foreign_file(root)
+        if stray is not None:
+            raise StoreError(f"not a MID store: {root} (it holds {stray}, which a store would not have written); "
+                             f"refusing to mark it")
     return open_or_create(root) if where != "foreign" else _write_marker(root)
 
 

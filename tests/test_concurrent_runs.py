@@ -23,6 +23,8 @@ from pathlib import Path
 
 from clihelpers import REPO, mid
 
+from storage import runs
+
 TINY = [
     "data.train_limit=256", "data.test_limit=32", "eval.defenses=[None, MID]",
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=1",
@@ -118,7 +120,7 @@ def test_ctrl_c_stops_a_run_within_ten_seconds_and_keeps_resumable_state(tmp_pat
     time.sleep(1)
     assert session_processes(proc.pid) == []  # the run's Ray instance went with it
 
-    ref = json.loads((store / "refs" / "digits.json").read_text())
+    (ref,) = [ref for ref in runs.read_refs(str(store)).values() if ref["name"] == "digits"]  # one ref per run
     assert ref["status"] == "interrupted" and ref["keys"]["baseline"].startswith("baseline-")
     assert list((store / "train").glob("models-*/checkpoint_*")), "resume state kept"
     assert mid("cache", "verify", "--store", str(store)).returncode == 0  # nothing half-written is visible

@@ -28,7 +28,8 @@ def finished(finished_sweep):
     """(store, the run's ref, its OUT/results.json) of one finished run: a trial of the
     session's tiny sweep, so no run of its own is needed."""
     tiny, _ = finished_sweep
-    ref = runs.read_refs(str(tiny.store))[RUN]
+    refs = runs.read_refs(str(tiny.store))
+    (ref,) = [refs[ident] for ident in runs.find_refs(refs, RUN)]  # the run's name: its one ref
     return tiny.store, ref, json.loads((tiny.out / "trials" / "full" / "results.json").read_text())
 
 
@@ -108,8 +109,8 @@ def test_a_checkpoint_key_exports_that_model_with_the_results_of_the_run_that_us
     assert card["model"]["row"] == "None" and card["keys"]["classifier"] == ref["keys"]["baseline"]
     # Every trial used this baseline: the results are the newest finished trial's, with its
     # pool's attacks as the known ones.
-    assert card["results_from"].startswith("run tiny-")
-    variant = card["results_from"].removeprefix("run tiny-")
+    assert card["results_from"] == f"run {card['run']['id']}" and card["run"]["id"].startswith(card["run"]["name"])
+    variant = card["run"]["name"].removeprefix("tiny-")
     trial_report = json.loads((store.parent / "out" / "trials" / variant / "results.json").read_text())
     assert_same_rows(card["results"], trial_report, "None", split_averages=variant == "full")
 
@@ -122,7 +123,7 @@ def test_unknown_run_and_missing_row_are_one_line_naming_them(finished, tmp_path
     no_row = mid("export", RUN, str(tmp_path), "--format", "onnx", "--row", "AT", "--store", str(store))
     assert no_row.returncode == 2
     line = the_error_line(no_row, "AT", "None, MID")
-    assert f"'{RUN}'" in line
+    assert f"'{RUN}-" in line  # the run's ref: its name and its config's digest
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -148,3 +149,38 @@ def test_normalisation_travels_inside_every_format(tmp_path):
     for fmt, name in FILES.items():
         save(model, fmt, tmp_path / name, images, spec.as_dict())
         np.testing.assert_allclose(predictions(tmp_path / name, fmt, images.numpy()), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_a_path_and_an_existing_out_and_names_the_ref_it_took(finished, tmp_path):
+    """Issue 22: `mid export ../../etc OUT` read outside the store; `mid export RUN OUT` twice
+    replaced OUT's files silently; an interrupted run exported without a word; a second run
+    of the same name replaced the first's ref. Now: one line, exit 2 for the first two; a
+    bare name takes the newest ref of that name and says so; a run that did not finish is
+    exported with a warning naming its status."""
+    store, ref, _ = finished
+    # The first one reached the run's baseline through the path (exit 0): any path could.
+    for bad in (f"../checkpoints/{ref['keys']['baseline']}", "../../etc", "/etc/passwd", "mid-../x"):
+        outside = mid("export", bad, str(tmp_path / "x"), "--format", "safetensors", "--store", str(store))
+        assert outside.returncode == 2
+        the_error_line(outside, f"RUN_OR_KEY {bad!r} is not a run name, ref or checkpoint key")
+    # An older run of the same name that was interrupted: a ref of its own.
+    older = f"{RUN}-00000000"
+    (store / "refs" / f"{older}.json").write_text(json.dumps({**ref, "id": older, "status": "interrupted",
+                                                               "updated": ref["updated"] - 60}))
+    try:
+        out = tmp_path / "newest"
+        newest = mid("export", RUN, str(out), "--format", "safetensors", "--store", str(store))
+        assert newest.returncode == 0, newest.stderr[-3000:]
+        assert (f"note: 2 refs are named {RUN!r}; exporting the newest, {ref['id']} "
+                f"(the others: {older}; name one to choose it)") in newest.stderr
+        assert json.loads((out / "card.json").read_text())["run"]["id"] == ref["id"]
+        again = mid("export", ref["id"], str(out), "--format", "safetensors", "--store", str(store))
+        assert again.returncode == 2
+        the_error_line(again, f"{out / 'model.safetensors'} exists", "--force")
+        interrupted = mid("export", older, str(out), "--format", "safetensors", "--force", "--store", str(store))
+        assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+        assert (f"warning: run {older} is interrupted, not finished: its card may "
+                f"lack results; rerun it to finish") in interrupted.stderr
+        assert json.loads((out / "card.json").read_text())["run"]["status"] == "interrupted"
+    finally:
+        (store / "refs" / f"{older}.json").unlink()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import pools
+from storage import pools, runs
 
 TINY = ["data.train_limit=256", "data.test_limit=32", "models.baseline.epochs=2", "models.teacher.epochs=2",
         "attacks.PGD.nb_iter=3", "attacks.PGD.eps_iter=0.04", "attacks.MIM.nb_iter=3", "attacks.MIM.eps_iter=0.04",
@@ -96,14 +96,20 @@ def test_gc_removes_leftovers_and_unreferenced_entries(store):
     train_run = Path(store) / "train" / "mid-mid-0123456789abcdef0123"
     (train_run / "checkpoint_2026-01-01_00-00-00").mkdir(parents=True)
     (train_run / "checkpoint_2026-01-01_00-00-00" / "state.pt").write_bytes(b"x" * 100)
-    # The last pool run of this config used only PGD_N and MIM_N: FGSM_N and BIM_N lost their ref.
+    # Each run of the config keeps its own ref (issue 22): the grown pool's run still names
+    # FGSM_N and BIM_N, until its ref is dropped.
     mid_pool(store, store.parent / "out", ["PGD_N", "MIM_N"])
-    dry = mid("cache", "gc", "--store", str(store), "--dry-run").stdout
+    grown = [ident for ident, ref in runs.read_refs(str(store)).items() if "FGSM_N" in ref["keys"].get("pools", {})]
+    assert len(grown) == 1 and grown[0].startswith("digits-pool-")
+    kept = mid("cache", "gc", "--store", str(store), "--dry-run").stdout
+    assert "not referenced by any run" not in kept, kept
+    dry = mid("cache", "gc", "--store", str(store), "--dry-run", "--ref", grown[0]).stdout
+    assert f"would drop ref {grown[0]}" in dry
     assert "pool-leftover (uncommitted leftover" in dry and "temporary file" in dry
     assert "mid-mid-0123456789abcdef0123 (resume state of a training run no ref names" in dry
     assert dry.count("not referenced by any run") == 2
     assert "pool-leftover" in cache_ls(store)  # a dry run removes nothing
-    mid("cache", "gc", "--store", str(store), "--yes")
+    mid("cache", "gc", "--store", str(store), "--yes", "--ref", grown[0])
     left = cache_ls(store)
     assert sorted(e["attack"] for e in left.values() if e["kind"] == "pool") == ["MIM_N", "PGD_N"]
     assert not tmp_file.exists() and not train_run.exists()

@@ -111,9 +111,8 @@ def start_local_ray(num_cpus: int | None) -> None:
     Every listening socket of the instance (GCS, raylet, core workers, dashboard and runtime
     env agents, metrics servers) is bound to 127.0.0.1; see ``single_machine_ray``. Its
     workers inherit that setting from the raylet, which is also what keeps the loopback
-    ``RAY_ADDRESS`` they are given from being rewritten to the machine's address. (Not
-    Ray's: the rendezvous store torch.distributed opens in Ray Train's rank-0 worker
-    listens on all interfaces whatever its address.)
+    ``RAY_ADDRESS`` they are given from being rewritten to the machine's address. Training
+    stages keep torch.distributed's sockets on loopback too (``workers.loopback_torch``).
     """
     import ray
 
@@ -128,6 +127,12 @@ def start_local_ray(num_cpus: int | None) -> None:
                               "worker_process_setup_hook": "workers.progress.quiet_local_ray_worker"})
 
 
+def run_ref_id(cfg: RunConfig, name: str | None = None) -> str:
+    """The ref of a run of ``cfg``: one per run of a config (another --set is another ref,
+    never a replacement). Where it runs (store, Ray) is not part of what it computes."""
+    return runs.ref_id(name or cfg.name, cfg.model_dump(mode="json", exclude={"store", "ray"}))
+
+
 class RunContext:
     """One run on one store; use it as a context manager so its ref and lease are closed."""
 
@@ -139,9 +144,7 @@ class RunContext:
         # working directory. Nothing is touched until the run opens the store.
         self.root = store_location.check_url(cfg.store.url)
         self.ref_name = ref_name or cfg.name
-        # One ref per run of a config: another --set is another ref, never a replacement.
-        # Where it runs (store, Ray) is not part of what it computes.
-        self.ref_id = runs.ref_id(self.ref_name, cfg.model_dump(mode="json", exclude={"store", "ray"}))
+        self.ref_id = run_ref_id(cfg, self.ref_name)
         self.stages: dict[str, StageRecord] = {}
         self.claims: dict[str, Any] = {}
         self._ray_started = False

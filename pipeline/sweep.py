@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import sweep_report
-from pipeline.context import RunContext
+from pipeline.context import RunContext, run_ref_id
 from pipeline.sweep_config import Sweep, describe_overrides
+from storage import runs
+from storage import store as store_location
 
 TRIAL_FILE = "trial.json"
 TRIAL_DRIVER_MEMORY = 256 << 20  # bytes Ray reserves for a trial's driver process
@@ -133,6 +135,23 @@ def run_on_tune(ctx: RunContext, sweep: Sweep, variants: list[str], out_dir: Pat
     return outcomes
 
 
+def mark_interrupted(root: str, sweep: Sweep, variants: list[str]) -> None:
+    """Ctrl-C of a sweep: the refs of its trials that were running say ``interrupted``.
+
+    A trial's run closes its own ref, but Tune kills a running trial's actor rather than
+    interrupting it. Ray is stopped first (a local instance whole; on a joined cluster this
+    driver's trials with it), so no trial writes its ref again afterwards."""
+    import ray
+
+    ray.shutdown()
+    for variant in variants:
+        ref = run_ref_id(sweep.trials[variant])
+        record = runs.read_refs(root).get(ref)
+        if record is not None and record.get("status") == "running":
+            runs.write_ref(root, ref, record.get("keys", {}), "interrupted", record.get("run_id"),
+                           name=record.get("name"))
+
+
 def run(sweep: Sweep, out_dir: Path, verbose: bool = False) -> int:
     """Every trial of ``sweep`` not finished before; the combined table; exit status 1 when
     a trial failed (the table still has the others)."""
@@ -148,8 +167,19 @@ def run(sweep: Sweep, out_dir: Path, verbose: bool = False) -> int:
         ctx.say(f"sweep: {len(pending)} trial(s) on Ray Tune, {sweep.max_concurrent_trials} at a time, on the store "
                 f"{ctx.root}: the dataset, the models, the training pools and the stored test attacks are built by "
                 f"the first trial that needs them and reused by the others")
-        ctx.ensure_ray()
-        outcomes = run_on_tune(ctx, sweep, pending, out_dir)
+        store_location.open_or_create(ctx.root)
+        # Between two trials no trial's lease is live; the sweep's own keeps gc from removing
+        # what the next trial would reuse.
+        lease = runs.Lease(ctx.root, f"sweep {sweep.name}", on_wait=lambda: ctx.say(
+            f"waiting: mid cache gc is cleaning the store {ctx.root}")).start()
+        try:
+            ctx.ensure_ray()
+            outcomes = run_on_tune(ctx, sweep, pending, out_dir)
+        except KeyboardInterrupt:
+            mark_interrupted(ctx.root, sweep, pending)
+            raise
+        finally:
+            lease.release()
     records = {v: reused.get(v) or outcomes.get(v) or {"error": "not run"} for v in sweep.trials}
     printed = sweep_report.write(out_dir, sweep, records, reused=set(reused))
     print(printed, flush=True)

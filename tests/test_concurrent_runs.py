@@ -126,3 +126,32 @@ def test_ctrl_c_stops_a_run_within_ten_seconds_and_keeps_resumable_state(tmp_pat
     assert mid("cache", "verify", "--store", str(store)).returncode == 0  # nothing half-written is visible
     dry = mid("cache", "gc", "--store", str(store), "--dry-run")
     assert "would remove 0 items" in dry.stdout, dry.stdout  # the interrupted run keeps everything
+
+
+def test_ctrl_c_stops_a_sweep_and_its_trials_refs_say_interrupted(tmp_path):
+    """Ctrl-C of a sweep while a trial trains: the sweep exits 130 within 10 s, none of its
+    processes (Ray's agents included) outlives it by more than 10 s, and the trial's ref says
+    ``interrupted`` (before: ``running`` for ever, since Tune kills the trial's actor).
+    Reproduce: `mid sweep SWEEP.yaml`, Ctrl-C during a trial's baseline training."""
+    store, out, log = tmp_path / "store", tmp_path / "out", tmp_path / "log.txt"
+    overrides = dict(item.split("=", 1) for item in [*TINY, "models.baseline.epochs=50", "ray.checkpoint_interval_s=0"])
+    settings = "".join(f"  {key}: {value}\n" for key, value in overrides.items())
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"name: stop\nbase: {REPO}/configs/digits.yaml\nset:\n{settings}variants:\n  only: {{}}\n")
+    proc = start([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--store", str(store),
+                  "--out", str(out)], log)
+    deadline = time.time() + 300
+    while not list(store.glob("train/models-*/checkpoint_*")) and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.time()
+    code = proc.wait(timeout=60)
+    exited = time.time()
+    assert code == 130 and exited - sent < 10, (code, exited - sent, log.read_text()[-3000:])
+    while session_processes(proc.pid) and time.time() - exited < 10:
+        time.sleep(0.5)
+    assert session_processes(proc.pid) == [], "outlived the sweep by 10 s or more"
+    (ref,) = [ref for ref in runs.read_refs(str(store)).values() if ref["name"] == "stop-only"]
+    assert ref["status"] == "interrupted", ref
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -40,10 +41,15 @@ examples:
 """
 
 
+MAX_TRIALS_UNASKED = 64  # a sweep of more trials than this needs --yes
+
+
 def number(kind, low, high, low_allowed: bool = True):
     """An argparse type: ``kind`` from ``low`` (excluded unless ``low_allowed``) to ``high``."""
     def parse(text: str):
         value = kind(text)
+        if not math.isfinite(value):  # nan passes every comparison below; inf has no bound above
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if value < low or (value == low and not low_allowed) or (high is not None and value > high):
             bound = f"{'at least' if low_allowed else 'above'} {low}" + (f", at most {high}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"{text} is out of range ({bound})")
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: runs/<sweep name>)")
     sweep.add_argument("--max-concurrent-trials", type=number(int, 1, None), default=None, metavar="N",
                        help="trials at once (default: the sweep file's max_concurrent_trials, 1)")
+    sweep.add_argument("--yes", "-y", action="store_true",
+                       help=f"run a sweep of more than {MAX_TRIALS_UNASKED} trials (refused without it: each trial is "
+                            f"a whole run)")
     for p in (run, pool, sweep):
         p.add_argument("--verbose", action="store_true",
                        help="show Ray's own output (worker logs, Ray Data and Ray Train lines) on the terminal; "
@@ -123,11 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "shape, pool attacks, ε, the row's results under every protocol of the run, and the store keys "
                     "it came from.")
     export.add_argument("run_or_key", metavar="RUN_OR_KEY",
-                        help="a run name (its ref in the store, e.g. 'digits') or a checkpoint key (mid-…)")
+                        help="a run's ref (e.g. 'digits-3f9a2c1b', listed by mid cache ls), a run name (its newest "
+                             "ref, e.g. 'digits') or a checkpoint key (mid-…)")
     export.add_argument("out", metavar="OUT", help="the folder to write the model and card.json into")
     export.add_argument("--format", required=True, choices=["safetensors", "torchscript", "onnx"],
                         help="safetensors: weights and the architecture's spec; torchscript: a traced module; "
                              "onnx: an ONNX graph (needs the 'export' extra: pip install 'mid-pipeline[export]')")
+    export.add_argument("--force", action="store_true",
+                        help="replace the model file and card.json if OUT already holds them")
     export.add_argument("--row", default="MID", choices=["MID", "None", "AT", "TRADES"],
                         help="which row of the run's tables to export (default: MID)")
 
@@ -136,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "location that is not a MID store (no mid-store.json)")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("ls", parents=[store], help="every entry: kind, key, attack, samples, bytes, complete, "
-                                                        "created; then a summary line")
+                                                        "created; every ref (one per run); then a summary line")
     ls.add_argument("--json", action="store_true", help="machine-readable output (the summary goes to stderr)")
     verify = actions.add_parser("verify", parents=[store],
                                 help="re-hash committed data; exits 1 naming the entry, shard and array of any mismatch")
@@ -148,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Remove what no run needs. Kept: every entry, uncommitted pool and training "
                                         "resume state that a ref names (a run writes its ref when it starts, so an "
                                         "interrupted run keeps everything until its ref is dropped with --ref), and "
-                                        "everything a live run's lease names.")
+                                        "everything a live run's lease names. While any run is in progress on the "
+                                        "store, gc removes nothing (it says which run, exit status 0); two gcs on "
+                                        "one store take turns.")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.add_argument("--yes", "-y", action="store_true", help="remove without asking (needed without a terminal)")
-    gc.add_argument("--ref", dest="drop_refs", action="append", default=[], metavar="NAME",
-                    help="drop the ref NAME first (e.g. an interrupted run you will not resume), so what only it "
-                         "named is removed too (repeatable)")
+    gc.add_argument("--ref", dest="drop_refs", action="append", default=[], metavar="REF",
+                    help="drop the ref REF first (e.g. an interrupted run you will not resume), so what only it "
+                         "named is removed too: its id (digits-3f9a2c1b, listed by mid cache ls) or its run's "
+                         "name when only one ref has it (repeatable)")
     actions.add_parser("init", parents=[store], help="create an empty store, or mark a store written by an older "
-                                                     "mid (one that holds only a store's folders)")
+                                                     "mid (one whose every file is one a store writes)")
     return parser
 
 
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_plan(args, cfg)
         from pipeline import preflight
 
-        problems = preflight.problems(cfg)
+        problems = preflight.problems(cfg, "pool" if args.command == "pool" else "run")
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         if args.command == "validate":
@@ -220,7 +235,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep_config import load_sweep
 
     try:
-        spec = load_sweep(args.sweep_file, args.overrides, args.store, args.max_concurrent_trials)
+        spec = load_sweep(args.sweep_file, args.overrides, args.store, args.max_concurrent_trials,
+                          max_trials=None if args.yes else MAX_TRIALS_UNASKED)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

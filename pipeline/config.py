@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
-from storage.readers import SOURCES
+from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, parse_attack_name
 from workers.models import ARCHITECTURES, has_decoder
 
@@ -37,7 +37,9 @@ def _types_in(annotation: Any) -> set[Any]:
 class Section(BaseModel):
     """A config section: unknown keys are rejected with the list of allowed ones."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan: YAML reads .inf and .nan as floats; a learning rate or loss weight of
+    # either trains a model of NaN weights that would still be committed.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -410,6 +412,23 @@ class PlanConfig(Section):
     channels: PositiveInt = Field(3, description="colour channels of the images")
 
 
+# The largest image side each backbone is run at. LeNet and the authors' CNN flatten a
+# (side/4)² feature map into dense layers; ResNets are used up to ImageNet scale; a ViT's
+# attention grows with (side/16)⁴. Past these a model does not fit a worker's memory.
+MAX_IMAGE_SIDE = {"lenet": 256, "mid_cnn": 256, "resnet18": 1024, "resnet50": 1024, "vit_s16": 512, "vit_b16": 512}
+# A pool shard is one Zarr chunk per attack, written and held in memory whole by its actor.
+MAX_SHARD_BYTES = 1 << 30
+# One batch of float32 inputs; the activations and gradients of a step are many times that.
+MAX_BATCH_BYTES = 4 << 30
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -476,6 +495,39 @@ class RunConfig(Section):
                              f"substitute must be trained independently of the baseline (another seed)")
         return self
 
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images the stages see: the source's, resized to data.image_size."""
+        channels, side = IMAGE_SHAPES[self.data.source]
+        return channels, self.data.image_size or side
+
+    @model_validator(mode="after")
+    def _sizes_fit_in_memory(self):
+        # Without these a typo such as shard_size: 1e9 passes and dies in a Ray worker that
+        # asks for hundreds of GiB.
+        channels, side = self.image_shape()
+        arch, pixels = self.models.arch, channels * side * side
+        bound = MAX_IMAGE_SIDE.get(arch, 1024)
+        if side > bound:
+            raise ValueError(f"data.image_size: {side} is above the {bound} pixels {arch} is run at (one "
+                             f"{channels}x{side}x{side} image is {_size(pixels * 4)} as float32); use at most {bound}")
+        shard = self.pool.shard_size * pixels
+        if shard > MAX_SHARD_BYTES:
+            raise ValueError(f"pool.shard_size: {self.pool.shard_size:,} samples x {pixels:,} bytes "
+                             f"({channels}x{side}x{side} uint8) = {_size(shard)} per shard, above the "
+                             f"{_size(MAX_SHARD_BYTES)} a shard may take (an actor holds it whole); use at most "
+                             f"{MAX_SHARD_BYTES // pixels:,}")
+        batches = {**{f"models.{kind}.batch_size": getattr(self.models, kind).batch_size
+                      for kind in ("baseline", "teacher", "at", "trades", "substitute")},
+                   "mid.batch_size": self.mid.batch_size, "pool.batch_size": self.pool.batch_size,
+                   "eval.batch_size": self.eval.batch_size, "attacks.AA.batch_size": self.attacks.AA.batch_size}
+        for field, batch in batches.items():
+            if batch * pixels * 4 > MAX_BATCH_BYTES:
+                raise ValueError(f"{field}: {batch:,} samples x {pixels * 4:,} bytes ({channels}x{side}x{side} "
+                                 f"float32) = {_size(batch * pixels * 4)} per batch, above the "
+                                 f"{_size(MAX_BATCH_BYTES)} a batch may take; use at most "
+                                 f"{MAX_BATCH_BYTES // (pixels * 4):,}")
+        return self
+
     def training_attack(self, kind: str) -> PGDSettings:
         """The PGD settings of ``models.<kind>``: attacks.PGD with that section's overrides."""
         overrides = getattr(self.models, kind).attack
@@ -502,20 +554,59 @@ def _format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(tree: dict[str, Any], dotted: str, value: Any, where: str = "--set") -> None:
+    """``where``: what gave the override, for the error (``--set``, a sweep file's variant)."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config error: --set {dotted}: {part!r} is not a section")
+            raise ConfigError(f"config error: {where} {dotted}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
 
+# Bounds on what a config or sweep file may make the loader build. A config is a few KiB
+# and a few hundred values; without bounds a 570-byte file of nested aliases ("billion
+# laughs") expands into gigabytes once anything walks or copies it.
+MAX_FILE_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values under ``node`` counting each alias once per use, as the constructed tree
+    holds them; linear in the file (each node is sized once)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(f"line {node.start_mark.line + 1}: an alias refers to a node that contains it "
+                          f"(a cycle); a config is a tree")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    total = 1 + sum(_expanded_values(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 class _StrictLoader(yaml.SafeLoader):
     """Safe YAML that refuses what plain YAML silently accepts: a key given twice (the last
-    one would win) and keys that are not strings."""
+    one would win), keys that are not strings, and aliases that expand past
+    ``MAX_YAML_VALUES`` values."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            total = _expanded_values(node, {}, set())
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{total:,} values once its aliases (*name) are expanded, above the "
+                                  f"{MAX_YAML_VALUES:,} a config or sweep file may hold")
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -531,7 +622,11 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError("collections nested too deeply (thousands of levels); a config is a few levels "
+                          "deep") from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -566,7 +661,11 @@ def read_tree(path: Path) -> dict[str, Any]:
     """The config file as a mapping; every problem is one ConfigError line naming the file."""
     if not path.is_file():
         raise ConfigError(f"config error: {path}: no such file")
-    data = path.read_bytes()
+    with path.open("rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # not the whole file: it may be a 65 MB mistake
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"config error: {path}: {path.stat().st_size:,} bytes, above the {MAX_FILE_BYTES:,} "
+                          f"bytes (1 MiB) a config or sweep file may hold; a config is a few KiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -13,11 +13,17 @@ import os
 
 from pipeline.config import RunConfig
 from storage.readers import reader
+from storage.readers.base import DataFileError
 from storage import store as store_location
 
 
-def problems(cfg: RunConfig) -> list[str]:
-    found = [f"data.path: {p}" for p in data_problems(cfg)]
+def problems(cfg: RunConfig, command: str = "run") -> list[str]:
+    """``command``: run (and validate) checks every stage of a whole run; pool only the
+    stages up to the pool."""
+    data = data_problems(cfg)
+    found = [f"data.path: {p}" for p in data]
+    if not data:  # the sizes come from the files' headers
+        found += empty_epoch_problems(cfg, command)
     pretrained = cfg.models.pretrained
     if pretrained and not os.path.isfile(pretrained):
         found.append(f"models.pretrained: {pretrained}: no such file")
@@ -51,3 +57,44 @@ def starved_data_problem(field: str, workers: int, cpus_per_worker: float, total
 
 def data_problems(cfg: RunConfig) -> list[str]:
     return reader(cfg.data.source).problems(cfg.data.path)
+
+
+def training_stages(cfg: RunConfig, command: str = "run") -> dict[str, list[tuple[str, int]]]:
+    """The worker-count field of each training worker group that ``command`` runs -> its
+    stages' batch-size fields and values (as ``pipeline.driver`` picks the stages)."""
+    kinds = ["baseline", "teacher"]
+    if command == "run":
+        kinds += [row.lower() for row in cfg.eval.defenses if row in ("AT", "TRADES")]
+        kinds += ["substitute"] if "transfer" in cfg.eval.protocols else []
+    groups = {"models.num_workers": [(f"models.{kind}.batch_size", getattr(cfg.models, kind).batch_size)
+                                     for kind in kinds]}
+    if command == "run" and "MID" in cfg.eval.defenses:
+        groups["mid.num_workers"] = [("mid.batch_size", cfg.mid.batch_size)]
+    return groups
+
+
+def empty_epoch_problems(cfg: RunConfig, command: str = "run") -> list[str]:
+    """Training stages whose workers would get fewer samples than one batch. A worker trains
+    on full batches only (``workers.reproducible``) and Ray Train splits the train split
+    evenly, so such a stage would run zero steps every epoch and commit an untrained model."""
+    d = cfg.data
+    try:
+        counted = reader(d.source).train_samples(d.path, d.test_fraction) or cfg.plan.train_samples
+    except DataFileError as e:
+        return [f"data.path: {e}"]
+    if counted is None and d.train_limit is None:
+        return []  # an image folder: only a listing of every file would tell
+    samples = min(n for n in (counted, d.train_limit) if n is not None)
+    limited = d.train_limit is not None and d.train_limit <= (counted or d.train_limit)
+    source = f"data.train_limit={d.train_limit} gives" if limited else f"the train split's {samples} samples give"
+    found = []
+    for workers_field, stages in training_stages(cfg, command).items():
+        workers = cfg.mid.num_workers if workers_field == "mid.num_workers" else cfg.models.num_workers
+        per_worker = samples // workers
+        short = [(field, batch) for field, batch in stages if batch > per_worker]
+        if short:
+            batches = ", ".join(f"{field}={batch}" for field, batch in short)
+            found.append(f"{short[0][0]}: {source} {per_worker} samples per worker, below {batches} with "
+                         f"{workers_field}={workers}: every epoch would run zero steps; lower the batch size or "
+                         f"{workers_field}{', or raise data.train_limit' if limited else ''}")
+    return found

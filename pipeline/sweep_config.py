@@ -21,6 +21,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from pipeline.config import (SAFE_NAME, ConfigError, RunConfig, Section, _format
                              parse_override, read_profiles, read_tree, set_path)
 from storage.store import check_url
 
+VARIANT_NAME_LENGTH = 40
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
+MAX_TRIALS = 10_000  # even with --yes: each trial is a whole run, and each config is built here first
 
 
 class SweepFile(Section):
@@ -62,19 +65,50 @@ class SweepFile(Section):
                                  f"the trial's run and folder)")
         return v
 
+    @field_validator("grid")
+    @classmethod
+    def _values_per_key(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:  # the grid's product would be empty: a sweep of no trials
+                raise ValueError(f"{key}: no values; give at least one (e.g. {key}: [1, 2])")
+        return v
+
     @model_validator(mode="after")
     def _some_variants(self):
         if bool(self.variants) == bool(self.grid):
             raise ValueError("give either variants (named overrides) or grid (values per key), exactly one")
         return self
 
+    def trial_count(self) -> int:
+        return len(self.variants) if self.variants else math.prod(len(values) for values in self.grid.values())
+
     def expanded(self) -> dict[str, dict[str, Any]]:
         """Variant name -> overrides; a grid's names say their values (``pool.variants=2``)."""
         if self.variants:
             return self.variants
         keys = list(self.grid)
-        return {",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values)): dict(zip(keys, values))
+        return {grid_variant_name(keys, values): dict(zip(keys, values))
                 for values in itertools.product(*self.grid.values())}
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(_label(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{_label(v)}" for k, v in value.items())
+    return str(value)
+
+
+def grid_variant_name(keys: list[str], values: tuple[Any, ...]) -> str:
+    """A grid combination's name: its values (``variants=2,beta=0.5``), made safe for a
+    folder and a run name whatever the values are (lists, paths); a name past 40 characters
+    keeps its start and a digest of the values, so names stay distinct."""
+    text = ",".join(f"{k.split('.')[-1]}={_label(v)}" for k, v in zip(keys, values))
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", text).lstrip("._,=+-") or "v"
+    if len(name) > VARIANT_NAME_LENGTH or name != text:
+        digest = hashlib.sha256(json.dumps(list(values), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = f"{name[:VARIANT_NAME_LENGTH - 9]}-{digest}"
+    return name
 
 
 @dataclass
@@ -107,18 +141,36 @@ def _problem(path: Path, where: str, message: str) -> ConfigError:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = None,
-               max_concurrent_trials: int | None = None) -> Sweep:
+               max_concurrent_trials: int | None = None, max_trials: int | None = None) -> Sweep:
     """Every trial's config, validated. ``overrides`` (--set) apply to every trial, after the
-    sweep file's own settings; ``store`` replaces every trial's store."""
+    sweep file's own settings; ``store`` replaces every trial's store. A sweep of more than
+    ``max_trials`` trials is refused (``mid sweep`` asks for --yes past 64)."""
     path = Path(path)
     try:
         spec = SweepFile.model_validate(read_tree(path))
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e).replace("config error: ", f"config error: {path}: ")) from None
+    # Counted before any trial's config is built: a few grid lines can multiply to millions.
+    count = spec.trial_count()
+    where = "variants" if spec.variants else "grid"
+    factors = "" if spec.variants else f" ({' x '.join(str(len(v)) for v in spec.grid.values())})"
+    if count > MAX_TRIALS:
+        raise _problem(path, where, f"{count:,} trials{factors}, above the {MAX_TRIALS:,} a sweep may hold "
+                                    f"(each is a whole run)")
+    if max_trials is not None and count > max_trials:
+        raise _problem(path, where, f"{count:,} trials{factors}, more than {max_trials}, each a whole run; "
+                                    f"pass --yes to run them all")
+    cli = [parse_override(text) for text in overrides]
+    # Each trial's run is named <sweep>-<variant>: its ref in the store and folder must not
+    # be shared with another trial's, so a name given anywhere else would be overridden.
+    given = [("set", spec.set), *((f"variant {v}", o) for v, o in spec.variants.items()), ("--set", dict(cli))]
+    named = [origin for origin, keys in given if "name" in keys]
+    if named:
+        raise _problem(path, f"{named[0]}: name", f"a trial's run is named by the sweep ({spec.name}-<variant>); "
+                                                  f"rename the variant or the sweep instead")
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise _problem(path, "base", f"{spec.base}: no such file (looked for {base_path})")
-    cli = [parse_override(text) for text in overrides]
     base = read_tree(base_path)
     profiles = read_profiles(base, base_path)
     if spec.profile is not None:
@@ -128,10 +180,13 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
         merge_profile(base, profiles[spec.profile])
     trials, changes = {}, {}
     for variant, variant_overrides in spec.expanded().items():
-        run_name = f"{spec.name}-{variant}".replace(",", "_").replace("=", "")
+        run_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{spec.name}-{variant}".replace("=", ""))
         tree = copy.deepcopy(base)
-        for key, value in [*spec.set.items(), *variant_overrides.items(), *cli, ("name", run_name)]:
-            set_path(tree, key, value)
+        for origin, items in ((f"{path}: set:", spec.set.items()),
+                              (f"{path}: variant {variant}:", variant_overrides.items()),
+                              ("--set", cli), ("", [("name", run_name)])):
+            for key, value in items:
+                set_path(tree, key, value, origin)  # an error names where the key was given
         if store is not None:
             set_path(tree, "store.url", store)
         try:
@@ -139,6 +194,11 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
         except ValidationError as e:
             lines = _format_validation_error(e).replace("config error: ", f"config error: {path}: variant {variant}: ")
             raise ConfigError(lines) from None
+        rows = trials[variant].eval.defenses
+        if spec.row not in rows:  # the combined table would show an empty row
+            raise _problem(path, f"variant {variant}: row", f"{spec.row!r} is not a row of the trial's tables "
+                                                             f"(eval.defenses: {', '.join(rows)}); add it to "
+                                                             f"eval.defenses or pick another row")
         changes[variant] = variant_overrides
     stores = {cfg.store.url for cfg in trials.values()}
     if len(stores) > 1:  # the point of a sweep is one store: shared stages are built once

@@ -130,3 +130,71 @@ def test_training_that_would_starve_ray_data_is_refused(tmp_path):
     assert ("error: ray.cpus_per_worker: models.num_workers=2 workers x 1 CPUs take all 2 CPUs of the local Ray "
             "instance") in result.stderr
     assert "starting a local Ray instance" not in result.stderr and "Traceback" not in result.stderr
+
+
+# Issue 22: numbers YAML reads that no run can use.
+
+NON_FINITE = {
+    "mid.beta=.inf": "mid.beta: inf: Input should be a finite number",
+    "models.baseline.lr=.nan": "models.baseline.lr: nan: Input should be a finite number",
+    "attacks.CW.confidence=.inf": "attacks.CW.confidence: inf: Input should be a finite number",
+    "models.trades.beta=-.inf": "models.trades.beta: -inf: Input should be a finite number",
+    "models.mean=[.nan]": "models.mean.0: nan: Input should be a finite number",
+    "models.at.attack={eps_iter: .inf}": "models.at.attack.eps_iter: Input should be a finite number",
+}
+
+
+@pytest.mark.parametrize("override", sorted(NON_FINITE))
+def test_non_finite_numbers_are_refused(override):
+    """`mid validate configs/digits.yaml --set mid.beta=.inf` said valid, and the run
+    committed a MID checkpoint of NaN weights (issue 22); now one line naming the field."""
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/digits.yaml", [override])
+    assert str(refused.value) == f"config error: {NON_FINITE[override]}"
+
+
+def test_a_non_finite_number_is_one_line_and_exit_2():
+    """`mid validate configs/digits.yaml --set mid.lr=.nan`: exit 2, one line, nothing started."""
+    result = run_cli("validate", "configs/digits.yaml", "--set", "mid.lr=.nan")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["config error: mid.lr: nan: Input should be a finite number"]
+
+
+TOO_LARGE = {
+    "pool.shard_size=1000000000": "config error: pool.shard_size: 1,000,000,000 samples x 256 bytes (1x16x16 uint8) = "
+                                  "238.4 GiB per shard, above the 1.0 GiB a shard may take (an actor holds it whole); "
+                                  "use at most 4,194,304",
+    "data.image_size=100000": "config error: data.image_size: 100000 is above the 256 pixels lenet is run at (one "
+                              "1x100000x100000 image is 37.3 GiB as float32); use at most 256",
+    "mid.batch_size=100000000": "config error: mid.batch_size: 100,000,000 samples x 1,024 bytes (1x16x16 float32) = "
+                                "95.4 GiB per batch, above the 4.0 GiB a batch may take; use at most 4,194,304",
+}
+
+
+@pytest.mark.parametrize("override", sorted(TOO_LARGE))
+def test_sizes_that_cannot_fit_in_memory_are_refused_with_the_arithmetic(override):
+    """`mid validate configs/digits.yaml --set pool.shard_size=1000000000` (or
+    data.image_size=100000) said valid and the run died in a Ray worker (issue 22)."""
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/digits.yaml", [override])
+    assert str(refused.value) == TOO_LARGE[override]
+
+
+def test_image_size_bound_is_per_backbone():
+    """ResNets run at ImageNet sizes; LeNet does not."""
+    assert load_config("configs/digits.yaml", ["models.arch=resnet18", "data.image_size=512"]).data.image_size == 512
+    with pytest.raises(ConfigError, match="data.image_size: 512 is above the 256 pixels lenet is run at"):
+        load_config("configs/digits.yaml", ["data.image_size=512"])
+
+
+def test_the_zero_step_check_covers_the_stages_the_driver_trains():
+    """preflight.training_stages mirrors pipeline.driver without importing torch before Ray."""
+    from pipeline.driver import classifier_kinds
+    from pipeline.preflight import training_stages
+
+    for overrides in ([], ["eval.defenses=[None, TRADES]", "eval.protocols=[source]"]):
+        cfg = load_config("configs/digits.yaml", overrides)
+        groups = training_stages(cfg)
+        assert [field for field, _ in groups["models.num_workers"]] == [f"models.{k}.batch_size"
+                                                                       for k in classifier_kinds(cfg)]
+        assert ("mid.num_workers" in groups) == ("MID" in cfg.eval.defenses)

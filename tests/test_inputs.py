@@ -80,7 +80,7 @@ def test_data_files_are_checked_before_anything_runs(tmp_path, case, command):
 
 
 def test_a_good_folder_validates(tmp_path):
-    make_idx_folder(tmp_path, gz=True)
+    make_idx_folder(tmp_path, gz=True, n_train=128)  # a batch of 64 for each of the 2 workers
     result = mid("validate", "configs/digits.yaml", "--set", "data.source=mnist", "--set", f"data.path={tmp_path}",
                  "--store", str(tmp_path / "store"))
     assert result.returncode == 0, result.stderr
@@ -240,3 +240,123 @@ def test_a_full_disk_is_one_line_naming_the_store(tmp_path):
         assert not list(store.glob("datasets/*/manifest.json"))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# Issue 22: inputs that made models train on nothing, or the loader use unbounded memory.
+
+def test_fewer_samples_per_worker_than_a_batch_is_refused_before_ray_starts(tmp_path):
+    """`mid pool configs/digits.yaml --set data.train_limit=64 --store /tmp/x` trained the
+    baseline on zero steps (32 samples per worker, batches of 64, full batches only),
+    committed it with accuracy 0 % and made the pool against it, exit 0 (issue 22)."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    result = mid("pool", "configs/digits.yaml", "--set", "data.train_limit=64", "--store", str(store),
+                 "--out", str(out))
+    assert result.returncode == 2
+    line = the_error_line(result, "data.train_limit=64 gives 32 samples per worker", "models.baseline.batch_size=64",
+                          "models.teacher.batch_size=64", "models.num_workers=2", "every epoch would run zero steps")
+    assert "models.at" not in line  # `mid pool` trains the baseline and the teacher only
+    assert not store.exists() and not out.exists()
+    # validate checks a whole run's stages: MID's own worker group too.
+    validate = mid("validate", "configs/digits.yaml", "--set", "data.train_limit=64")
+    assert validate.returncode == 2
+    assert ("error: mid.batch_size: data.train_limit=64 gives 32 samples per worker, below mid.batch_size=64 with "
+            "mid.num_workers=2") in validate.stderr
+
+
+def test_a_split_smaller_than_the_workers_batches_is_read_from_the_headers(tmp_path):
+    """`mid validate configs/digits.yaml --set data.source=mnist --set data.path=DIR` with 20
+    training images in DIR's IDX files: validate said valid (issue 22)."""
+    make_idx_folder(tmp_path, gz=True, n_train=20)
+    result = mid("validate", "configs/digits.yaml", "--set", "data.source=mnist", "--set", f"data.path={tmp_path}",
+                 "--set", "eval.defenses=[None]", "--set", "eval.protocols=[source]")
+    assert result.returncode == 2
+    the_error_line(result, "models.baseline.batch_size: the train split's 20 samples give 10 samples per worker",
+                   "models.num_workers=2")
+
+
+BILLION_LAUGHS = "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 10 if previous else ['1'] * 10)}]\n"
+    for previous, name in zip([None, *"abcdef"], "abcdefg"))
+
+UNBOUNDED_YAML = {
+    "billion laughs": (f"name: a\n{BILLION_LAUGHS}",
+                       "12,345,687 values once its aliases (*name) are expanded, above the 100,000 a config or "
+                       "sweep file may hold"),
+    "an alias cycle": ("name: a\nmid: &m {epochs: [1, *m]}\n", "line 2: an alias refers to a node that contains it"),
+    "nested too deeply": ("name: " + "[" * 5000 + "]" * 5000 + "\n", "collections nested too deeply"),
+    "a 1.2 MB file": ("name: a\n" + "# padding\n" * 120_000, "1,200,008 bytes, above the 1,048,576 bytes (1 MiB)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNBOUNDED_YAML))
+def test_config_files_that_would_take_unbounded_memory_are_refused(tmp_path, case):
+    """A 570-byte sweep file of nested aliases took over 3 GB in 42 s, a 65 MB config 5.1 GB
+    and 138 s (issue 22). Reproduce: `mid validate c.yaml` with c.yaml a billion-laughs file."""
+    text, expected = UNBOUNDED_YAML[case]
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result = mid("validate", str(path))
+    assert result.returncode == 2
+    the_error_line(result, f"config error: {path}: {expected}")
+
+
+def test_a_truncated_npz_is_found_by_validate_and_named(tmp_path):
+    """`mid validate configs/cifar10.yaml --set data.path=DIR` with DIR/train.npz cut in
+    half said valid, and the run failed with "unexpected BadZipFile", no path (issue 22)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 16)):
+        np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=rng.integers(0, 10, n))
+    good = mid("validate", "configs/digits.yaml", "--set", "data.source=cifar10", "--set", f"data.path={tmp_path}",
+               "--set", "data.image_size=null")
+    assert good.returncode == 0, good.stderr
+    train = tmp_path / "train.npz"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    result = mid("validate", "configs/digits.yaml", "--set", "data.source=cifar10", "--set", f"data.path={tmp_path}",
+                 "--set", "data.image_size=null")
+    assert result.returncode == 2
+    the_error_line(result, f"error: data.path: {train}: not a readable npz (BadZipFile")
+
+
+def test_a_truncated_mat_file_is_found_by_validate_and_named(tmp_path):
+    """`mid validate configs/svhn.yaml --set data.path=DIR` with DIR/train_32x32.mat cut in
+    half said valid (issue 22): scipy lists a truncated file's variables without a word."""
+    import numpy as np
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 16)):
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                                  "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    args = ["validate", "configs/svhn.yaml", "--set", f"data.path={tmp_path}", "--set", "models.arch=lenet",
+            "--set", "models.mean=null", "--set", "models.std=null"]
+    good = mid(*args)
+    assert good.returncode == 0, good.stderr
+    train = tmp_path / "train_32x32.mat"
+    size = train.stat().st_size
+    train.write_bytes(train.read_bytes()[: size // 2])
+    result = mid(*args)
+    assert result.returncode == 2
+    the_error_line(result, f"error: data.path: {train}: truncated: variable 'X' needs", f"the file has {size // 2:,}")
+
+
+def test_an_image_class_folder_without_images_is_refused(tmp_path):
+    """`mid validate images.yaml` with train/empty/ holding no image was accepted, and the
+    model had a class it never saw (issue 22)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("apple", "sky"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "images" / split / name / "a.png")
+    empty = tmp_path / "images" / "train" / "grass"
+    (empty / "images").mkdir(parents=True)
+    (empty / "images" / "notes.txt").write_text("not an image")
+    config = tmp_path / "images.yaml"
+    config.write_text(f"name: images\ndata: {{source: image_folder, path: {tmp_path / 'images'}, image_size: 16, "
+                      f"train_limit: 128}}\n")
+    result = mid("validate", str(config), "--store", str(tmp_path / "store"))
+    assert result.returncode == 2
+    the_error_line(result, f"error: data.path: {empty}: a class folder with no images")

@@ -120,3 +120,13 @@ def test_mid_plan_refuses_what_it_cannot_size_or_run_on():
     assert "Traceback" not in no_sizes.stderr
     bad = mid("plan", "configs/digits.yaml", "--utilisation", "1.5")
     assert bad.returncode == 2 and "--utilisation" in bad.stderr
+
+
+@pytest.mark.parametrize("option,value", [("--gpu-tflops", "nan"), ("--gpu-tflops", "inf"), ("--utilisation", "nan")])
+def test_mid_plan_refuses_non_finite_numbers(option, value):
+    """`mid plan configs/digits.yaml --gpu-tflops nan` printed "nan days" and exit 0 (issue 22):
+    nan passes every range comparison. Now argparse's error naming the option, exit 2."""
+    result = mid("plan", "configs/digits.yaml", option, value)
+    assert result.returncode == 2
+    assert f"mid plan: error: argument {option}: {value} is not a finite number" in result.stderr
+    assert "days" not in result.stdout

@@ -218,3 +218,94 @@ def test_image_folder_problems_are_found_before_ray_starts(tmp_path):
     result = mid("validate", str(image_folder_config(tmp_path, tmp_path / "images")))
     assert result.returncode != 0
     assert "no class folders" in result.stdout + result.stderr
+
+
+# ---- issue 22: damage and bombs, one line naming the file -------------------------------
+
+def test_a_truncated_npz_is_one_line_naming_it_when_read(tmp_path):
+    """A CIFAR train.npz cut in half failed the run with "unexpected BadZipFile" and no path
+    (issue 22; `mid run configs/cifar10.yaml --set data.path=DIR`). Now the reader names it,
+    and `problems` (what validate runs) finds it first."""
+    for split, n in (("train", 6), ("test", 4)):
+        np.savez(tmp_path / f"{split}.npz", images=RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=RNG.integers(0, 10, n).astype(np.uint8))
+    cifar = reader("cifar10")
+    assert cifar.problems(str(tmp_path)) == [] and cifar.train_samples(str(tmp_path), 0.2) == 6
+    train = tmp_path / "train.npz"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    with pytest.raises(DataFileError, match=f"^{train}: not a readable npz with images and labels \\(BadZipFile"):
+        cifar.load(str(tmp_path), 0.2, 0)
+    (problem,) = cifar.problems(str(tmp_path))
+    assert problem.startswith(f"{train}: not a readable npz (BadZipFile")
+    np.savez(train, pictures=np.zeros((2, 32, 32, 3), dtype=np.uint8), labels=np.zeros(2))
+    assert cifar.problems(str(tmp_path)) == [f"{train}: no images array (it holds labels, pictures); expected images "
+                                             f"(N, 32, 32, 3) uint8, labels and class_names"]
+
+
+def test_a_truncated_svhn_mat_file_is_found_from_its_headers(tmp_path):
+    """`mid validate configs/svhn.yaml --set data.path=DIR` said valid for a train_32x32.mat
+    cut in half (issue 22)."""
+    from scipy.io import savemat
+
+    for split, n in (("train", 5), ("test", 3)):
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                                  "y": np.ones((n, 1), dtype=np.uint8)}, do_compression=split == "test")
+    svhn = reader("svhn")
+    assert svhn.problems(str(tmp_path)) == [] and svhn.train_samples(str(tmp_path), 0.2) == 5
+    for name in ("train_32x32.mat", "test_32x32.mat"):  # uncompressed and compressed variables alike
+        file = tmp_path / name
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2])
+        (problem,) = svhn.problems(str(tmp_path))
+        assert problem.startswith(f"{file}: truncated: variable 'X' needs"), problem
+        file.write_bytes(data)
+
+
+def bilevel_png(width, height):
+    """A real PNG of one bit per pixel, all black: a 30000² image is about 100 KB."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the row's bits
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 30_000])
+def test_an_image_past_the_decompression_bomb_bound_is_one_line_naming_it(tmp_path, side):
+    """A 30000² PNG in an image folder failed the ingest with RayTaskError fragments and ANSI
+    codes (issue 22; `mid run images.yaml`). Pillow refuses past twice its bound while
+    opening, and only warns between its bound and twice it: both are refused by the reader,
+    naming the file and the bound, before any pixel is decoded."""
+    from PIL import Image
+
+    from storage.readers.image_folder import decode_image
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(bilevel_png(side, side))
+    with pytest.raises(DataFileError) as refused:
+        decode_image(path.read_bytes(), str(path), 16)
+    assert str(refused.value) == (f"{path}: {'10000x10000 = ' if side == 10_000 else ''}{side * side:,} pixels, above "
+                                  f"the {Image.MAX_IMAGE_PIXELS:,} pixels an image may have (Pillow's "
+                                  f"decompression-bomb bound); shrink or remove it")
+    small = tmp_path / "small.png"
+    small.write_bytes(bilevel_png(40, 24))
+    assert decode_image(small.read_bytes(), str(small), 16).shape == (3, 16, 16)
+
+
+def test_an_image_class_folder_without_images_is_refused_when_listed(tmp_path):
+    """train/<class>/ with no image in it gave a class no sample, silently (issue 22)."""
+    make_image_tree(tmp_path / "images")
+    empty = tmp_path / "images" / "val" / "sky"
+    for image in empty.iterdir():
+        image.unlink()
+    folder = reader("image_folder")
+    expected = f"{empty}: a class folder with no images"
+    assert folder.problems(str(tmp_path / "images"))[0].startswith(expected)
+    with pytest.raises(DataFileError, match=f"^{empty}: a class folder with no images"):
+        folder.listing(str(tmp_path / "images"), "train")

@@ -111,3 +111,80 @@ def test_every_shipped_sweep_file_is_valid_and_its_variants_differ(sweep_file):
     assert len(digests) == len(sweep.trials)
     assert len({cfg.store.url for cfg in sweep.trials.values()}) == 1
     assert len({cfg.name for cfg in sweep.trials.values()}) == len(sweep.trials)
+
+
+# Issue 22: sweep files that started without a word, failed with an unreadable error, or
+# ran a table that misled. Each is refused before Ray starts with one line, exit 2.
+
+VALUES = "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"
+RATES = "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]"
+BAD_SWEEPS = {
+    "a 1,000-trial grid": (f"grid: {{mid.epochs: {VALUES}, mid.lr: {RATES}, pool.variants: {VALUES}}}\n",
+                           "grid: 1,000 trials (10 x 10 x 10), more than 64, each a whole run; pass --yes to run "
+                           "them all"),
+    "an 11,000-trial grid": (f"grid: {{mid.epochs: {VALUES}, mid.lr: {RATES}, pool.variants: {VALUES}, "
+                             f"models.baseline.epochs: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}}\n",
+                             "grid: 11,000 trials (10 x 10 x 10 x 11), above the 10,000 a sweep may hold"),
+    "a grid key without values": ("grid: {mid.epochs: []}\n",
+                                  "grid: mid.epochs: no values; give at least one (e.g. mid.epochs: [1, 2])"),
+    "a variant key through a value": ("variants: {ok: {}, deep: {mid.epochs.x: 3}}\n",
+                                      "variant deep: mid.epochs.x: 'epochs' is not a section"),
+    "a row the trials do not have": ("row: TRADES\nvariants: {a: {}, b: {mid.epochs: 3}}\n",
+                                     "variant a: row: 'TRADES' is not a row of the trial's tables (eval.defenses: "
+                                     "None, AT, MID)"),
+    "a variant's own name": ("variants: {a: {}, b: {name: mine}}\n",
+                             "variant b: name: a trial's run is named by the sweep (bad-<variant>)"),
+    "aliases in the grid": ("".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 10 if p else ['1'] * 10)}]\n"
+                                    for p, n in zip([None, *"abcdef"], "abcdefg")) + "grid: {mid.epochs: *g}\n",
+                            "values once its aliases (*name) are expanded, above the 100,000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_sweep_files_that_misled_or_ran_unbounded_are_refused_before_ray(tmp_path, case):
+    """Reproduce: `mid sweep bad.yaml` with each case's lines under `name: bad` and `base:
+    configs/digits.yaml`. Before: a 1,000-trial grid started at once, a 570-byte file of
+    aliases took 3 GB, `grid: {mid.epochs: []}` said "StopIteration", a bad variant key was
+    reported as "--set", a TRADES row the base config lacks and a variant's name were
+    accepted silently (exit 0)."""
+    text, expected = BAD_SWEEPS[case]
+    sweep_file = tmp_path / "bad.yaml"
+    sweep_file.write_text(f"name: bad\nbase: {REPO}/configs/digits.yaml\n{text}")
+    result = mid("sweep", str(sweep_file), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    the_error_line(result, f"config error: {sweep_file}: ", expected)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_grid_past_64_trials_runs_with_yes(tmp_path):
+    """`mid sweep big.yaml --yes` takes a 65-trial grid that plain `mid sweep big.yaml` refuses."""
+    from pipeline.cli import MAX_TRIALS_UNASKED, build_parser
+    from pipeline.config import ConfigError
+    from pipeline.sweep_config import load_sweep
+
+    sweep_file = tmp_path / "big.yaml"
+    sweep_file.write_text(f"name: big\nbase: {REPO}/configs/digits.yaml\n"
+                          f"grid: {{seed: {list(range(2, 15))}, mid.epochs: [1, 2, 3, 4, 5]}}\n")
+    with pytest.raises(ConfigError, match="grid: 65 trials \\(13 x 5\\), more than 64"):
+        load_sweep(sweep_file, max_trials=MAX_TRIALS_UNASKED)
+    assert len(load_sweep(sweep_file).trials) == 65
+    assert build_parser().parse_args(["sweep", str(sweep_file), "--yes"]).yes
+
+
+def test_a_grid_over_list_or_path_values_names_its_trials_safely(tmp_path):
+    """A grid over a list-valued key (`grid: {pool.attacks: [[PGD_N, MIM_N], [PGD_N, PGD_T]]}`)
+    was refused as a bad `name` (issue 22): the values, brackets and quotes, went into the
+    trial's run name. A value with '/' would have named a folder under trials/."""
+    from pipeline.config import SAFE_NAME
+    from pipeline.sweep_config import load_sweep
+
+    sweep_file = tmp_path / "lists.yaml"
+    sweep_file.write_text(f"name: lists\nbase: {REPO}/configs/digits.yaml\n"
+                          f"grid: {{pool.attacks: [[PGD_N, MIM_N], [PGD_N, PGD_T, MIM_N]], "
+                          f"store.url: ['{tmp_path}/store']}}\n")
+    sweep = load_sweep(sweep_file)
+    names = list(sweep.trials)
+    assert names[0].startswith("attacks=PGD_N+MIM_N,url=") and names[1].startswith("attacks=PGD_N+PGD_T+MIM_N,url=")
+    assert all("/" not in name and len(name) <= 40 for name in names) and len(set(names)) == 2
+    assert [sweep.trials[n].pool.attacks for n in names] == [["PGD_N", "MIM_N"], ["PGD_N", "PGD_T", "MIM_N"]]
+    assert all(SAFE_NAME.fullmatch(cfg.name) for cfg in sweep.trials.values())

@@ -25,6 +25,12 @@ READERS: dict[str, tuple[str, str]] = {
     "image_folder": ("image_folder:ImageFolder", "a folder with train/<class>/… and val/<class>/… image trees"),
 }
 SOURCES = {name: path for name, (_, path) in READERS.items()}
+# source -> (channels, side of its images as stored; None: data.image_size gives it), for
+# checks of a config that must not read the files
+IMAGE_SHAPES: dict[str, tuple[int, int | None]] = {
+    "digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32),
+    "svhn": (3, 32), "image_folder": (3, None),
+}
 
 
 @cache

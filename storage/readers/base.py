@@ -41,6 +41,11 @@ class Reader(ABC):
     def problems(self, path: str | None) -> list[str]:
         return []
 
+    def train_samples(self, path: str | None, test_fraction: float) -> int | None:
+        """Samples of the train split when headers tell it (called once ``problems`` found
+        none); None when only reading the whole set would."""
+        return None
+
     @abstractmethod
     def digest(self, path: str | None) -> str: ...
 

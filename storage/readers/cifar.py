@@ -17,6 +17,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
 
@@ -47,6 +48,46 @@ def _unpickle(data: bytes, name: str) -> dict:
         raise DataFileError(f"{name}: not a readable CIFAR batch ({type(e).__name__}: {e}); download it again") from None
 
 
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    with archive.open(name) as f:
+        read_header = NPY_HEADERS.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            return (), np.dtype(np.uint8)  # a later .npy format: np.load decides
+        shape, _, dtype = read_header(f)
+    return shape, dtype
+
+
+def npz_images(file: str) -> tuple[int, ...]:
+    """The images' shape in a CIFAR npz, checked from the zip directory and the two arrays'
+    headers, without reading the pixels: a truncated download loses the directory at the
+    file's end, so it fails here."""
+    names: set[str] = set()
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = set(archive.namelist())
+            if {"images.npy", "labels.npy"} <= names:
+                images, dtype = _npy_header(archive, "images.npy")
+                labels, _ = _npy_header(archive, "labels.npy")
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataFileError(f"{file}: not a readable npz ({type(e).__name__}: {e}); truncated or damaged? "
+                            f"write or download it again") from None
+    missing = [n for n in ("images", "labels") if f"{n}.npy" not in names]
+    if missing:
+        raise DataFileError(f"{file}: no {' or '.join(missing)} array (it holds "
+                            f"{', '.join(sorted(n.removesuffix('.npy') for n in names)) or 'nothing'}); "
+                            f"expected images (N, 32, 32, 3) uint8, labels and class_names")
+    if not images:
+        return images
+    if dtype != np.uint8 or len(images) != 4 or images[-1] != 3:
+        raise DataFileError(f"{file}: images must be uint8 (N, 32, 32, 3), got {dtype} {images}")
+    if labels and labels[0] != images[0]:
+        raise DataFileError(f"{file}: {images[0]} images but {labels[0]} labels")
+    return images
+
+
 class Cifar(InMemoryReader):
     def __init__(self, classes: int):
         self.classes = classes
@@ -67,7 +108,16 @@ class Cifar(InMemoryReader):
         if os.path.isfile(path):
             return [] if tarfile.is_tarfile(path) else [f"{path}: not a tar archive (expected the official "
                                                         f"{self.layout['folder']} tarball)"]
-        if self._npz(path) or self._batch_folder(path):
+        npz = self._npz(path)
+        if npz:  # what load reads first
+            found = []
+            for file in npz:
+                try:
+                    npz_images(file)
+                except DataFileError as e:
+                    found.append(str(e))
+            return found
+        if self._batch_folder(path):
             folder = self._batch_folder(path)
             missing = [f for f in self.layout["train"] + self.layout["test"] + [self.layout["meta"]]
                        if folder and not os.path.isfile(os.path.join(folder, f))]
@@ -76,6 +126,11 @@ class Cifar(InMemoryReader):
             return [f"{path}: no such file or folder"]
         return [f"{path}: neither the CIFAR-{self.classes} tarball, its {self.layout['folder']} folder, nor a folder "
                 f"with train.npz and test.npz"]
+
+    def train_samples(self, path, test_fraction):
+        npz = None if os.path.isfile(path) else self._npz(path)
+        shape = npz_images(npz[0]) if npz else ()  # a batch's count is inside its pickle
+        return shape[0] if shape else None
 
     def _members(self, path: str) -> list[str]:
         names = [self.layout["meta"], *self.layout["train"], *self.layout["test"]]
@@ -148,7 +203,7 @@ class Cifar(InMemoryReader):
                 with np.load(file, allow_pickle=False) as data:
                     images, labels = data["images"], data["labels"].astype(np.int64)
                     names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else names
-            except (OSError, ValueError, KeyError, EOFError) as e:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise DataFileError(f"{file}: not a readable npz with images and labels "
                                     f"({type(e).__name__}: {e})") from None
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import os
@@ -29,12 +30,21 @@ def load_digits(test_fraction: float, seed: int) -> RawDataset:
     )
 
 
+def _digits_file() -> str:
+    # Located without importing scikit-learn (a second of start-up on every cached run).
+    sklearn_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    return os.path.join(sklearn_dir, "datasets", "data", "digits.csv.gz")
+
+
 class Digits(InMemoryReader):
     def digest(self, path):
-        # Located without importing scikit-learn (a second of start-up on every cached run).
-        sklearn_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]
-        with open(os.path.join(sklearn_dir, "datasets", "data", "digits.csv.gz"), "rb") as f:
+        with open(_digits_file(), "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
+
+    def train_samples(self, path, test_fraction):
+        with gzip.open(_digits_file(), "rt") as f:  # one sample a line
+            count = sum(1 for line in f if line.strip())
+        return count - int(round(count * test_fraction))  # as load_digits splits
 
     def load(self, path, test_fraction, seed):
         return load_digits(test_fraction, seed)

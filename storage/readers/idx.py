@@ -161,6 +161,9 @@ class IdxFolder(InMemoryReader):
     def problems(self, path):
         return idx_folder_problems(path)
 
+    def train_samples(self, path, test_fraction):
+        return idx_header(idx_files(path)["train_labels"], IDX_LABELS_MAGIC)[0]
+
     def digest(self, path):
         return idx_digest(path)
 

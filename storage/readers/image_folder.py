@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import warnings
 
 import numpy as np
 
@@ -40,17 +42,44 @@ def _class_folders(split_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _has_image(folder: str) -> bool:
+    """Whether any image lies under ``folder``; stops at the first (ImageNet has 1,300 a class)."""
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(EXTENSIONS) for f in files):
+            return True
+    return False
+
+
 def decode_image(data: bytes, path: str, size: int) -> np.ndarray:
     """One file's bytes to uint8 (3, size, size): shorter side to ``size``, centre crop."""
     from PIL import Image, UnidentifiedImageError
 
+    bound = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below instead
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        with image:
+            # A small file can declare a huge image (a 30000² PNG compresses to kilobytes);
+            # decoding it would take gigabytes. Pillow's own check only warns below twice
+            # its bound, so the bound is applied here.
+            width, height = image.size
+            if bound and width * height > bound:
+                raise DataFileError(f"{path}: {width}x{height} = {width * height:,} pixels, above the {bound:,} "
+                                    f"pixels an image may have (Pillow's decompression-bomb bound); shrink or "
+                                    f"remove it")
             image = image.convert("RGB")
             width, height = image.size
             scale = size / min(width, height)
             resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
                                    Image.BILINEAR)
+    except DataFileError:
+        raise
+    except Image.DecompressionBombError as e:  # past twice the bound Pillow refuses while opening
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        raise DataFileError(f"{path}: {pixels}, above the {bound:,} pixels an image may have (Pillow's "
+                            f"decompression-bomb bound); shrink or remove it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataFileError(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or remove it") from None
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
@@ -73,8 +102,17 @@ class ImageFolder(Reader):
             return [f"{path}: no train/ folder (expected train/<class>/<images> and val/<class>/<images>)"]
         if not _class_folders(train):
             return [f"{train}: no class folders"]
-        if self.test_dir(path) is None:
+        test = self.test_dir(path)
+        if test is None:
             return [f"{path}: no val/ or test/ folder beside train/"]
+        # A class folder without images would be a class the model never sees or is never
+        # tested on, silently.
+        roots = [train] if os.path.isfile(os.path.join(test, TINY_IMAGENET_ANNOTATIONS)) else [train, test]
+        for root in roots:
+            for name in _class_folders(root):
+                if not _has_image(os.path.join(root, name)):
+                    return [f"{os.path.join(root, name)}: a class folder with no images ({', '.join(EXTENSIONS)}); "
+                            f"add its images or remove it"]
         return []
 
     def classes(self, path: str) -> list[str]:

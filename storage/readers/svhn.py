@@ -32,6 +32,43 @@ def read_mat(file: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
 
 
+def mat_header(file: str) -> tuple[int, ...]:
+    """X's shape, from the variables' headers, checked without reading the pixels: every
+    variable's recorded length must fit the file (scipy's whosmat lists a truncated file's
+    variables without a word)."""
+    from scipy.io.matlab._mio5 import MatFile5Reader  # whosmat's reader, for the lengths it skips
+
+    size = os.path.getsize(file)
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with open(file, "rb") as f:
+            mat = MatFile5Reader(f)
+            mat.initialize_read()
+            mat.read_file_header()
+            while not mat.end_of_stream():
+                header, next_position = mat.read_var_header()
+                name = header.name.decode("latin1") if header.name else ""
+                if next_position > size:
+                    raise DataFileError(f"{file}: truncated: variable {name!r} needs {next_position:,} bytes, the "
+                                        f"file has {size:,}; download it again")
+                shapes[name] = tuple(mat._matrix_reader.shape_from_header(header))
+                f.seek(next_position)
+    except DataFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as read_mat: scipy raises anything on damage
+        raise DataFileError(f"{file}: not a readable SVHN .mat file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); download it again") from None
+    if "X" not in shapes or "y" not in shapes:
+        raise DataFileError(f"{file}: no {'X' if 'X' not in shapes else 'y'} variable (it holds "
+                            f"{', '.join(shapes) or 'nothing'}); is it an SVHN cropped-digits file?")
+    images, labels = shapes["X"], shapes["y"]
+    if len(images) != 4 or images[:3] != (32, 32, 3):
+        raise DataFileError(f"{file}: X must be (32, 32, 3, N), got {images}")
+    if labels and labels[0] != images[3]:
+        raise DataFileError(f"{file}: {images[3]} images but {labels[0]} labels")
+    return images
+
+
 class SVHN(InMemoryReader):
     def _files(self, path: str) -> dict[str, str]:
         return {split: os.path.join(path, name) for split, name in FILES.items()}
@@ -39,7 +76,19 @@ class SVHN(InMemoryReader):
     def problems(self, path):
         if not os.path.isdir(path):
             return [f"{path}: no such folder (data.path should hold {' and '.join(FILES.values())})"]
-        return [f"{file}: no such file" for file in self._files(path).values() if not os.path.isfile(file)]
+        found = []
+        for file in self._files(path).values():
+            if not os.path.isfile(file):
+                found.append(f"{file}: no such file")
+                continue
+            try:
+                mat_header(file)
+            except DataFileError as e:
+                found.append(str(e))
+        return found
+
+    def train_samples(self, path, test_fraction):
+        return mat_header(self._files(path)["train"])[3]
 
     def digest(self, path):
         return files_digest(list(self._files(path).values()))

@@ -237,7 +237,7 @@ def results_card(root: str, source: Source) -> dict[str, Any]:
     """The row's table rows as the run's report has them (averages included); or None and why.
 
     A ref does not record eval.known: the attacks of the training pool count as known (as in
-    DESIGN §4), every other attack as unknown."""
+    docs/design.md §6.4), every other attack as unknown."""
     if source.row is None:
         return {"results": None, "results_missing": f"the {source.manifest['kind']} is not a row of the tables"}
     if source.run is None:

@@ -1,4 +1,4 @@
-"""``mid plan``: what a config will cost before anything runs (DESIGN §7).
+"""``mid plan``: what a config will cost before anything runs (docs/design.md §7).
 
 Per-sample costs are counted on real passes of the config's models (``workers.flops``:
 torch's FlopCounterMode, MID's second-order step included) and multiplied out by the config:

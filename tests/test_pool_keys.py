@@ -1,4 +1,4 @@
-"""Pool keys (DESIGN §4): one per attack; any setting that changes the pixels changes it."""
+"""Pool keys (docs/design.md §5.3): one per attack; any setting that changes the pixels changes it."""
 
 from pathlib import Path
 from types import SimpleNamespace

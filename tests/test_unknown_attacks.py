@@ -69,7 +69,7 @@ def test_unknown_attack_fools_a_plain_classifier_within_its_threat_model(plain_c
 
 
 def test_cw_at_the_authors_learning_rate_is_weak_and_says_so(plain_classifier):
-    """At learning rate 0.01 CW barely moves pixels (DESIGN §6): a weak setting is visible as a
+    """At learning rate 0.01 CW barely moves pixels (docs/design.md §4, §6.4): a weak setting is visible as a
     low success rate, which the report shows under each table."""
     model, x, y = plain_classifier
     weak = make_attack("CW_N", {"CW": {**SETTINGS["CW"], "learning_rate": 0.01, "max_iterations": 20}})

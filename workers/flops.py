@@ -14,7 +14,7 @@ Units, per sample:
 - ``train_step``, ``teacher_step``: the baseline's and the teacher's training objective,
   forward and backward to the parameters (the teacher's reconstruction term included);
 - ``mid_step``: MID's meta step, ``meta_objective`` and ``meta_gradients`` of
-  ``workers.mid`` with the config's views and order (DESIGN §3).
+  ``workers.mid`` with the config's views and order (docs/design.md §3.3).
 """
 
 from __future__ import annotations

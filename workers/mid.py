@@ -1,4 +1,4 @@
-"""Meta Invariance Defense: the per-view losses and the meta step of DESIGN §3.
+"""Meta Invariance Defense: the per-view losses and the meta step of docs/design.md §3.
 
 Notation: frozen teacher encoder E_t, classifier C_t, decoder D_t; student encoder E_s(θ);
 p(z) = softmax(z / τ) over the feature's channel dimension (dim 1: the feature vector, or

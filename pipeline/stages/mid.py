@@ -27,7 +27,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
             ctx.ensure_ray()
             ctx.say(f"mid: meta-training on {m.num_workers} Ray Train workers "
                     f"({'second' if m.second_order else 'first'} order, held-out attack per step)")
-            # One dataset per pool variant; epoch e streams variant e mod K (DESIGN §4).
+            # One dataset per pool variant; epoch e streams variant e mod K (docs/design.md §4).
             variants = {variant_dataset_name(k): read_views(
                             AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys, variant=k))
                         for k in range(ctx.cfg.pool.variants)}

@@ -3,7 +3,7 @@
 The training pool (split ``train``, the attacks of ``pool.attacks``, K random-start variants,
 against ``pool.source_model``) and the stored test attacks of the source and transfer
 protocols (split ``test``, one variant, against the source model or the substitute; see
-``pipeline/stages/test_attacks.py``) are the same kind of entry, made by the same code.
+``run_test_attacks`` below) are the same kind of entry, made by the same code.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The backbone registry (``models.arch``): adding a family is one file in this package and
-one line here. DESIGN §3: an encoder E producing the feature z, a classifier C reading z,
+one line here. docs/design.md §3.1: an encoder E producing the feature z, a classifier C reading z,
 and a decoder D mapping z back to an image.
 
 The registry names each family's factory by module and imports it (with torch) only when a

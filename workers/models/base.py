@@ -1,8 +1,8 @@
 """What every backbone family shares: the model spec, in-model input normalisation, the
-composite models built from an encoder E, a classifier C and a decoder D (DESIGN §3), and
+composite models built from an encoder E, a classifier C and a decoder D (docs/design.md §3.1), and
 the small base class a family implements.
 
-A family is one file in this package and one line in ``workers.models.BACKBONES``.
+A family is one file in this package and one line in ``workers.models.ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Backbone(ABC):
     def classifier(self, spec: ModelSpec) -> nn.Module: ...
 
     def decoder(self, spec: ModelSpec) -> nn.Module:
-        raise ValueError(f"{spec.arch} has no decoder (DESIGN §3: ImageNet-scale backbones have none)")
+        raise ValueError(f"{spec.arch} has no decoder (docs/design.md §3.1: ImageNet-scale backbones have none)")
 
 
 class EncoderClassifier(nn.Module):

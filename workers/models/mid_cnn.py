@@ -1,4 +1,4 @@
-"""The authors' MNIST network (their ``models/LeNet.py``; DESIGN §3).
+"""The authors' MNIST network (their ``models/LeNet.py``; docs/design.md §3.1).
 
 Encoder: conv 3×3 1→32, ReLU, max-pool 2, conv 3×3 32→64, ReLU, max-pool 2; the feature
 is the 64×(s/4)×(s/4) map (64×7×7 on MNIST), so MID's KL terms take the softmax over

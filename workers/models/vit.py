@@ -3,7 +3,7 @@
 ``head``), so a timm state dict loads into encoder + classifier unchanged.
 
 The feature is the class token after the final LayerNorm; the classifier is ``head``.
-There is no decoder (DESIGN §3: ImageNet-scale configs have none), so a ViT run must set
+There is no decoder (docs/design.md §3.1: ImageNet-scale configs have none), so a ViT run must set
 MID's cyclic-consistency weights and the teacher's reconstruction weight to 0.
 """
 

@@ -42,7 +42,6 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
-from pipeline.driver import classifier_kinds  # noqa: E402
 from pipeline.stages import ingest, mid, models, pool  # noqa: E402
 from storage.pools import PoolReader  # noqa: E402
 from workers.augment import augmentation_generator, crop_and_flip  # noqa: E402
@@ -138,7 +137,7 @@ def main(argv=None) -> dict[str, Any]:
     cfg = load_config(Path(args.config), args.set, store=root)
     ctx = RunContext(cfg, Path(tmp.name) / "run").open()
     dataset = ingest.run(ctx)
-    kinds = classifier_kinds(cfg)
+    kinds = cfg.trained_classifiers()
     spec = models.model_spec(ctx, dataset)
     jobs = {kind: models.model_key(ctx, dataset, spec, kind)[1] for kind in kinds}
     images_u8, labels_np = dataset.load("train")

@@ -528,6 +528,17 @@ class RunConfig(Section):
                                  f"{MAX_BATCH_BYTES // (pixels * 4):,}")
         return self
 
+    def trained_classifiers(self, command: str = "run") -> list[str]:
+        """The classifiers a ``run`` trains, in order (``pool`` trains the baseline and the
+        teacher only). One list for the driver, the pre-run checks and ``mid plan``, so the
+        plan counts what a run builds."""
+        kinds = ["baseline", "teacher"]
+        if command == "run":
+            kinds += [row.lower() for row in self.eval.defenses if row in ("AT", "TRADES")]
+            if "transfer" in self.eval.protocols:
+                kinds.append("substitute")
+        return kinds
+
     def training_attack(self, kind: str) -> PGDSettings:
         """The PGD settings of ``models.<kind>``: attacks.PGD with that section's overrides."""
         overrides = getattr(self.models, kind).attack

@@ -13,16 +13,6 @@ from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
 
 
-def classifier_kinds(cfg: RunConfig) -> list[str]:
-    """The classifiers a whole run trains: they all read the clean dataset, so they train
-    together before the pool (``models.run_many``)."""
-    kinds = ["baseline", "teacher"]
-    kinds += [row.lower() for row in cfg.eval.defenses if row in ("AT", "TRADES")]
-    if "transfer" in cfg.eval.protocols:
-        kinds.append("substitute")
-    return kinds
-
-
 def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baseline", "teacher")):
     """The dataset, the classifiers ``kinds`` (by kind) and the training pool's keys."""
     dataset = ingest.run(ctx)
@@ -89,7 +79,8 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
 
 def run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    dataset, trained, pool_keys = prepare_pool(ctx, classifier_kinds(cfg))
+    # They all read the clean dataset, so they train together before the pool (models.run_many).
+    dataset, trained, pool_keys = prepare_pool(ctx, cfg.trained_classifiers())
     baseline, teacher = trained["baseline"], trained["teacher"]
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order

@@ -128,13 +128,19 @@ def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
     return counted(spec, mid, list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
 
 
+def at_step_macs(cfg: RunConfig, units: dict[str, float]) -> float:
+    """One Madry AT step per sample: PGD-k against the model, then a training step."""
+    return cfg.training_attack("at").nb_iter * units["attack_step"] + units["train_step"]
+
+
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
     """Every stage of a run of ``cfg``, and the attacks whose cost is not counted."""
     m, n = cfg.models, shape.train
     attack_step, forward = units["attack_step"], units["forward"]
+    trained = cfg.trained_classifiers()  # what a run trains, no more: the driver's own list
     stages = [StageCost("baseline", units["train_step"], m.baseline.epochs * n, f"{m.baseline.epochs} epochs"),
               StageCost("teacher", units["teacher_step"], m.teacher.epochs * n, f"{m.teacher.epochs} epochs")]
-    if "transfer" in cfg.eval.protocols:
+    if "substitute" in trained:
         stages.append(StageCost("substitute", units["train_step"], m.substitute.epochs * n,
                                 f"{m.substitute.epochs} epochs"))
     uncounted: list[str] = []
@@ -147,13 +153,14 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
         pool_macs += variants * (steps * attack_step + 2 * forward)  # + success before and after rounding
         pool_views += variants
     stages.append(StageCost("pool", pool_macs, n, f"{len(cfg.pool.attacks)} attacks, {pool_views} views per sample"))
-    stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
-                            f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} order, "
-                            f"{len(cfg.pool.attacks)} views + clean"))
-    k = cfg.training_attack("at").nb_iter
-    stages.append(StageCost("at", k * attack_step + units["train_step"], m.at.epochs * n,
-                            f"AT-PGD-{k}, {m.at.epochs} epochs"))
-    if "TRADES" in cfg.eval.defenses:
+    if "MID" in cfg.eval.defenses:
+        stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
+                                f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} order, "
+                                f"{len(cfg.pool.attacks)} views + clean"))
+    if "at" in trained:
+        k = cfg.training_attack("at").nb_iter
+        stages.append(StageCost("at", at_step_macs(cfg, units), m.at.epochs * n, f"AT-PGD-{k}, {m.at.epochs} epochs"))
+    if "trades" in trained:
         k_trades = cfg.training_attack("trades").nb_iter
         stages.append(StageCost("trades", k_trades * attack_step + forward + 2 * units["train_step"],
                                 m.trades.epochs * n, f"TRADES-{k_trades}, {m.trades.epochs} epochs"))
@@ -198,7 +205,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_n
     online_attack_macs = sum((_steps(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
     online_epoch = shape.train * (units["mid_step"] + online_attack_macs)
     cached_epoch = shape.train * units["mid_step"]
-    at_stage = next(s for s in stages if s.name == "at")
+    at_epoch = at_step_macs(cfg, units) * shape.train  # the comparison, whether or not AT is a row
     return {
         "config": cfg.name, "arch": cfg.models.arch, "data": asdict(shape),
         "gpus": gpus, "gpu": {"name": gpu_name, "peak_tflops": gpu_tflops, "utilisation": utilisation},
@@ -213,9 +220,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_n
         "per_epoch": {"mid_cached_hours": hours(cached_epoch), "mid_online_hours": hours(online_epoch),
                       "saved_hours": hours(online_epoch - cached_epoch),
                       "saved_fraction": 1 - cached_epoch / online_epoch,
-                      "at_hours": hours(at_stage.per_sample_macs * shape.train),
-                      "online_over_at": online_epoch / (at_stage.per_sample_macs * shape.train),
-                      "cached_over_at": cached_epoch / (at_stage.per_sample_macs * shape.train)},
+                      "at_hours": hours(at_epoch), "online_over_at": online_epoch / at_epoch,
+                      "cached_over_at": cached_epoch / at_epoch},
         "not_counted": uncounted,
     }
 

@@ -62,10 +62,7 @@ def data_problems(cfg: RunConfig) -> list[str]:
 def training_stages(cfg: RunConfig, command: str = "run") -> dict[str, list[tuple[str, int]]]:
     """The worker-count field of each training worker group that ``command`` runs -> its
     stages' batch-size fields and values (as ``pipeline.driver`` picks the stages)."""
-    kinds = ["baseline", "teacher"]
-    if command == "run":
-        kinds += [row.lower() for row in cfg.eval.defenses if row in ("AT", "TRADES")]
-        kinds += ["substitute"] if "transfer" in cfg.eval.protocols else []
+    kinds = cfg.trained_classifiers(command)
     groups = {"models.num_workers": [(f"models.{kind}.batch_size", getattr(cfg.models, kind).batch_size)
                                      for kind in kinds]}
     if command == "run" and "MID" in cfg.eval.defenses:

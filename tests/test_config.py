@@ -188,13 +188,13 @@ def test_image_size_bound_is_per_backbone():
 
 
 def test_the_zero_step_check_covers_the_stages_the_driver_trains():
-    """preflight.training_stages mirrors pipeline.driver without importing torch before Ray."""
-    from pipeline.driver import classifier_kinds
+    """The pre-run check sizes the batches of the classifiers the driver trains (one list,
+    ``RunConfig.trained_classifiers``) and MID's when MID is a row."""
     from pipeline.preflight import training_stages
 
     for overrides in ([], ["eval.defenses=[None, TRADES]", "eval.protocols=[source]"]):
         cfg = load_config("configs/digits.yaml", overrides)
         groups = training_stages(cfg)
         assert [field for field, _ in groups["models.num_workers"]] == [f"models.{k}.batch_size"
-                                                                       for k in classifier_kinds(cfg)]
+                                                                       for k in cfg.trained_classifiers()]
         assert ("mid.num_workers" in groups) == ("MID" in cfg.eval.defenses)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import load_config
 from pipeline.plan import DataShape, render, stage_costs
@@ -91,6 +90,19 @@ def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
     assert by_name["test attacks"].total_macs == pytest.approx(100 * ((10 * 2 + 2) + (1 * 2 + 2)))
     assert "substitute" not in by_name  # no transfer protocol, no substitute
     assert uncounted == ["AA_N (evaluation)"]
+
+
+def test_the_plan_counts_only_what_a_run_trains():
+    """`mid plan configs/digits.yaml --set 'eval.defenses=[None]'` counted AT and MID, which
+    such a run never trains; the plan and the driver now share one list of classifiers."""
+    units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
+    shape = DataShape(1000, 100, 1, 16, 10, "test")
+    for rows, expected in (("[None]", set()), ("[None, AT, TRADES]", {"at", "trades"}), ("[None, MID]", {"mid"})):
+        cfg = load_config(REPO / "configs/digits.yaml", [f"eval.defenses={rows}", "eval.protocols=[source]"])
+        stages, _ = stage_costs(cfg, shape, units)
+        names = {s.name for s in stages}
+        assert names & {"at", "trades", "mid"} == expected, (rows, names)
+        assert names & {"baseline", "teacher"} == set(cfg.trained_classifiers()) & {"baseline", "teacher"}
 
 
 def mid(*args: str) -> subprocess.CompletedProcess:

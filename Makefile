@@ -4,11 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/digits
 
-.PHONY: install demo test bench clean help
+.PHONY: install demo lint test test-fast clean help
 
 help:
 	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
 	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
+	@echo "make test-fast  the suite without the whole-CLI-run files (marked end_to_end): the edit loop"
+	@echo "make lint   ruff (the rules in pyproject.toml)"
 	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
 
 # A torch wheel that pip's own configuration provides locally (e.g. a CPU build in a
@@ -31,8 +33,14 @@ install: $(BIN)/mid
 demo: install
 	$(BIN)/mid run configs/digits.yaml --out $(OUT)
 
+lint: $(VENV)/.test-extra
+	$(BIN)/ruff check .
+
 test: $(VENV)/.test-extra
 	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 tests
+
+test-fast: $(VENV)/.test-extra
+	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 -m "not end_to_end" tests
 
 clean:
 	rm -rf runs store

@@ -256,10 +256,10 @@ class RunContext:
         """GPU settings the cluster cannot meet would leave actors and workers waiting forever."""
         r = self.cfg.ray
         wanted = {"ray.use_gpu": 1.0 if r.use_gpu else 0.0, "ray.gpus_per_actor": r.gpus_per_actor}
-        for field, gpus in wanted.items():
+        for setting, gpus in wanted.items():
             if gpus > available:
-                raise PipelineError(f"{field}: asks for {gpus:g} GPU(s) per worker, but the Ray cluster has "
-                                    f"{available:g}; set {field} to {'false' if field == 'ray.use_gpu' else 0} "
+                raise PipelineError(f"{setting}: asks for {gpus:g} GPU(s) per worker, but the Ray cluster has "
+                                    f"{available:g}; set {setting} to {'false' if setting == 'ray.use_gpu' else 0} "
                                     f"or run on a cluster with GPUs")
 
     def actor_options(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_BAR = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # a tqdm line, e.g. "decoding train images:  40%|██  | 4/10 [...]"
@@ -54,7 +55,7 @@ def is_loopback(ip: str) -> bool:
     return address.is_loopback
 
 
-def listening_sockets(root: "psutil.Process") -> list[dict]:
+def listening_sockets(root: Any) -> list[dict]:
     """Every listening TCP socket of ``root`` and all its descendants (a run's driver, its
     GCS and raylet, and through the raylet every worker, Ray Train's included)."""
     import psutil

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import workers.advertorch_compat as compat
+import workers.advertorch_compat  # noqa: F401  (the shim: advertorch imports only after it)
 from workers.attacks import ATTACK_NAMES, make_attack, parse_attack_name, random_targets
 
 SETTINGS = {

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 TINY = ["data.train_limit=256", "data.test_limit=48", "models.baseline.epochs=1", "models.teacher.epochs=1",
         "mid.epochs=1", "pool.attacks=[PGD_N,FGSM_T]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_T]", "eval.protocols=[adaptive]",
         "attacks.PGD.nb_iter=2", "attacks.PGD.eps_iter=0.15", "pool.shard_size=128",

@@ -21,9 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from clihelpers import REPO, mid
 
 from storage import runs
+
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
 TINY = [
     "data.train_limit=256", "data.test_limit=32", "eval.defenses=[None, MID]",

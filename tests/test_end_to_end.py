@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from storage import pools
+
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
 SMALL = [
     "data.train_limit=512", "data.test_limit=96",

@@ -20,6 +20,8 @@ from workers.export_formats import FILES, save
 from workers.loading import load_defended
 from workers.models import ModelSpec, build_classifier_model, to_float
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 RUN = "tiny-full"  # the full-MID trial of the session's tiny sweep (tests/sweephelpers.py)
 
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import socket

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
 SAMPLES, SIDE, SHARD = 4096, 64, 1024
 OBJECT_STORE_BYTES = 80 << 20  # Ray's minimum is 75 MiB

@@ -9,6 +9,8 @@ import pytest
 
 from storage import pools, runs
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 TINY = ["data.train_limit=256", "data.test_limit=32", "models.baseline.epochs=2", "models.teacher.epochs=2",
         "attacks.PGD.nb_iter=3", "attacks.PGD.eps_iter=0.04", "attacks.MIM.nb_iter=3", "attacks.MIM.eps_iter=0.04",
         "attacks.BIM.nb_iter=3", "attacks.BIM.eps_iter=0.04", "pool.shard_size=64"]

@@ -12,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from ray.cluster_utils import Cluster
 
 from storage import pools
 from storage import store as store_location
+
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
 # The training pool is cheap here (FGSM); the stored test attacks are the work: PGD-40 on
 # 352 test images in shards of 32, two attacks, 22 shards.

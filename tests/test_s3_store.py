@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "mid-test"
 PREFIX = f"s3://{BUCKET}/mid"

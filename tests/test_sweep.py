@@ -11,6 +11,8 @@ import pytest
 from clihelpers import REPO, mid, the_error_line
 from sweephelpers import SWEEP_NAME, TRIALS
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 
 @pytest.fixture(scope="module")
 def sweep(finished_sweep):

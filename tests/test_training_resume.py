@@ -20,6 +20,8 @@ import pytest
 
 from clihelpers import is_loopback, run_watching_listeners, the_error_line
 
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
 TINY = [
     "data.train_limit=1024", "data.test_limit=32", "eval.defenses=[None, MID]",
     "models.baseline.epochs=1", "models.teacher.epochs=1", "mid.epochs=8",

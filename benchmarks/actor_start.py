@@ -26,7 +26,7 @@ def main() -> None:
     import ray
 
     system_config = {"preload_python_modules": args.preload} if args.preload else {}
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              _system_config=system_config)
 
     @ray.remote(num_cpus=0.5)

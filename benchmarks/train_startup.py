@@ -27,7 +27,7 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     result = {"ray_init_seconds": round(time.time() - start, 1), "fits": []}
     storage = tempfile.mkdtemp()
     for workers in (1, 2, 2):

@@ -122,7 +122,11 @@ def start_local_ray(num_cpus: int | None) -> None:
     # rest of this environment on to every worker, Ray Train's controller included.
     train_poll = {TRAIN_POLL_ENV: TRAIN_POLL_INTERVAL_S} if TRAIN_POLL_ENV not in os.environ else {}
     with single_machine_ray(), _ray_env(RAY_GCS_SERVER_PORT=str(port), **train_poll):
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True,
+        # address="local": a new instance, always. Without an address Ray joins the instance
+        # named in /tmp/ray/ray_current_cluster, and a killed instance leaves that file behind:
+        # the run then retried a dead GCS for ever instead of starting its own.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                 log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_ADDRESS": address},
                               "worker_process_setup_hook": "workers.progress.quiet_local_ray_worker"})
 

@@ -10,7 +10,7 @@ def ray_local():
 
     # Workers import test modules by name (functions defined in tests), as pytest does.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.path.dirname(tests_dir), tests_dir])}})
     import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -7,8 +7,10 @@ a real `mid pool` run: `tests/test_training_resume.py::test_training_stages_list
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from clihelpers import is_loopback
@@ -85,10 +87,20 @@ finally:
 
 
 def test_local_ray_listens_on_loopback_only():
+    """Also: a laptop run starts its own instance even where a killed one left its address
+    behind in Ray's temp folder (`ray_current_cluster`); before, `ray.init()` joined that
+    address and retried the dead GCS for ever. Reproduce: SIGKILL a `mid run`, then `mid run`."""
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=240)
+    # A short folder of its own (Ray's socket paths must stay short), with a dead instance's address.
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    Path(env["RAY_TMPDIR"], "ray").mkdir()
+    Path(env["RAY_TMPDIR"], "ray", "ray_current_cluster").write_text("127.0.0.1:9")
+    try:
+        result = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=240)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
     line = next(line for line in result.stdout.splitlines() if line.startswith("LISTENERS "))
     report = json.loads(line[len("LISTENERS "):])

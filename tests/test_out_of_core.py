@@ -104,7 +104,7 @@ def check(work: Path) -> dict:
     spill.mkdir()
     keys = build_store(root)
     pool_bytes = len(keys) * SAMPLES * 3 * SIDE * SIDE  # the pool's rows as MID reads them, decoded
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
              _node_ip_address="127.0.0.1", _system_config={"object_spilling_config": json.dumps(
                  {"type": "filesystem", "params": {"directory_path": str(spill)}})})
     ray.data.DataContext.get_current().enable_progress_bars = False

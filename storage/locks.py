@@ -56,18 +56,25 @@ def build_lock(root: str, key: str, on_wait: Callable[[], None] | None = None) -
             yield
 
 
+def _flock_waiting(handle, mode: int, on_wait) -> None:
+    """``flock(handle, mode)``; if another process holds it, call ``on_wait`` once, then block."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if on_wait:
+            on_wait()
+        fcntl.flock(handle, mode)  # blocks; Ctrl-C interrupts it
+
+
 @contextmanager
 def _local_lock(path: str, on_wait) -> Iterator[None]:
     import fcntl
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks; Ctrl-C interrupts it
+        _flock_waiting(handle, fcntl.LOCK_EX, on_wait)
         try:
             yield
         finally:
@@ -130,12 +137,7 @@ def hold_store(root: str, on_wait: Callable[[], None] | None = None) -> StoreHol
 
     handle = open(_store_lock_path(root), "a+b")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_SH)  # blocks; Ctrl-C interrupts it
+        _flock_waiting(handle, fcntl.LOCK_SH, on_wait)
     except BaseException:
         handle.close()
         raise

@@ -19,6 +19,7 @@ from storage import checkpoints, fs, locks, runs
 from storage import store as store_location
 
 T = TypeVar("T")
+N = TypeVar("N")  # what names an entry within a stage: a model kind, an attack, a table cell
 
 
 class PipelineError(RuntimeError):
@@ -188,18 +189,37 @@ class RunContext:
 
     def reuse_or_build(self, label: str, key: str, find: Callable[[], T | None],
                        build: Callable[[], T]) -> tuple[T, bool]:
-        """(the entry, whether it was reused): claim ``key`` under ``label``, then ``find()``
-        it, or build it under the key's lock. A run that finds another building the same key
-        waits for it, then reuses its result."""
-        self.claim(label, key)
-        found = find()
-        if found is not None:
-            return found, True
-        with self.build_locks([key]):
-            found = find()
-            if found is not None:
-                return found, True
-            return build(), False
+        """(the entry, whether it was reused): ``reuse_or_build_many`` of one key."""
+        found, built = self.reuse_or_build_many({label: key}, {label: key}, lambda _: find(),
+                                                lambda _: {label: build()})
+        return found[label], not built
+
+    def reuse_or_build_many(self, claims: dict[str, Any], keys: dict[N, str], find: Callable[[str], T | None],
+                            build: Callable[[list[N]], dict[N, T]],
+                            on_found: Callable[[list[N]], None] | None = None) -> tuple[dict[N, T], list[N]]:
+        """(every entry by name, the names built): every stage's one way to the store.
+
+        Claim ``claims`` (label: key or dict of keys) in the run's ref and lease, ``find`` each
+        of ``keys``, then take the build locks of the missing ones and find them again:
+        another run may have built some while this one waited. ``on_found`` hears which were
+        found in the store; ``build(names)`` builds and commits the rest, returning their
+        entries. Nothing is committed here: a stage commits its own kind of entry.
+        """
+        for label, claimed in claims.items():
+            self.claim(label, claimed)
+        entries = {name: find(key) for name, key in keys.items()}
+        missing = [name for name, entry in entries.items() if entry is None]
+        built: list[N] = []
+        with self.build_locks([keys[name] for name in missing]):
+            entries.update({name: find(keys[name]) for name in missing})
+            found = [name for name, entry in entries.items() if entry is not None]
+            if on_found is not None and found:
+                on_found(found)
+            built = [name for name in missing if entries[name] is None]
+            if built:
+                made = build(built)
+                entries.update({name: made[name] for name in built})
+        return entries, built
 
     @contextmanager
     def build_locks(self, keys: list[str]) -> Iterator[None]:

@@ -50,20 +50,16 @@ def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, A
         keys = {(p, d): cell_key(ctx, dataset, p, spec, stored.get(p))
                 for p in ctx.cfg.eval.protocols for d, spec in defenses.items()}
         record["key"] = content_key("eval-set", {"cells": sorted(keys.values())})
-        ctx.claim("results", {f"{p}/{d}": k for (p, d), k in keys.items()})
-        cells = {cell: fs.read_json(results_url(ctx.root, key)) for cell, key in keys.items()}
-        missing = [cell for cell, found in cells.items() if found is None]
-        computed = []
-        if missing:
-            with ctx.build_locks([keys[c] for c in missing]):
-                for cell in missing:  # another run may have written it while this one waited
-                    cells[cell] = fs.read_json(results_url(ctx.root, keys[cell]))
-                computed = [cell for cell in missing if cells[cell] is None]
-                if computed:
-                    built = evaluate(ctx, dataset, defenses, stored, computed)
-                    for cell in computed:
-                        fs.write_json_atomic(results_url(ctx.root, keys[cell]), built[cell])
-                        cells[cell] = built[cell]
+
+        def compute(cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+            results = evaluate(ctx, dataset, defenses, stored, cells)
+            for cell in cells:
+                fs.write_json_atomic(results_url(ctx.root, keys[cell]), results[cell])
+            return results
+
+        cells, computed = ctx.reuse_or_build_many(
+            {"results": {f"{p}/{d}": k for (p, d), k in keys.items()}}, keys,
+            lambda key: fs.read_json(results_url(ctx.root, key)), compute)
         record["cache_hit"] = not computed
         record["details"] = {"cells": len(keys), "computed": len(computed)}
     return {p: {d: in_table_order(cells[(p, d)], ctx.cfg.eval.attacks) for d in defenses}

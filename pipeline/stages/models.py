@@ -239,28 +239,22 @@ def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[
     spec = model_spec(ctx, dataset)
     started = time.perf_counter()
     planned = {kind: model_key(ctx, dataset, spec, kind) for kind in kinds}
-    manifests, built = {}, []
-    for kind, (key, _) in planned.items():
-        ctx.claim(kind, key)
-        manifests[kind] = checkpoints.verify_checkpoint(ctx.root, key)
-    missing = [kind for kind in kinds if manifests[kind] is None]
-    if missing:
-        with ctx.build_locks([planned[kind][0] for kind in missing]):
-            for kind in missing:  # another run may have built some while this one waited
-                manifests[kind] = checkpoints.verify_checkpoint(ctx.root, planned[kind][0])
-            built = [kind for kind in missing if manifests[kind] is None]
-            if built:
-                ctx.ensure_ray()
-                # The run folder is "models-<first model's key>": gc keeps it while a ref names
-                # that model, and a rerun of the same models finds its resume state.
-                group = planned[built[0]][0]
-                ctx.say(f"{', '.join(built)}: training on {ctx.cfg.models.num_workers} Ray Train workers"
-                        + (" (one worker group, one after another)" if len(built) > 1 else ""))
-                train_with_ray(ctx, train_classifiers_loop, {"models": [planned[k][1] for k in built]},
-                               {"train": clean_dataset(ctx, dataset)}, ctx.cfg.models.num_workers, "models",
-                               group, commits=[planned[k][0] for k in built])
-                for kind in built:
-                    manifests[kind] = checkpoints.verify_checkpoint(ctx.root, planned[kind][0])
+
+    def train(kinds_to_build: list[str]) -> dict[str, dict[str, Any]]:
+        ctx.ensure_ray()
+        # The run folder is "models-<first model's key>": gc keeps it while a ref names
+        # that model, and a rerun of the same models finds its resume state.
+        group = planned[kinds_to_build[0]][0]
+        ctx.say(f"{', '.join(kinds_to_build)}: training on {ctx.cfg.models.num_workers} Ray Train workers"
+                + (" (one worker group, one after another)" if len(kinds_to_build) > 1 else ""))
+        train_with_ray(ctx, train_classifiers_loop, {"models": [planned[k][1] for k in kinds_to_build]},
+                       {"train": clean_dataset(ctx, dataset)}, ctx.cfg.models.num_workers, "models",
+                       group, commits=[planned[k][0] for k in kinds_to_build])
+        return {kind: checkpoints.verify_checkpoint(ctx.root, planned[kind][0]) for kind in kinds_to_build}
+
+    keys = {kind: key for kind, (key, _) in planned.items()}
+    manifests, built = ctx.reuse_or_build_many(keys, keys, lambda key: checkpoints.verify_checkpoint(ctx.root, key),
+                                               train)
     group_seconds = time.perf_counter() - started
     worker_seconds = sum(manifests[k].get("worker_seconds", {}).get("training", 0.0) for k in built)
     for kind in kinds:

@@ -86,18 +86,18 @@ def build_stage(ctx: RunContext, stage: str, label: str, dataset: DatasetReader,
     with ctx.stage(stage) as record:
         keys = {s.attack: pool_key(ctx, dataset, source, s) for s in specs}
         record["key"] = content_key("pool-set", {"pools": keys})
-        ctx.claim(label, keys)
-        hits = {attack: is_complete(ctx, key) for attack, key in keys.items()}
-        missing = [attack for attack, hit in hits.items() if not hit]
-        with ctx.build_locks([keys[attack] for attack in missing]):
-            # Another run may have finished some of them while this one waited.
-            hits.update({attack: is_complete(ctx, keys[attack]) for attack in missing})
-            found = [attack for attack, hit in hits.items() if hit]
-            if found:
-                ctx.say(f"{stage}: {len(found)} of {len(hits)} pools complete in the store, not regenerating "
-                        f"({', '.join(found)})")
-            todo = [(s, keys[s.attack]) for s in specs if not hits[s.attack]]
-            build(ctx, dataset, source_kind, source, todo)
+
+        def say_found(found: list[str]) -> None:
+            ctx.say(f"{stage}: {len(found)} of {len(keys)} pools complete in the store, not regenerating "
+                    f"({', '.join(found)})")
+
+        def generate(attacks: list[str]) -> dict[str, bool]:
+            build(ctx, dataset, source_kind, source, [(s, keys[s.attack]) for s in specs if s.attack in attacks])
+            return {attack: True for attack in attacks}
+
+        _, generated = ctx.reuse_or_build_many(
+            {label: keys}, keys, lambda key: True if is_complete(ctx, key) else None, generate, say_found)
+        hits = {attack: attack not in generated for attack in keys}
         record["cache_hit"] = all(hits.values())
         record["details"] = {"source_model": source_kind, "attacks": {
             s.attack: {"key": keys[s.attack], "cache_hit": hits[s.attack], "split": s.split,

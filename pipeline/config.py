@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import typing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, parse_attack_name
+from workers.mid import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
 
 
@@ -269,29 +271,33 @@ class PoolConfig(Section):
 
 
 class LossWeightsConfig(Section):
-    ac: float = Field(1.0, ge=0.0)
-    cc: float = Field(1.0, ge=0.0)
-    lc: float = Field(1.0, ge=0.0)
+    ac: float = Field(LossWeights.ac, ge=0.0)
+    cc: float = Field(LossWeights.cc, ge=0.0)
+    lc: float = Field(LossWeights.lc, ge=0.0)
+
+
+# MID's step defaults live with the step (workers/mid.py); the config shows and validates them.
+_STEP = MetaSettings()
 
 
 class MIDConfig(Section):
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 64
     lr: PositiveFloat = Field(1e-3, description="outer learning rate γ (Adam)")
-    inner_lr: PositiveFloat = Field(1e-3, description="inner step size α of the fast weights")
-    beta: float = Field(1.0, ge=0.0, description="weight of the meta-test loss")
-    temperature: PositiveFloat = 1.0
-    second_order: bool = True
+    inner_lr: PositiveFloat = Field(_STEP.inner_lr, description="inner step size α of the fast weights")
+    beta: float = Field(_STEP.beta, ge=0.0, description="weight of the meta-test loss")
+    temperature: PositiveFloat = _STEP.temperature
+    second_order: bool = _STEP.second_order
     batch_views: bool | Literal["auto"] = Field(
         "auto", description="meta-train views in one forward pass; auto: on GPU yes, on CPU no (faster there)")
     init_student: Literal["teacher", "random"] = "teacher"
-    meta_train_weights: LossWeightsConfig = LossWeightsConfig(ac=1.5, cc=0.8, lc=1.0)
-    meta_test_weights: LossWeightsConfig = LossWeightsConfig()
+    meta_train_weights: LossWeightsConfig = LossWeightsConfig(**asdict(_STEP.meta_train))
+    meta_test_weights: LossWeightsConfig = LossWeightsConfig(**asdict(_STEP.meta_test))
     num_workers: PositiveInt = 2
     bf16: bool = Field(False, description="autocast forward passes to bfloat16 (GPU workers, ray.use_gpu)")
-    meta: bool = Field(True, description="false: the ablation without meta-learning (Table 8): every pool attack "
+    meta: bool = Field(_STEP.meta, description="false: the ablation without meta-learning (Table 8): every pool attack "
                                          "is a training view each step; no held-out attack, no inner step")
-    distill: bool = Field(True, description="false: the ablation without distillation (Table 8): no teacher-feature "
+    distill: bool = Field(_STEP.distill, description="false: the ablation without distillation (Table 8): no teacher-feature "
                                             "targets (AC and CC off in both phases); the student starts from random "
                                             "weights (mid.init_student: random) and learns through C_t from labels")
 

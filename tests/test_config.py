@@ -198,3 +198,16 @@ def test_the_zero_step_check_covers_the_stages_the_driver_trains():
         assert [field for field, _ in groups["models.num_workers"]] == [f"models.{k}.batch_size"
                                                                        for k in cfg.trained_classifiers()]
         assert ("mid.num_workers" in groups) == ("MID" in cfg.eval.defenses)
+
+
+def test_the_default_mid_config_builds_the_step_the_step_defaults_to():
+    """`inner_lr` was 1e-4 in workers/mid.py and 1e-3 in the config: a step built by a test or a
+    benchmark was not the step a default run took. The config now takes the step's defaults."""
+    import torch
+
+    from pipeline.config import MIDConfig
+    from workers.mid import MetaSettings
+    from workers.train_mid import meta_settings
+
+    config = {**MIDConfig().model_dump(), "batch_views": True}
+    assert meta_settings(config, torch.device("cpu")) == MetaSettings()

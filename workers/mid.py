@@ -55,7 +55,10 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class MetaSettings:
-    inner_lr: float = 1e-4              # α
+    """MID's step settings. Their defaults are the config's (``mid.*`` in pipeline/config.py
+    takes them from here), so a step built here and a run of the default config agree."""
+
+    inner_lr: float = 1e-3              # α
     beta: float = 1.0                   # β
     temperature: float = 1.0            # τ
     second_order: bool = True

@@ -5,8 +5,6 @@ two runs on one store from building the same thing twice)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -15,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from pipeline.config import RunConfig
-from storage import checkpoints, fs, locks, runs
+from storage import locks, runs
 from storage import store as store_location
 
 T = TypeVar("T")
@@ -35,101 +33,6 @@ class StageRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3), **self.details}
-
-
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface (a local run's Ray listens there only)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-# Ray's switch between "a single machine" and "a node of a cluster". Off (Ray's default on
-# macOS and Windows), Ray keeps a loopback node address; on (its default on Linux),
-# ``ray.init`` replaces ``_node_ip_address="127.0.0.1"`` by the machine's own address
-# (ray/_private/worker.py, services.resolve_ip_for_localhost and get_node_ip_address),
-# and every Ray process then listens on all interfaces or that address.
-_RAY_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def _ray_env(**values: str) -> Iterator[None]:
-    """Set environment variables for the Ray processes started inside, then restore them."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
-def single_machine_ray() -> Iterator[None]:
-    """Ray started inside keeps the loopback node address, so all its processes listen on
-    127.0.0.1 only.
-
-    Ray reads the setting from the environment once, when it is imported, so the driver's
-    copy is switched here too; the environment variable reaches the processes Ray starts
-    (GCS, raylet, and through the raylet the agents and workers), which read it themselves.
-    """
-    from ray._private import ray_constants
-
-    previous = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        with _ray_env(**{_RAY_CLUSTER_MODE_ENV: "0"}):
-            yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous
-
-
-# Ray Train's controller checks on its workers every 2 s by default, and a stage waits for
-# those checks as it starts, reports epochs and finishes. A local run's stages are short, so
-# it checks every 0.2 s: `mid pool` on 512 digits with 3-epoch baseline and teacher took
-# 62-66 s at 2 s and 49-50 s at 0.2 s (baseline 28-32 -> 23 s, teacher 22-23 -> 15 s; two
-# runs each, alternating). Large runs on a cluster keep Ray's default (it is set per worker
-# environment, and their epochs are minutes).
-TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-TRAIN_POLL_INTERVAL_S = "0.2"
-
-
-def start_local_ray(num_cpus: int | None) -> None:
-    """A laptop run's own Ray instance, which its workers can always find again, reachable
-    from this machine only.
-
-    With two Ray instances on one machine, code inside a worker that looks Ray up without an
-    address (Ray Train's placement-group cleaner does) finds both and fails with "Found
-    multiple active Ray instances". So the GCS port is chosen here, and every worker of the
-    job gets that address in ``RAY_ADDRESS``.
-
-    Every listening socket of the instance (GCS, raylet, core workers, dashboard and runtime
-    env agents, metrics servers) is bound to 127.0.0.1; see ``single_machine_ray``. Its
-    workers inherit that setting from the raylet, which is also what keeps the loopback
-    ``RAY_ADDRESS`` they are given from being rewritten to the machine's address. Training
-    stages keep torch.distributed's sockets on loopback too (``workers.loopback_torch``).
-    """
-    import ray
-
-    port = free_port()
-    address = f"{LOOPBACK}:{port}"
-    # RAY_GCS_SERVER_PORT is read once, when the head node starts; the raylet passes the
-    # rest of this environment on to every worker, Ray Train's controller included.
-    train_poll = {TRAIN_POLL_ENV: TRAIN_POLL_INTERVAL_S} if TRAIN_POLL_ENV not in os.environ else {}
-    with single_machine_ray(), _ray_env(RAY_GCS_SERVER_PORT=str(port), **train_poll):
-        # address="local": a new instance, always. Without an address Ray joins the instance
-        # named in /tmp/ray/ray_current_cluster, and a killed instance leaves that file behind:
-        # the run then retried a dead GCS for ever instead of starting its own.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
-                 log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address},
-                              "worker_process_setup_hook": "workers.progress.quiet_local_ray_worker"})
 
 
 def run_ref_id(cfg: RunConfig, name: str | None = None) -> str:
@@ -254,24 +157,10 @@ class RunContext:
         import ray
         import ray.data
 
+        from pipeline.ray_runtime import connect
+
         if not ray.is_initialized():
-            if not self.verbose:
-                from pipeline.console import LOG_NAME, route_ray_output
-
-                route_ray_output(self.out_dir / "logs" / LOG_NAME)
-                self.say(f"Ray's own output goes to {self.out_dir / 'logs' / LOG_NAME} (--verbose shows it here)")
-            # `ray job submit` sets RAY_ADDRESS: join that cluster instead of starting one.
-            address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
-            if address is None:
-                self.say("starting a local Ray instance")
-                start_local_ray(self.cfg.ray.num_cpus)
-            else:
-                self.say(f"joining Ray at {address}")
-                ray.init(address=address, log_to_driver=True)
-            if not self.verbose:
-                from pipeline.console import route_worker_lines
-
-                route_worker_lines()
+            connect(self.cfg, self.out_dir, self.verbose, self.say)
         ray.data.DataContext.get_current().enable_progress_bars = False
         self._ray_started = True
         self.check_gpus(ray.cluster_resources().get("GPU", 0))
@@ -294,20 +183,3 @@ class RunContext:
         would otherwise put them there (Tune captures its trials' child tasks)."""
         r = self.cfg.ray
         return {"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor, "scheduling_strategy": "DEFAULT"}
-
-    def ray_train_storage(self) -> tuple[str, Any]:
-        """(storage_path, storage_filesystem) for Ray Train: the store's ``train/`` folder.
-
-        Ray Train reads and writes through pyarrow; a remote store's fsspec file system is
-        handed to it through pyarrow's FSSpecHandler, so the same credentials and endpoint
-        serve checkpoints and data.
-        """
-        url = checkpoints.train_runs_url(self.root)
-        if fs.is_local(url):
-            path = url.removeprefix("file://")
-            os.makedirs(path, exist_ok=True)
-            return path, None
-        import pyarrow.fs
-
-        filesystem, path = fs.filesystem(url)
-        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))

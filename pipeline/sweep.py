@@ -108,7 +108,7 @@ def run_on_tune(ctx: RunContext, sweep: Sweep, variants: list[str], out_dir: Pat
 
     from pipeline.console import quiet_driver_loggers
     from pipeline.errors import describe, one_line
-    from pipeline.stages.models import fit_off_the_main_thread
+    from pipeline.ray_runtime import fit_off_the_main_thread
 
     quiet_driver_loggers()  # Tune set up its loggers on import
     configs = {v: sweep.trials[v].model_dump(mode="json") for v in variants}

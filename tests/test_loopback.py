@@ -25,7 +25,7 @@ import json, os, subprocess, sys, time
 import ray
 import psutil  # vendored with Ray: importable once ray is imported
 
-from pipeline.context import start_local_ray
+from pipeline.ray_runtime import start_local_ray
 
 
 def listeners():

@@ -95,7 +95,7 @@ def check(work: Path) -> dict:
     import ray
     import ray.data
 
-    from pipeline.stages.models import read_views
+    from pipeline.ray_runtime import read_views
     from storage.datasets import DatasetReader
     from storage.datasource import AlignedViewsDatasource
     from storage.pools import PoolReader

@@ -1,7 +1,7 @@
 """torch.distributed for a Ray Train worker group on a loopback-only Ray instance: every
 socket it listens on is bound to 127.0.0.1.
 
-A laptop run's Ray instance listens on 127.0.0.1 only (``pipeline.context.start_local_ray``),
+A laptop run's Ray instance listens on 127.0.0.1 only (``pipeline.ray_runtime.start_local_ray``),
 but Ray Train's torch backend would open two more listeners on every interface: torch's
 rendezvous store (``TCPStore``) in rank 0 binds its server to all interfaces whatever
 address it is given, and gloo's (or NCCL's) connections listen on the interface that the

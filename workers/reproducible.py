@@ -2,7 +2,7 @@
 same worker count): each worker's batches, in a seeded order, and deterministic kernels.
 
 The rows a worker receives are fixed on the driver (``preserve_order`` in
-``pipeline.stages.models.read_views``: Ray Data then hands blocks to the workers in read
+``pipeline.ray_runtime.read_views``: Ray Data then hands blocks to the workers in read
 order, and its output splitter assigns them by size alone, not by which worker asked
 first). Here each worker shuffles them with a seed of its own per epoch.
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.stages.models import (BATCH_ORDER, augmentation_settings, model_spec, read_views, train_with_ray,
+from pipeline.ray_runtime import read_views, train_with_ray
+from pipeline.stages.models import (BATCH_ORDER, augmentation_settings, model_spec,
                                     worker_augmentation)
 from storage import checkpoints
 from storage.datasets import DatasetReader

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.context import RunContext
+from pipeline.keys import eval_cell_payload
 from storage import fs
 from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
@@ -31,14 +32,7 @@ def adaptive_attacks(ctx: RunContext) -> list[str]:
 
 def cell_key(ctx: RunContext, dataset: DatasetReader, protocol: str, defense: dict[str, Any],
              stored: dict[str, str] | None) -> str:
-    e, a = ctx.cfg.eval, ctx.cfg.attacks
-    if stored is not None:  # the stored images say everything about the attacks
-        attacks: dict[str, Any] = {"pools": stored}
-    else:
-        names = adaptive_attacks(ctx)
-        attacks = {"attacks": names, "settings": a.family_settings(), "target": a.target,
-                   "subset": {n: e.subset[n] for n in names if n in e.subset}, "seed": ctx.cfg.seed}
-    return content_key("eval", {"protocol": protocol, "dataset": dataset.fingerprint, "defense": defense, **attacks})
+    return content_key("eval", eval_cell_payload(ctx.cfg, dataset.fingerprint, protocol, defense, stored))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
@@ -67,8 +61,10 @@ def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, A
 
 
 def in_table_order(row: dict[str, Any], attacks: list[str]) -> dict[str, Any]:
-    """A cell as stored (JSON with sorted keys) with its attacks in the table's order again."""
-    return {**row, "attacks": {a: row["attacks"][a] for a in attacks}}
+    """A cell as stored (JSON with sorted keys) with its attacks in the table's order again. An
+    adaptive cell holds only ``eval.adaptive_attacks`` (its key lists those): the table's other
+    attacks show as not run."""
+    return {**row, "attacks": {a: row["attacks"].get(a) for a in attacks}}
 
 
 def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],

@@ -11,6 +11,7 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from pipeline.context import RunContext
+from pipeline.keys import dataset_payload
 from storage import datasets
 from storage.keys import content_key
 from storage.readers import reader
@@ -21,12 +22,7 @@ DECODE_BATCH_ROWS = 256
 
 def dataset_key(ctx: RunContext) -> str:
     d = ctx.cfg.data
-    return content_key("dataset", {
-        "source": d.source, "raw_sha256": reader(d.source).digest(d.path), "image_size": d.image_size,
-        "test_fraction": d.test_fraction if d.source == "digits" else None,
-        "train_limit": d.train_limit, "test_limit": d.test_limit, "seed": ctx.cfg.seed,
-        "format_version": datasets.FORMAT_VERSION,
-    })
+    return content_key("dataset", dataset_payload(ctx.cfg, reader(d.source).digest(d.path)))
 
 
 def split_limits(ctx: RunContext) -> dict[str, tuple[int | None, int]]:

@@ -6,8 +6,8 @@ from typing import Any
 
 from pipeline.context import RunContext
 from pipeline.ray_runtime import read_views, train_with_ray
-from pipeline.stages.models import (BATCH_ORDER, augmentation_settings, model_spec,
-                                    worker_augmentation)
+from pipeline.keys import mid_payload
+from pipeline.stages.models import model_spec, worker_augmentation
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -19,10 +19,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
 
     m = ctx.cfg.mid
     with ctx.stage("mid") as record:
-        key = content_key("mid", {"dataset": dataset.fingerprint, "teacher_sha256": teacher["sha256"],
-                                  "pools": pool_keys, "mid": m.key_settings(), "seed": ctx.cfg.seed,
-                                  "batch_order": BATCH_ORDER,
-                                  **augmentation_settings(ctx)})
+        key = content_key("mid", mid_payload(ctx.cfg, dataset.fingerprint, teacher["sha256"], pool_keys))
         record["key"] = key
         def train() -> dict[str, Any]:
             ctx.ensure_ray()

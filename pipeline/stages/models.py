@@ -6,18 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pipeline import keys as key_rules
 from pipeline.context import PipelineError, RunContext
 from pipeline.ray_runtime import read_views, train_with_ray
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.models import ModelSpec
-
-
-PRETRAINED_KINDS = ("baseline", "teacher")  # models.pretrained initialises these two
-# The order batches reach a training step (workers.reproducible.WorkerRows): part of every
-# trained model's key, so a store never mixes models trained under an earlier order.
-BATCH_ORDER = 2
 
 
 def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
@@ -32,8 +27,7 @@ def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
 
 def augmentation_settings(ctx: RunContext) -> dict[str, Any]:
     """The workers' training augmentation; part of every trained model's key when on."""
-    mode = ctx.cfg.data.augmentation()
-    return {} if mode == "none" else {"augment": mode, "crop_padding": ctx.cfg.data.crop_padding}
+    return key_rules.augmentation_settings(ctx.cfg)
 
 
 def worker_augmentation(ctx: RunContext) -> dict[str, Any]:
@@ -64,26 +58,18 @@ def clean_dataset(ctx: RunContext, dataset: DatasetReader):
 
 def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
     """Everything a model's training depends on besides the data and the architecture."""
-    settings = getattr(ctx.cfg.models, kind).model_dump(exclude={"attack"})
-    if not settings.get("eps_warmup_epochs", 1):
-        settings.pop("eps_warmup_epochs")  # the default leaves the keys of existing models as they were
-    if kind in ("at", "trades"):
-        settings["attack"] = ctx.cfg.training_attack(kind).model_dump()
-    return settings
+    return key_rules.training_settings(ctx.cfg, kind)
 
 
 def model_key(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: str) -> tuple[str, dict[str, Any]]:
     """(content key, the worker's config) of one classifier. The substitute's own seed (in
     its settings) replaces the run's for its initial weights."""
-    settings = {**training_settings(ctx, kind), **augmentation_settings(ctx)}
-    pretrained = ctx.cfg.models.pretrained if kind in PRETRAINED_KINDS else None
-    if pretrained:
-        settings["pretrained_sha256"] = check_pretrained(ctx, spec, kind)
-    key = content_key(kind, {"dataset": dataset.fingerprint, "spec": spec.as_dict(), "train": settings,
-                             "seed": ctx.cfg.seed, "num_workers": ctx.cfg.models.num_workers,
-                             "batch_order": BATCH_ORDER})
+    pretrained_sha256 = check_pretrained(ctx, spec, kind) if key_rules.uses_pretrained(ctx.cfg, kind) else None
+    payload = key_rules.model_payload(ctx.cfg, dataset.fingerprint, spec.as_dict(), kind, pretrained_sha256)
+    key = content_key(kind, payload)
+    pretrained = ctx.cfg.models.pretrained if kind in key_rules.PRETRAINED_KINDS else None
     config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(), "seed": ctx.cfg.seed,
-              "pretrained": pretrained, **settings, **worker_augmentation(ctx)}
+              "pretrained": pretrained, **payload["train"], **worker_augmentation(ctx)}
     return key, config
 
 

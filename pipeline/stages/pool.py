@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.context import PipelineError, RunContext
+from pipeline.keys import pool_payload
 from storage import pools
 from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
@@ -53,16 +54,7 @@ def eval_pool_spec(ctx: RunContext, dataset: DatasetReader, attack: str) -> Pool
 
 
 def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], spec: PoolSpec) -> str:
-    family, targeted = parse_attack_name(spec.attack)
-    p = ctx.cfg.pool
-    return content_key("pool", {
-        "dataset": dataset.fingerprint, "split": spec.split, "source_sha256": source["sha256"],
-        "attack": spec.attack, "settings": getattr(ctx.cfg.attacks, family).model_dump(),
-        "target": ctx.cfg.attacks.target if targeted else None, "subset": spec.indices and len(spec.indices),
-        "seed": ctx.cfg.seed, "variants": spec.variants, "encoding": spec.encoding, "delta_step": spec.delta_step,
-        "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
-        **({"bf16": True} if p.bf16 and spec.split == "train" else {}),
-    })
+    return content_key("pool", pool_payload(ctx.cfg, dataset.fingerprint, source["sha256"], spec))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any]) -> dict[str, str]:

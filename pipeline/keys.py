@@ -1,0 +1,271 @@
+"""Every store entry's content key, in one place (docs/keys.md).
+
+A key is ``storage.keys.content_key(kind, payload)``: a hash of the canonical JSON of the
+payload. The payloads are built here, by pure functions of the run's config and of the
+digests and keys of the stage's inputs, passed in as plain arguments (no I/O, no run
+context). The stage functions (``pipeline/stages/*.py``) only gather those inputs and call
+these. ``tests/test_keys.py`` holds recorded keys, so a change here that moves an existing
+key fails, and checks that every config field either enters a payload here or is listed in
+``KEY_NEUTRAL`` / ``KEY_BY_CONTENT`` below.
+
+What enters each key
+====================
+
+kind (made by)                     payload
+---------------------------------  ---------------------------------------------------------------
+dataset                            data.source; raw_sha256 (the reader's digest of the files at
+  (stages/ingest.py: dataset_key)  data.path); data.image_size; data.test_fraction (digits only,
+                                   else null: the other sources ship their own test split);
+                                   data.train_limit; data.test_limit; seed; the dataset format
+                                   version (storage/datasets.py)
+baseline, teacher, at, trades,     the dataset fingerprint; the model spec (models.arch, the
+substitute                         dataset's channels / image size / classes, models.feature_dim,
+  (stages/models.py: model_key)    models.mean / models.std); train: the section models.<kind>
+                                   (epochs, batch_size, lr, teacher.lambda_rec, trades.beta,
+                                   substitute.seed, eps_warmup_epochs), for at and trades their
+                                   training attack resolved (attacks.PGD with the section's
+                                   ``attack`` overrides), the augmentation (data.augment resolved,
+                                   data.crop_padding), the sha256 of models.pretrained (baseline
+                                   and teacher, when set); seed; models.num_workers; BATCH_ORDER
+pool, one per attack: training     the dataset fingerprint; the split; source_sha256 (the attacked
+pools and stored test attacks      model's weights: pool.source_model's, eval.source_model's or
+  (stages/pool.py: pool_key)       the substitute's); the attack's name; every setting of its
+                                   family (attacks.<FAMILY>); attacks.target (targeted attacks
+                                   only, else null); the size of the seeded test subset
+                                   (eval.subset, else null); seed; the variants (pool.variants for
+                                   a stochastic attack, else 1); the encoding and delta_step
+                                   (pool.encoding / pool.delta_step for a training pool of an L∞
+                                   attack); pool.compressor; pool.shard_size; the pool format
+                                   version (storage/pools.py); pool.bf16 and pool.batch_size as
+                                   the exceptions below say
+mid (the student)                  the dataset fingerprint; the teacher's sha256; the training
+  (stages/mid.py: run)             pools' keys ({attack: key}: pool.attacks, their settings, the
+                                   source model and pool.variants enter through them); the whole
+                                   mid section (num_workers, batch_views and bf16 included; meta
+                                   and distill as below); seed; BATCH_ORDER; the augmentation
+eval, one per (protocol, row)      the protocol; the dataset fingerprint; the row's models (their
+  (stages/evaluate.py: cell_key)   keys and sha256); source / transfer: the stored test attacks'
+                                   pool keys (the stored images say everything about the
+                                   attacks); adaptive: the attack names (eval.adaptive_attacks,
+                                   else eval.known + eval.unknown), every family's settings
+                                   (attacks.*), attacks.target, eval.subset of those attacks, seed,
+                                   eval.batch_size as below
+pool-set, eval-set (display only)  the keys of a stage's entries (results.json); not store entries
+
+Compatibility exceptions
+========================
+
+A rule below leaves a setting out of a key while it has the value every entry made before
+the setting was keyed was made with, so those entries keep their keys and stay usable; a
+version number does the opposite and retires entries on purpose.
+
+where                       rule                                  reason
+--------------------------  ------------------------------------  -------------------------------------------
+spec_payload                models.mean / models.std only when    models trained before in-model normalisation
+  (ModelSpec.as_dict too)   set                                   existed
+training_settings           eps_warmup_epochs only when not 0     AT / TRADES models trained before the ε
+                                                                  warm-up existed
+augmentation_settings       only when augmentation is on          models and students trained before
+                                                                  augmentation existed
+mid_settings                mid.meta / mid.distill only when      students trained before the Table 8 ablation
+                            false                                 switches existed
+pool_payload                bf16: true only for a training pool   pools made before bf16 existed; stored test
+                            made with pool.bf16                   attacks always run in float32 (not a
+                                                                  compatibility rule: bf16 does not apply)
+pool_payload                pool.batch_size only when not 256     pools made before it was keyed (issue 23).
+                                                                  It changes the images: CW stops early on the
+                                                                  loss of its whole batch, and the random draws
+                                                                  of a stochastic attack (seeded once per
+                                                                  shard) are split between batches differently
+eval_cell_payload           eval.batch_size, adaptive cells only, cells made before it was keyed (issue 23).
+                            only when not 256                     Adaptive batches are seeded by their first
+                                                                  sample's index (workers/evaluation.py), so
+                                                                  random starts and random targets, and CW's
+                                                                  early stop, depend on the batch size; stored
+                                                                  and benign batches run no random draw
+BATCH_ORDER                 a version number in every trained     the order batches reach a step changed; a
+                            model's key (now 2)                   store must not mix models trained under the
+                                                                  old order
+
+Settings in no key: ``KEY_NEUTRAL`` (they cannot change a stored entry) and
+``KEY_BY_CONTENT`` (they enter only through the digest of what they point at). What no key
+tells apart (the device, mid.bf16 on CPU workers): docs/keys.md, "Known gaps".
+
+Adding a setting: if it can change what any entry holds, add it to that entry's payload
+here, and, if entries already exist, only while it differs from the value they were made
+with (a compatibility exception, added to the table above and to docs/keys.md); else add it
+to ``KEY_NEUTRAL`` with the reason. ``tests/test_keys.py`` fails until one is done.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from storage import datasets, pools
+from workers.attacks import parse_attack_name
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+# The order in which batches reach a training step (workers.reproducible.WorkerRows): part
+# of every trained model's key, so a store never mixes models trained under an earlier order.
+BATCH_ORDER = 2
+PRETRAINED_KINDS = ("baseline", "teacher")  # models.pretrained initialises these two
+# The batch sizes every pool and adaptive cell made before they were keyed used.
+UNKEYED_POOL_BATCH_SIZE = 256
+UNKEYED_EVAL_BATCH_SIZE = 256
+
+# Config fields in no key, each with why it cannot change what any store entry holds.
+KEY_NEUTRAL: dict[str, str] = {
+    "name": "names the run's ref in the store and its folder under runs/; no stage reads it",
+    "store.url": "where the entries are kept; a key names the same entry in any store",
+    "ray.address": "which Ray cluster runs the work, not what it computes",
+    "ray.num_cpus": "the local Ray instance's CPUs: scheduling only",
+    "ray.cpus_per_worker": "CPUs reserved per Ray Train worker: scheduling only",
+    "ray.cpus_per_actor": "CPUs reserved per pool or evaluation actor: scheduling only",
+    "ray.use_gpu": "the Ray Train workers' device: results agree up to floating-point rounding, which no key "
+                   "tells apart (mid.bf16, which changes the arithmetic, is keyed; docs/keys.md: known gaps)",
+    "ray.gpus_per_actor": "the pool and evaluation actors' device: results agree up to floating-point rounding "
+                          "and the device's random stream, which no key tells apart (docs/keys.md: known gaps)",
+    "ray.max_failures": "how often a failed training run restarts from its last epoch checkpoint; every epoch's "
+                        "random streams are seeded by (seed, worker, epoch) (workers/reproducible.py), so a "
+                        "resumed run continues as an uninterrupted one would",
+    "ray.checkpoint_interval_s": "which epochs are checkpointed, the points a restart resumes from; resuming is "
+                                 "seeded per epoch as above",
+    "pool.num_actors": "how many actors share the shards; each shard is seeded by its own index",
+    "eval.num_actors": "how many actors share the batches; each batch is seeded by its own first index",
+    "eval.defenses": "which rows (cells, and the AT / TRADES / MID models) exist, not what one holds",
+    "eval.protocols": "which protocols (cells, stored test attacks, the substitute) exist, not what one holds",
+    "plan.train_samples": "read by `mid plan` only",
+    "plan.test_samples": "read by `mid plan` only",
+    "plan.num_classes": "read by `mid plan` only",
+    "plan.channels": "read by `mid plan` only",
+}
+
+# Config fields that enter a key only through the digest of what they point at.
+KEY_BY_CONTENT: dict[str, str] = {
+    "data.path": "enters as raw_sha256, the reader's digest of the files there: the same files elsewhere keep "
+                 "the dataset's key, other files give a new one",
+}
+
+
+def spec_payload(spec: dict[str, Any]) -> dict[str, Any]:
+    """A model spec (``ModelSpec.as_dict()``) as it enters keys: mean and std only when set."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()
+            if not (k in ("mean", "std") and v is None)}
+
+
+def dataset_payload(cfg: RunConfig, raw_sha256: str) -> dict[str, Any]:
+    """The ingested dataset; ``raw_sha256``: the reader's digest of the files at data.path."""
+    d = cfg.data
+    return {"source": d.source, "raw_sha256": raw_sha256, "image_size": d.image_size,
+            "test_fraction": d.test_fraction if d.source == "digits" else None,
+            "train_limit": d.train_limit, "test_limit": d.test_limit, "seed": cfg.seed,
+            "format_version": datasets.FORMAT_VERSION}
+
+
+def augmentation_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The workers' training augmentation; in every trained model's key when on."""
+    mode = cfg.data.augmentation()
+    return {} if mode == "none" else {"augment": mode, "crop_padding": cfg.data.crop_padding}
+
+
+def training_settings(cfg: RunConfig, kind: str) -> dict[str, Any]:
+    """Everything a classifier's training depends on besides the data, the architecture and
+    the augmentation: the section models.<kind>, with the training attack resolved."""
+    settings = getattr(cfg.models, kind).model_dump(exclude={"attack"})
+    if "eps_warmup_epochs" in settings and not settings["eps_warmup_epochs"]:
+        settings.pop("eps_warmup_epochs")  # 0, as every model made before the warm-up existed
+    if kind in ("at", "trades"):
+        settings["attack"] = cfg.training_attack(kind).model_dump()
+    return settings
+
+
+def uses_pretrained(cfg: RunConfig, kind: str) -> bool:
+    """Whether models.pretrained initialises ``kind`` (its sha256 then enters the key)."""
+    return kind in PRETRAINED_KINDS and bool(cfg.models.pretrained)
+
+
+def model_settings(cfg: RunConfig, kind: str, pretrained_sha256: str | None = None) -> dict[str, Any]:
+    """The ``train`` part of a classifier's key (the worker gets the same settings)."""
+    settings = {**training_settings(cfg, kind), **augmentation_settings(cfg)}
+    if uses_pretrained(cfg, kind):
+        if not pretrained_sha256:
+            raise ValueError(f"{kind}: models.pretrained is set, its sha256 must enter the key")
+        settings["pretrained_sha256"] = pretrained_sha256
+    return settings
+
+
+def model_payload(cfg: RunConfig, dataset_fingerprint: str, spec: dict[str, Any], kind: str,
+                  pretrained_sha256: str | None = None) -> dict[str, Any]:
+    """A classifier (``kind``: baseline, teacher, at, trades, substitute); ``spec``:
+    ``ModelSpec.as_dict()``; ``pretrained_sha256``: the digest of models.pretrained, needed
+    when ``uses_pretrained``."""
+    return {"dataset": dataset_fingerprint, "spec": spec_payload(spec),
+            "train": model_settings(cfg, kind, pretrained_sha256), "seed": cfg.seed,
+            "num_workers": cfg.models.num_workers, "batch_order": BATCH_ORDER}
+
+
+def pool_payload(cfg: RunConfig, dataset_fingerprint: str, source_sha256: str, spec: Any) -> dict[str, Any]:
+    """One attack's pool against the model whose weights hash to ``source_sha256``; ``spec``:
+    a ``pipeline.stages.pool.PoolSpec`` (attack, split, variants, encoding, delta_step,
+    indices)."""
+    family, targeted = parse_attack_name(spec.attack)
+    p = cfg.pool
+    return {
+        "dataset": dataset_fingerprint, "split": spec.split, "source_sha256": source_sha256,
+        "attack": spec.attack, "settings": getattr(cfg.attacks, family).model_dump(),
+        "target": cfg.attacks.target if targeted else None, "subset": spec.indices and len(spec.indices),
+        "seed": cfg.seed, "variants": spec.variants, "encoding": spec.encoding, "delta_step": spec.delta_step,
+        "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
+        **({"bf16": True} if p.bf16 and spec.split == "train" else {}),
+        **({"batch_size": p.batch_size} if p.batch_size != UNKEYED_POOL_BATCH_SIZE else {}),
+    }
+
+
+def pool_set_payload(pool_keys: dict[str, str]) -> dict[str, Any]:
+    """A pool stage's display key (results.json): its pools' keys."""
+    return {"pools": pool_keys}
+
+
+def mid_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The mid section as it enters the student's key: the ablation switches only when off."""
+    settings = cfg.mid.model_dump()
+    for switch in ("meta", "distill"):
+        if settings[switch]:
+            settings.pop(switch)  # on, as every student made before the switches existed
+    return settings
+
+
+def mid_payload(cfg: RunConfig, dataset_fingerprint: str, teacher_sha256: str,
+                pool_keys: dict[str, str]) -> dict[str, Any]:
+    """The MID student, distilled from the teacher whose weights hash to ``teacher_sha256``,
+    on the training pools ``pool_keys`` ({attack: pool key})."""
+    return {"dataset": dataset_fingerprint, "teacher_sha256": teacher_sha256, "pools": pool_keys,
+            "mid": mid_settings(cfg), "seed": cfg.seed, "batch_order": BATCH_ORDER, **augmentation_settings(cfg)}
+
+
+def adaptive_attacks(cfg: RunConfig) -> list[str]:
+    """The attacks of the adaptive table."""
+    return cfg.eval.adaptive_attacks or cfg.eval.attacks
+
+
+def eval_cell_payload(cfg: RunConfig, dataset_fingerprint: str, protocol: str, defense: dict[str, Any],
+                      stored: dict[str, str] | None) -> dict[str, Any]:
+    """One (protocol, row) cell; ``defense``: the row's models (keys and sha256); ``stored``:
+    the protocol's stored test attacks ({attack: pool key}), None for the adaptive protocol."""
+    e, a = cfg.eval, cfg.attacks
+    if stored is not None:  # the stored images say everything about the attacks
+        attacks: dict[str, Any] = {"pools": stored}
+    else:
+        names = adaptive_attacks(cfg)
+        attacks = {"attacks": names, "settings": a.family_settings(), "target": a.target,
+                   "subset": {n: e.subset[n] for n in names if n in e.subset}, "seed": cfg.seed}
+        if e.batch_size != UNKEYED_EVAL_BATCH_SIZE:
+            attacks["batch_size"] = e.batch_size
+    return {"protocol": protocol, "dataset": dataset_fingerprint, "defense": defense, **attacks}
+
+
+def eval_set_payload(cell_keys: list[str]) -> dict[str, Any]:
+    """The eval stage's display key (results.json): its cells' keys."""
+    return {"cells": sorted(cell_keys)}

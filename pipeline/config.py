@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      ValidationInfo, field_validator, model_validator)
+                      ValidationInfo, create_model, field_validator, model_validator)
 
 from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
-from workers.attacks import FAMILIES, parse_attack_name
+from workers.attacks import FAMILIES, attack_class, parse_attack_name
 from workers.mid import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
 
@@ -110,13 +110,6 @@ class TeacherConfig(TrainConfig):
     lambda_rec: float = Field(1.0, ge=0.0, description="weight of the L1 reconstruction loss")
 
 
-class PGDSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
-    nb_iter: PositiveInt = 40
-    eps_iter: PositiveFloat = 0.01
-    rand_init: bool = True
-
-
 class AdversarialTrainConfig(TrainConfig):
     """Training on an attack generated online against the model being trained."""
 
@@ -164,65 +157,23 @@ class ModelsConfig(Section):
         SubstituteConfig(), description="the transfer protocol's plain classifier, trained independently")
 
 
-class MIMSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
-    nb_iter: PositiveInt = 40
-    eps_iter: PositiveFloat = 0.01
-    decay_factor: float = Field(1.0, ge=0.0)
+def _family_section(family: str) -> type[Section]:
+    """``attacks.<FAMILY>``: the settings the family's own file declares
+    (``workers/attacks/<file>.py``: ``Settings``), validated like every section."""
+    settings = attack_class(family).Settings
+    return type(f"{family}Settings", (Section, settings), {"__module__": __name__, "__doc__": settings.__doc__})
 
 
-class FGSMSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
+FAMILY_SECTIONS: dict[str, type[Section]] = {family: _family_section(family) for family in FAMILIES}
+PGDSettings = FAMILY_SECTIONS["PGD"]  # also the AT and TRADES training attack's settings
 
 
-class BIMSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
-    nb_iter: PositiveInt = 40
-    eps_iter: PositiveFloat = 0.05
-
-
-class CWSettings(Section):
-    """Carlini-Wagner L2 (not ε-bounded). Defaults: the authors' code. At learning_rate 0.01
-    few MNIST pixels move (the success rate under each table shows it); 0.1 succeeds."""
-
-    max_iterations: PositiveInt = 500
-    binary_search_steps: PositiveInt = 4
-    confidence: float = Field(1.0, ge=0.0)
-    initial_const: PositiveFloat = 1.0
-    learning_rate: PositiveFloat = 0.01
-
-
-class JSMASettings(Section):
-    """Jacobian saliency map attack (targeted, L0; not ε-bounded). Very slow on 784 pixels:
-    give it a subset (eval.subset)."""
-
-    theta: float = Field(1.0, gt=0.0, le=1.0, description="change per chosen pixel")
-    gamma: float = Field(1.0, gt=0.0, le=1.0, description="largest share of pixels changed")
-    chunk: PositiveInt = Field(16, description="samples per call (memory grows as chunk × pixels²)")
-
-
-class AutoAttackSettings(Section):
-    eps: PositiveFloat = Field(0.3, le=1.0)
-    version: Literal["standard", "fast"] = Field(
-        "standard", description="standard: ART's closest set to the original; fast: fewer iterations, untargeted")
-    batch_size: PositiveInt = 128
-
-
-class AttackSettings(Section):
+class _AttackSettings(Section):
     """Settings per attack family; ``_N`` and ``_T`` variants of a family share them."""
 
-    PGD: PGDSettings = PGDSettings()
-    MIM: MIMSettings = MIMSettings()
-    FGSM: FGSMSettings = FGSMSettings()
-    BIM: BIMSettings = BIMSettings()
-    CW: CWSettings = CWSettings()
-    JSMA: JSMASettings = JSMASettings()
-    AA: AutoAttackSettings = AutoAttackSettings()
-    target: str | int = Field(
-        "random", description="targets of _T attacks: random (a seeded label ≠ y, stored) or one label for "
-                                    "every sample (the authors' code: 0)")
+    # The fields: one per family of the registry, then ``target`` (below, create_model).
 
-    @field_validator("target", mode="before")
+    @field_validator("target", mode="before", check_fields=False)
     @classmethod
     def _random_or_a_label(cls, v: Any) -> Any:
         if v == "random" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
@@ -236,6 +187,14 @@ class AttackSettings(Section):
         """ε of an L∞ attack; None for CW (L2) and JSMA (L0)."""
         family, _ = parse_attack_name(attack)
         return getattr(getattr(self, family), "eps", None)
+
+
+# One field per family of the registry (workers/attacks), typed by the family's own settings.
+AttackSettings = create_model("AttackSettings", __base__=_AttackSettings, __module__=__name__,
+                              **{family: (section, section()) for family, section in FAMILY_SECTIONS.items()},
+                              target=(str | int, Field(
+                                  "random", description="targets of _T attacks: random (a seeded label ≠ y, stored) "
+                                                        "or one label for every sample (the authors' code: 0)")))
 
 
 def _check_attack_names(names: list[str]) -> list[str]:
@@ -307,15 +266,6 @@ class MIDConfig(Section):
             raise ValueError("mid.distill: false trains a student that inherits nothing from the teacher's "
                              "encoder; set mid.init_student: random")
         return self
-
-    def key_settings(self) -> dict[str, Any]:
-        """The settings in MID's cache key; the ablation switches only when switched (so the
-        keys of existing students stay as they were)."""
-        settings = self.model_dump()
-        for switch in ("meta", "distill"):
-            if settings[switch]:
-                settings.pop(switch)
-        return settings
 
 
 PROTOCOLS = ("source", "transfer", "adaptive")

@@ -40,16 +40,6 @@ PATH_NOT_GIVEN = "(not given)"
 # Gradient steps of each attack family: the config's iteration counts. JSMA's and
 # AutoAttack's cost depends on the data (saliency iterations until success; AutoAttack's
 # restarts, early stops and Square's queries), so the plan names them instead of guessing.
-def attack_steps(family: str, settings: dict[str, Any]) -> int | None:
-    if family in ("PGD", "MIM", "BIM"):
-        return settings["nb_iter"]
-    if family == "FGSM":
-        return 1
-    if family == "CW":
-        return settings["max_iterations"] * settings["binary_search_steps"]
-    return None
-
-
 @dataclass
 class DataShape:
     train: int
@@ -105,10 +95,11 @@ def data_shape(cfg: RunConfig) -> DataShape:
 
 
 def _steps(cfg: RunConfig, attack: str) -> int | None:
-    from workers.attacks import parse_attack_name
+    """Gradient steps per image, as the attack's own class counts them (None: no fixed count)."""
+    from workers.attacks import attack_class, parse_attack_name
 
     family, _ = parse_attack_name(attack)
-    return attack_steps(family, getattr(cfg.attacks, family).model_dump())
+    return attack_class(family).steps(getattr(cfg.attacks, family).model_dump())
 
 
 def _variants(cfg: RunConfig, attack: str) -> int:

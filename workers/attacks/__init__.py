@@ -1,8 +1,8 @@
-"""The attack registry: adding an attack is one file and one line here.
+"""The attack registry: adding an attack is one file and one line here (docs/extending.md).
 
-The registry names each family's class by module, and imports it (with torch and
-advertorch) only when an attack is built: validating a config, or `mid validate`, needs the
-names alone and stays quick.
+The registry names each family's class by module. A family's class owns its settings (the
+config's ``attacks.<FAMILY>`` section is built from them) and its step count (``mid
+plan``), so nothing else names a family.
 """
 
 from __future__ import annotations

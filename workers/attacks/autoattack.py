@@ -1,8 +1,11 @@
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from workers.attacks.base import Attack
+from workers.attacks.base import Attack, FamilySettings
 
 # The attacks of each version, ART's closest to Croce & Hein's: ART has no FAB, and its
 # AutoAttack runs every attack untargeted first, then those that can be targeted against
@@ -18,7 +21,12 @@ class AutoAttack(Attack):
     parameter-free attacks, stopping per sample at the first that succeeds."""
 
     family = "AA"
-    settings_fields = ("eps", "version", "batch_size")
+
+    class Settings(FamilySettings):
+        eps: float = Field(0.3, gt=0.0, le=1.0)
+        version: Literal["standard", "fast"] = Field(
+            "standard", description="standard: ART's closest set to the original; fast: fewer iterations, untargeted")
+        batch_size: int = Field(128, gt=0)
 
     @property
     def stochastic(self) -> bool:

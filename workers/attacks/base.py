@@ -13,19 +13,32 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from workers import advertorch_compat  # noqa: F401  (must precede any advertorch import)
 
 
+class FamilySettings(BaseModel):
+    """What a family's ``Settings`` derive from: its fields and defaults are the config's
+    ``attacks.<FAMILY>`` section, which pipeline/config.py builds from them (validated there
+    like every section: unknown names and non-finite numbers refused)."""
+
+
 class Attack(ABC):
     family: ClassVar[str]
-    settings_fields: ClassVar[tuple[str, ...]]
+    Settings: ClassVar[type[FamilySettings]]  # the family's settings: names, defaults, bounds
     threat_model: ClassVar[str] = "linf"  # "linf" (bounded by settings["eps"]), "l2" or "l0"
 
     def __init__(self, targeted: bool, settings: dict[str, Any]):
         self.targeted = targeted
-        self.settings = {k: settings[k] for k in self.settings_fields}
+        self.settings = {k: settings[k] for k in self.Settings.model_fields}
+
+    @classmethod
+    def steps(cls, settings: dict[str, Any]) -> int | None:
+        """Gradient steps per image (``mid plan`` counts them); None when no fixed count
+        says its cost (an ensemble or a search that stops per sample)."""
+        return None
 
     @property
     def name(self) -> str:

@@ -1,14 +1,23 @@
 from advertorch.attacks import LinfBasicIterativeAttack
+from pydantic import Field
 from torch import nn
 
-from workers.attacks.base import Attack
+from workers.attacks.base import Attack, FamilySettings
 
 
 class BIM(Attack):
     """Kurakin et al.'s basic iterative method (L∞, no random start)."""
 
     family = "BIM"
-    settings_fields = ("eps", "nb_iter", "eps_iter")
+
+    class Settings(FamilySettings):
+        eps: float = Field(0.3, gt=0.0, le=1.0)
+        nb_iter: int = Field(40, gt=0)
+        eps_iter: float = Field(0.05, gt=0.0)
+
+    @classmethod
+    def steps(cls, settings):
+        return settings["nb_iter"]
 
     def build(self, model: nn.Module, num_classes: int):
         s = self.settings

@@ -1,8 +1,9 @@
 import torch
 from advertorch.attacks import JacobianSaliencyMapAttack
+from pydantic import Field
 from torch import nn
 
-from workers.attacks.base import Attack
+from workers.attacks.base import Attack, FamilySettings
 
 
 class JSMA(Attack):
@@ -11,7 +12,13 @@ class JSMA(Attack):
 
     family = "JSMA"
     threat_model = "l0"
-    settings_fields = ("theta", "gamma", "chunk")
+
+    class Settings(FamilySettings):
+        """Very slow on 784 pixels: give it a subset (eval.subset)."""
+
+        theta: float = Field(1.0, gt=0.0, le=1.0, description="change per chosen pixel")
+        gamma: float = Field(1.0, gt=0.0, le=1.0, description="largest share of pixels changed")
+        chunk: int = Field(16, gt=0, description="samples per call (memory grows as chunk × pixels²)")
 
     def build(self, model: nn.Module, num_classes: int):
         s = self.settings

@@ -1,14 +1,24 @@
 from advertorch.attacks import MomentumIterativeAttack
+from pydantic import Field
 from torch import nn
 
-from workers.attacks.base import Attack
+from workers.attacks.base import Attack, FamilySettings
 
 
 class MIM(Attack):
     """Dong et al.'s momentum iterative method (L∞)."""
 
     family = "MIM"
-    settings_fields = ("eps", "nb_iter", "eps_iter", "decay_factor")
+
+    class Settings(FamilySettings):
+        eps: float = Field(0.3, gt=0.0, le=1.0)
+        nb_iter: int = Field(40, gt=0)
+        eps_iter: float = Field(0.01, gt=0.0)
+        decay_factor: float = Field(1.0, ge=0.0)
+
+    @classmethod
+    def steps(cls, settings):
+        return settings["nb_iter"]
 
     def build(self, model: nn.Module, num_classes: int):
         s = self.settings

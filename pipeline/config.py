@@ -20,7 +20,7 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
-from workers.mid import LossWeights, MetaSettings
+from workers.mid_settings import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
 
 

@@ -39,7 +39,6 @@ def parse_attack_name(name: str) -> tuple[str, bool]:
 
 def attack_class(family: str) -> type["Attack"]:
     module, _, name = FAMILIES[family][0].partition(":")
-    import_module("workers.advertorch_compat")  # before any family file imports advertorch
     return getattr(import_module(f"{__name__}.{module}"), name)
 
 

@@ -1,11 +1,14 @@
-from typing import Literal
+from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Literal
+
 from pydantic import Field
-from torch import nn
 
 from workers.attacks.base import Attack, FamilySettings
+
+if TYPE_CHECKING:  # the config reads Settings from every family file: torch loads on use
+    import torch
+    from torch import nn
 
 # The attacks of each version, ART's closest to Croce & Hein's: ART has no FAB, and its
 # AutoAttack runs every attack untargeted first, then those that can be targeted against
@@ -35,7 +38,9 @@ class AutoAttack(Attack):
     def build(self, model: nn.Module, num_classes: int):
         from art.attacks.evasion import AutoAttack as ARTAutoAttack
         from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+        import numpy as np
         from art.estimators.classification import PyTorchClassifier
+        from torch import nn
 
         s = self.settings
         eps, standard = s["eps"], s["version"] == "standard"
@@ -58,5 +63,8 @@ class AutoAttack(Attack):
         return super().perturb(model, x, y, target)
 
     def run(self, adversary, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        import torch
+
         adv = adversary.generate(x.cpu().numpy().astype(np.float32), label.cpu().numpy())
         return torch.from_numpy(adv).to(x.device, x.dtype)

@@ -9,14 +9,16 @@ class and how its settings map onto it, and its threat model: L∞ attacks are b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
 from pydantic import BaseModel
-from torch import nn
 
-from workers import advertorch_compat  # noqa: F401  (must precede any advertorch import)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, numpy and the attack libraries load on first use, not on import: the config reads
+# every family's Settings (pipeline/config.py), and `mid validate` stays a second.
 
 
 class FamilySettings(BaseModel):
@@ -67,6 +69,10 @@ class Attack(ABC):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 target: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        from workers import advertorch_compat  # noqa: F401  (before any family's build imports advertorch)
+
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -84,12 +90,17 @@ class Attack(ABC):
 def seed_attack_randomness(seed: int) -> None:
     """Seed the global generators the attack libraries draw from: torch's (advertorch's random
     starts) and numpy's (ART's AutoAttack), so an attack's output depends on ``seed`` alone."""
+    import numpy as np
+    import torch
+
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
 
 def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """A uniformly random label different from the true one, per sample."""
+    import torch
+
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels + shift) % num_classes
 
@@ -99,6 +110,8 @@ def make_targets(labels: torch.Tensor, num_classes: int, generator: torch.Genera
     """Target labels of a targeted attack: ``"random"`` (a seeded label ≠ y) or one fixed
     label for every sample (the authors' code aims everything at 0, so a sample whose label
     already is the target counts as a success and its accuracy as the share of that class)."""
+    import torch
+
     if target == "random":
         return random_targets(labels, num_classes, generator)
     return torch.full_like(labels, int(target))

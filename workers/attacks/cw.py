@@ -1,8 +1,13 @@
-from advertorch.attacks import CarliniWagnerL2Attack
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from workers.attacks.base import Attack, FamilySettings
+
+if TYPE_CHECKING:  # the config reads Settings from every family file: torch loads on use
+    from torch import nn
 
 
 class CW(Attack):
@@ -27,6 +32,8 @@ class CW(Attack):
         return settings["max_iterations"] * settings["binary_search_steps"]
 
     def build(self, model: nn.Module, num_classes: int):
+        from advertorch.attacks import CarliniWagnerL2Attack
+
         s = self.settings
         return CarliniWagnerL2Attack(model, num_classes, confidence=s["confidence"], targeted=self.targeted,
                                      learning_rate=s["learning_rate"], binary_search_steps=s["binary_search_steps"],

@@ -1,8 +1,13 @@
-from advertorch.attacks import GradientSignAttack
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from workers.attacks.base import Attack, FamilySettings
+
+if TYPE_CHECKING:  # the config reads Settings from every family file: torch loads on use
+    from torch import nn
 
 
 class FGSM(Attack):
@@ -18,5 +23,7 @@ class FGSM(Attack):
         return 1
 
     def build(self, model: nn.Module, num_classes: int):
+        from advertorch.attacks import GradientSignAttack
+
         return GradientSignAttack(model, eps=self.settings["eps"], clip_min=0.0, clip_max=1.0,
                                   targeted=self.targeted)

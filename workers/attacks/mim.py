@@ -1,8 +1,13 @@
-from advertorch.attacks import MomentumIterativeAttack
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from workers.attacks.base import Attack, FamilySettings
+
+if TYPE_CHECKING:  # the config reads Settings from every family file: torch loads on use
+    from torch import nn
 
 
 class MIM(Attack):
@@ -21,6 +26,8 @@ class MIM(Attack):
         return settings["nb_iter"]
 
     def build(self, model: nn.Module, num_classes: int):
+        from advertorch.attacks import MomentumIterativeAttack
+
         s = self.settings
         return MomentumIterativeAttack(model, eps=s["eps"], nb_iter=s["nb_iter"],
                                        eps_iter=s["eps_iter"], decay_factor=s["decay_factor"],

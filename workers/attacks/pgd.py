@@ -1,8 +1,13 @@
-from advertorch.attacks import LinfPGDAttack
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from pydantic import Field
-from torch import nn
 
 from workers.attacks.base import Attack, FamilySettings
+
+if TYPE_CHECKING:  # the config reads Settings from every family file: torch loads on use
+    from torch import nn
 
 
 class PGD(Attack):
@@ -21,6 +26,8 @@ class PGD(Attack):
         return settings["nb_iter"]
 
     def build(self, model: nn.Module, num_classes: int):
+        from advertorch.attacks import LinfPGDAttack
+
         s = self.settings
         return LinfPGDAttack(model, eps=s["eps"], nb_iter=s["nb_iter"], eps_iter=s["eps_iter"],
                              rand_init=s["rand_init"], clip_min=0.0, clip_max=1.0,

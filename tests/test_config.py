@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -211,3 +212,14 @@ def test_the_default_mid_config_builds_the_step_the_step_defaults_to():
 
     config = {**MIDConfig().model_dump(), "batch_views": True}
     assert meta_settings(config, torch.device("cpu")) == MetaSettings()
+
+
+def test_validating_a_config_does_not_load_torch():
+    """The config reads every attack family's Settings and MID's step defaults; their files
+    load torch only when used, so `mid validate` stays under a second (torch alone takes two)."""
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pipeline.config import load_config; "
+                            "load_config('configs/digits.yaml'); print(sorted({m.split('.')[0] for m in sys.modules} "
+                            "& {'torch', 'advertorch', 'art', 'ray'}))"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"

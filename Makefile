@@ -9,7 +9,7 @@ OUT ?= runs/digits
 help:
 	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
 	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
-	@echo "make test-fast  the suite without the whole-CLI-run files (marked end_to_end): the edit loop"
+	@echo "make test-fast  the suite without the whole-CLI-run files (end_to_end) and the few 20 s tests (slow): the edit loop"
 	@echo "make lint   ruff (the rules in pyproject.toml)"
 	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
 
@@ -40,7 +40,7 @@ test: $(VENV)/.test-extra
 	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 tests
 
 test-fast: $(VENV)/.test-extra
-	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 -m "not end_to_end" tests
+	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 -m "not end_to_end and not slow" tests
 
 clean:
 	rm -rf runs store

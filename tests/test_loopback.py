@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from clihelpers import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,7 @@ finally:
 '''
 
 
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only():
     """Also: a laptop run starts its own instance even where a killed one left its address
     behind in Ray's temp folder (`ray_current_cluster`); before, `ray.init()` joined that

@@ -110,6 +110,7 @@ def mid(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_mid_plan_json_and_table_for_an_image_folder_config_without_data():
     """The ImageNet config's fast profile: no data.path, the sizes from its plan: section."""
     result = mid("plan", "configs/imagenet1k-vitb.yaml", "--profile", "fast", "--gpus", "32", "--json")

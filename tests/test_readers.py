@@ -201,6 +201,7 @@ def test_an_image_folder_streams_into_the_dataset_store(tmp_path, tiny_imagenet)
                                                      dataset.manifest["class_names"])
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_one_line_naming_it_and_nothing_is_committed(tmp_path):
     make_image_tree(tmp_path / "images")
     broken = tmp_path / "images" / "train" / "sky" / "sky_1.png"

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from workers.defenses import STUDENT_ROW, exportable_rows
+
 DESCRIPTION = """\
 Meta Invariance Defense, end to end on Ray: ingest a dataset, train a baseline and a
 teacher, generate the attacker pool once (cached, content-addressed), meta-train the
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "onnx: an ONNX graph (needs the 'export' extra: pip install 'mid-pipeline[export]')")
     export.add_argument("--force", action="store_true",
                         help="replace the model file and card.json if OUT already holds them")
-    export.add_argument("--row", default="MID", choices=["MID", "None", "AT", "TRADES"],
+    export.add_argument("--row", default=STUDENT_ROW, choices=exportable_rows(),
                         help="which row of the run's tables to export (default: MID)")
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",

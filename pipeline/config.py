@@ -20,6 +20,8 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
+from workers.defenses import DEFENSES, STUDENT_ROW, classifier_rows, defense_class
+from workers.defenses.base import TrainSettings
 from workers.mid_settings import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
 
@@ -100,36 +102,24 @@ class DataConfig(Section):
                 "svhn": "crop"}.get(self.source, "none")
 
 
-class TrainConfig(Section):
-    epochs: PositiveInt = 20
-    batch_size: PositiveInt = 64
-    lr: PositiveFloat = 1e-3
+def _section(settings: type[BaseModel], name: str) -> type[Section]:
+    """A config section made of settings a worker-side file declares (an attack family's,
+    a defense row's), validated like every section."""
+    return type(name, (Section, settings), {"__module__": __name__, "__doc__": settings.__doc__})
+
+
+TrainConfig = _section(TrainSettings, "TrainConfig")
 
 
 class TeacherConfig(TrainConfig):
     lambda_rec: float = Field(1.0, ge=0.0, description="weight of the L1 reconstruction loss")
 
 
-class AdversarialTrainConfig(TrainConfig):
-    """Training on an attack generated online against the model being trained."""
-
-    attack: dict[str, Any] = Field(
-        default_factory=dict,
-        description="overrides of attacks.PGD for the training attack, e.g. {nb_iter: 10}")
-    eps_warmup_epochs: int = Field(
-        0, ge=0, description="ramp the training attack's ε and step linearly up to their values over this many "
-                             "epochs (0: full ε from the start); large ε on a small network needs it to train")
-
-
-class TradesConfig(AdversarialTrainConfig):
-    beta: float = Field(6.0, ge=0.0, description="weight of the KL robustness term (TRADES' 1/λ)")
-
-
 class SubstituteConfig(TrainConfig):
     seed: int = Field(1, ge=0, description="its own seed; must differ from the run's seed")
 
 
-class ModelsConfig(Section):
+class _ModelsConfig(Section):
     arch: Literal[tuple(ARCHITECTURES)] = Field(
         "lenet", description="lenet (digits demo), mid_cnn (the authors' MNIST network), resnet18 / resnet50 "
                              "(torchvision names), vit_s16 / vit_b16 (timm names, no decoder)")
@@ -149,22 +139,33 @@ class ModelsConfig(Section):
             raise ValueError(f"models.std: every value must be positive, got {self.std}")
         return self
     num_workers: PositiveInt = 2
-    baseline: TrainConfig = TrainConfig()
-    teacher: TeacherConfig = TeacherConfig(epochs=30)
-    at: AdversarialTrainConfig = Field(AdversarialTrainConfig(), description="Madry PGD adversarial training (row AT)")
-    trades: TradesConfig = Field(TradesConfig(), description="TRADES (row TRADES)")
-    substitute: SubstituteConfig = Field(
-        SubstituteConfig(), description="the transfer protocol's plain classifier, trained independently")
 
 
-def _family_section(family: str) -> type[Section]:
-    """``attacks.<FAMILY>``: the settings the family's own file declares
-    (``workers/attacks/<file>.py``: ``Settings``), validated like every section."""
-    settings = attack_class(family).Settings
-    return type(f"{family}Settings", (Section, settings), {"__module__": __name__, "__doc__": settings.__doc__})
+def _row_sections() -> dict[str, tuple[type[Section], Any]]:
+    """``models.<kind>`` of every classifier row, typed by the row's own settings
+    (workers/defenses/<file>.py: ``Settings``)."""
+    sections = {}
+    for row in classifier_rows():
+        defense = defense_class(row)
+        section = _section(defense.Settings, f"{row}Section")
+        sections[defense.kind] = (section, Field(section(), description=f"{defense.description} (row {row})"))
+    return sections
 
 
-FAMILY_SECTIONS: dict[str, type[Section]] = {family: _family_section(family) for family in FAMILIES}
+# The classifiers' sections: the rows' (the baseline's first), the teacher's, the substitute's.
+_ROWS = _row_sections()
+ModelsConfig = create_model(
+    "ModelsConfig", __base__=_ModelsConfig, __module__=__name__,
+    baseline=_ROWS.pop("baseline"),
+    teacher=(TeacherConfig, TeacherConfig(epochs=30)),
+    **_ROWS,
+    substitute=(SubstituteConfig, Field(
+        SubstituteConfig(), description="the transfer protocol's plain classifier, trained independently")))
+
+
+# attacks.<FAMILY>: the settings the family's own file declares (workers/attacks/<file>.py: Settings).
+FAMILY_SECTIONS: dict[str, type[Section]] = {family: _section(attack_class(family).Settings, f"{family}Settings")
+                                             for family in FAMILIES}
 PGDSettings = FAMILY_SECTIONS["PGD"]  # also the AT and TRADES training attack's settings
 
 
@@ -272,8 +273,8 @@ PROTOCOLS = ("source", "transfer", "adaptive")
 
 
 class EvalConfig(Section):
-    defenses: list[Literal["None", "AT", "TRADES", "MID"]] = Field(
-        ["None", "AT", "MID"], description="rows of the table, in order")
+    defenses: list[Literal[tuple(DEFENSES)]] = Field(
+        ["None", "AT", "MID"], description="rows of the table, in order (workers/defenses: the registry)")
     known: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
     unknown: list[str] = ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T", "CW_N", "CW_T", "AA_N", "JSMA_T"]
     protocols: list[Literal["source", "transfer", "adaptive"]] = Field(
@@ -422,7 +423,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _training_attacks_valid(self):
-        for kind in ("at", "trades"):
+        for kind in self.adversarial_kinds():
             try:
                 self.training_attack(kind)
             except ValidationError as e:
@@ -473,7 +474,7 @@ class RunConfig(Section):
                              f"{_size(MAX_SHARD_BYTES)} a shard may take (an actor holds it whole); use at most "
                              f"{MAX_SHARD_BYTES // pixels:,}")
         batches = {**{f"models.{kind}.batch_size": getattr(self.models, kind).batch_size
-                      for kind in ("baseline", "teacher", "at", "trades", "substitute")},
+                      for kind in self.classifier_kinds()},
                    "mid.batch_size": self.mid.batch_size, "pool.batch_size": self.pool.batch_size,
                    "eval.batch_size": self.eval.batch_size, "attacks.AA.batch_size": self.attacks.AA.batch_size}
         for field, batch in batches.items():
@@ -490,10 +491,22 @@ class RunConfig(Section):
         plan counts what a run builds."""
         kinds = ["baseline", "teacher"]
         if command == "run":
-            kinds += [row.lower() for row in self.eval.defenses if row in ("AT", "TRADES")]
+            kinds += [kind for kind in (defense_class(row).kind for row in self.eval.defenses if row != STUDENT_ROW)
+                      if kind not in kinds]
             if "transfer" in self.eval.protocols:
                 kinds.append("substitute")
         return kinds
+
+    @staticmethod
+    def classifier_kinds() -> list[str]:
+        """Every classifier the config has a section for (``models.<kind>``)."""
+        rows = [defense_class(row).kind for row in classifier_rows()]
+        return ["baseline", "teacher", *[kind for kind in rows if kind != "baseline"], "substitute"]
+
+    @staticmethod
+    def adversarial_kinds() -> list[str]:
+        """The classifiers trained against an online attack (their sections have ``attack``)."""
+        return [defense_class(row).kind for row in classifier_rows() if defense_class(row).attacks_online()]
 
     def training_attack(self, kind: str) -> PGDSettings:
         """The PGD settings of ``models.<kind>``: attacks.PGD with that section's overrides."""

@@ -1,6 +1,6 @@
-"""One run, stage after stage: ingest → the classifiers (baseline, teacher, AT, TRADES,
-substitute: one Ray Train worker group) → pool → mid → stored test attacks (source,
-transfer) → eval → report."""
+"""One run, stage after stage: ingest → the classifiers (the baseline, the teacher, the
+classifier rows of eval.defenses, the substitute: one Ray Train worker group) → pool → mid →
+stored test attacks (source, transfer) → eval → report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pipeline import metrics, report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool
+from workers.defenses import STUDENT_ROW, defense_class
 
 
 def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baseline", "teacher")):
@@ -81,17 +82,15 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     # They all read the clean dataset, so they train together before the pool (models.run_many).
     dataset, trained, pool_keys = prepare_pool(ctx, cfg.trained_classifiers())
-    baseline, teacher = trained["baseline"], trained["teacher"]
+    teacher = trained["teacher"]
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order
-        if row == "None":
-            defenses[row] = classifier_row(baseline)
-        elif row == "MID":
+        if row == STUDENT_ROW:
             student = trained["mid"] = mid.run(ctx, dataset, teacher, pool_keys)
             defenses[row] = {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
                              "sha256": [student["sha256"], teacher["sha256"]]}
-        else:
-            defenses[row] = classifier_row(trained[row.lower()])
+        else:  # a classifier row, trained with the others before the pool
+            defenses[row] = classifier_row(trained[defense_class(row).kind])
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])

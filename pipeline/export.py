@@ -23,18 +23,15 @@ from storage import checkpoints, datasets, fs, pools, runs
 from storage.keys import sha256_bytes
 from storage.store import StoreError, open_existing
 from workers.attacks import parse_attack_name
+from workers.defenses import STUDENT_ROW, defense_class, exportable_rows
 from workers.export_formats import FILES, ONNX_INPUT, ONNX_OUTPUT, missing_onnx_packages
 
-# A table row -> the label its model is claimed under in a run's ref (MID: the student,
-# whose manifest names its teacher).
-ROW_LABELS = {"None": "baseline", "AT": "at", "TRADES": "trades", "MID": "mid"}
+# An exportable table row -> the label its model is claimed under in a run's ref (MID: the
+# student, whose manifest names its teacher).
+ROW_LABELS = {row: defense_class(row).kind for row in exportable_rows()}
 ROW_OF_LABEL = {label: row for row, label in ROW_LABELS.items()}
 WHAT = {
-    "MID": "MID's defended model C_t ∘ E_s: the teacher's classifier C_t reading the student encoder E_s, "
-           "meta-trained against the attacker pool",
-    "None": "no defense: the plain classifier C ∘ E trained on clean images (the baseline)",
-    "AT": "Madry adversarial training: a classifier C ∘ E trained online against PGD",
-    "TRADES": "TRADES: a classifier C ∘ E trained online against PGD with the TRADES loss",
+    **{row: defense_class(row).description for row in ROW_LABELS},
     "teacher": "MID's teacher C_t ∘ E_t (clean images, with a reconstruction loss); not a row of the tables",
     "substitute": "the transfer protocol's substitute, a plain classifier with a seed of its own; not a row "
                   "of the tables",
@@ -106,10 +103,10 @@ def resolve(root: str, name: str, row: str) -> Source:
         names = sorted({ref["name"] for ref in refs.values()})
         raise ExportError(f"no run or checkpoint {name!r} in store {root} (runs: {', '.join(names) or 'none'}; "
                           f"`mid cache ls` lists their refs and the checkpoints)")
-    label = "mid" if manifest["kind"] == "mid_student" else manifest["kind"]
+    label = ROW_LABELS[STUDENT_ROW] if manifest["kind"] == "mid_student" else manifest["kind"]
     own_row = ROW_OF_LABEL.get(label)
     # --row defaults to MID, so only another row given with a key can be a contradiction.
-    if row not in ("MID", own_row):
+    if row not in (STUDENT_ROW, own_row):
         raise ExportError(f"checkpoint {name} is the {own_row or manifest['kind']} model, not row {row}; "
                           f"a key exports its own model (name a run to choose a row)")
     # The dataset, pool and results of a checkpoint are in the runs that used it, newest finished first.

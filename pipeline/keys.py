@@ -176,7 +176,7 @@ def training_settings(cfg: RunConfig, kind: str) -> dict[str, Any]:
     settings = getattr(cfg.models, kind).model_dump(exclude={"attack"})
     if "eps_warmup_epochs" in settings and not settings["eps_warmup_epochs"]:
         settings.pop("eps_warmup_epochs")  # 0, as every model made before the warm-up existed
-    if kind in ("at", "trades"):
+    if kind in cfg.adversarial_kinds():
         settings["attack"] = cfg.training_attack(kind).model_dump()
     return settings
 
@@ -198,7 +198,7 @@ def model_settings(cfg: RunConfig, kind: str, pretrained_sha256: str | None = No
 
 def model_payload(cfg: RunConfig, dataset_fingerprint: str, spec: dict[str, Any], kind: str,
                   pretrained_sha256: str | None = None) -> dict[str, Any]:
-    """A classifier (``kind``: baseline, teacher, at, trades, substitute); ``spec``:
+    """A classifier (``kind``: one of ``RunConfig.classifier_kinds``); ``spec``:
     ``ModelSpec.as_dict()``; ``pretrained_sha256``: the digest of models.pretrained, needed
     when ``uses_pretrained``."""
     return {"dataset": dataset_fingerprint, "spec": spec_payload(spec),

@@ -16,8 +16,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline import keys as key_rules
 from pipeline.config import RunConfig
 from pipeline.context import PipelineError
+from workers.defenses import STUDENT_ROW, classifier_defense
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
 # project to measure one; `--gpu-tflops` / `--utilisation` replace these.
@@ -119,9 +121,12 @@ def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
     return counted(spec, mid, list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
 
 
-def at_step_macs(cfg: RunConfig, units: dict[str, float]) -> float:
-    """One Madry AT step per sample: PGD-k against the model, then a training step."""
-    return cfg.training_attack("at").nb_iter * units["attack_step"] + units["train_step"]
+def classifier_cost(cfg: RunConfig, kind: str, units: dict[str, float], train_samples: int) -> StageCost:
+    """A classifier's training, as the row whose loss trains it counts it (workers/defenses)."""
+    settings = key_rules.training_settings(cfg, kind)
+    defense = classifier_defense(kind)
+    return StageCost(kind, defense.step_macs(settings, units), settings["epochs"] * train_samples,
+                     defense.summary(settings))
 
 
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
@@ -129,11 +134,10 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
     m, n = cfg.models, shape.train
     attack_step, forward = units["attack_step"], units["forward"]
     trained = cfg.trained_classifiers()  # what a run trains, no more: the driver's own list
-    stages = [StageCost("baseline", units["train_step"], m.baseline.epochs * n, f"{m.baseline.epochs} epochs"),
+    stages = [classifier_cost(cfg, "baseline", units, n),
               StageCost("teacher", units["teacher_step"], m.teacher.epochs * n, f"{m.teacher.epochs} epochs")]
     if "substitute" in trained:
-        stages.append(StageCost("substitute", units["train_step"], m.substitute.epochs * n,
-                                f"{m.substitute.epochs} epochs"))
+        stages.append(classifier_cost(cfg, "substitute", units, n))
     uncounted: list[str] = []
     pool_macs, pool_views = 0.0, 0
     for attack in cfg.pool.attacks:
@@ -144,17 +148,12 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
         pool_macs += variants * (steps * attack_step + 2 * forward)  # + success before and after rounding
         pool_views += variants
     stages.append(StageCost("pool", pool_macs, n, f"{len(cfg.pool.attacks)} attacks, {pool_views} views per sample"))
-    if "MID" in cfg.eval.defenses:
+    if STUDENT_ROW in cfg.eval.defenses:
         stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
                                 f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} order, "
                                 f"{len(cfg.pool.attacks)} views + clean"))
-    if "at" in trained:
-        k = cfg.training_attack("at").nb_iter
-        stages.append(StageCost("at", at_step_macs(cfg, units), m.at.epochs * n, f"AT-PGD-{k}, {m.at.epochs} epochs"))
-    if "trades" in trained:
-        k_trades = cfg.training_attack("trades").nb_iter
-        stages.append(StageCost("trades", k_trades * attack_step + forward + 2 * units["train_step"],
-                                m.trades.epochs * n, f"TRADES-{k_trades}, {m.trades.epochs} epochs"))
+    stages += [classifier_cost(cfg, kind, units, n) for kind in trained if kind not in ("baseline", "teacher",
+                                                                                        "substitute")]
     test_attack_macs, adaptive_macs = 0.0, 0.0
     defenses = len(cfg.eval.defenses)
     for attack in cfg.eval.attacks:
@@ -196,7 +195,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_n
     online_attack_macs = sum((_steps(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
     online_epoch = shape.train * (units["mid_step"] + online_attack_macs)
     cached_epoch = shape.train * units["mid_step"]
-    at_epoch = at_step_macs(cfg, units) * shape.train  # the comparison, whether or not AT is a row
+    at_epoch = classifier_cost(cfg, "at", units, 1).per_sample_macs * shape.train  # whether or not AT is a row
     return {
         "config": cfg.name, "arch": cfg.models.arch, "data": asdict(shape),
         "gpus": gpus, "gpu": {"name": gpu_name, "peak_tflops": gpu_tflops, "utilisation": utilisation},

@@ -1,8 +1,11 @@
-"""docs/extending.md's worked example is true: an attack is one file and one registry line.
+"""docs/extending.md's worked examples are true: an attack, and a defense row, are each one
+file and one registry line.
 
-The test copies the code into a fresh folder, writes the file and the line exactly as the
-document shows them, and runs the real CLI there: the config validates the new attack's
-settings, `mid plan` costs it, and `mid pool` generates, stores and verifies a pool of it.
+The test copies the code into a fresh folder, writes the files and the lines exactly as the
+document shows them, and runs the real CLI there: the config validates the new attack's and
+row's settings, `mid plan` costs them, `mid pool` generates, stores and verifies a pool of
+the attack, and `mid run` trains the row and puts it in the table, whose model `mid export`
+writes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def example(marker: str) -> str:
 
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory) -> Path:
-    """A copy of the code with the document's attack added: one new file, one new line."""
+    """A copy of the code with the document's attack and row added: for each, one new file
+    and one new line."""
     root = tmp_path_factory.mktemp("extended")
     for folder in ("pipeline", "workers", "storage", "configs"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -44,6 +48,12 @@ def extended(tmp_path_factory) -> Path:
     anchor = "FAMILIES: dict[str, tuple[str, str]] = {\n"
     assert anchor in source
     registry.write_text(source.replace(anchor, anchor + example("registry line")))
+    (root / "workers/defenses/gaussian.py").write_text(example("workers/defenses/gaussian.py"))
+    registry = root / "workers/defenses/__init__.py"
+    source = registry.read_text()
+    anchor = '    "MID": "mid:MID",\n'
+    assert anchor in source
+    registry.write_text(source.replace(anchor, example("defense registry line") + anchor))
     return root
 
 
@@ -82,3 +92,42 @@ def test_a_new_attack_is_validated_planned_and_pooled(extended, tmp_path):
     listed = mid(extended, "cache", "ls", "--store", str(store))
     assert "NOISE_N" in listed.stdout
     mid(extended, "cache", "verify", "--store", str(store))  # every stored image inside its ε-ball
+
+
+ROW = ["eval.defenses=[None, GAUSS]", "models.gauss.epochs=2", "models.gauss.sigma=0.2",
+       "eval.protocols=[source, adaptive]", "eval.known=[FGSM_N]", "eval.unknown=[NOISE_N]"]
+
+
+def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/digits.yaml",
+                              "--set", "models.gauss.sigmaa=0.2"], cwd=extended, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown key 'sigmaa' (allowed: epochs, batch_size, lr, sigma)" in refused.stderr
+    original = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/digits.yaml",
+                               "--set", "eval.defenses=[None, GAUSS]"], cwd=REPO, capture_output=True, text=True)
+    assert original.returncode == 2 and "'GAUSS' is not allowed" in original.stderr  # the original code does not know it
+
+    row = [part for override in ROW for part in ("--set", override)]
+    plan = json.loads(mid(extended, *with_tiny("plan", "configs/digits.yaml", "--json"), *row).stdout)
+    stages = {stage["name"]: stage for stage in plan["stages"]}
+    assert "gauss" in stages and "at" not in stages and "mid" not in stages  # the rows asked for, no more
+    assert stages["gauss"]["per_sample_macs"] == pytest.approx(plan["macs_per_sample"]["train_step"])
+    assert stages["gauss"]["note"] == "2 epochs"
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    mid(extended, *with_tiny("run", "configs/digits.yaml", "--store", str(store), "--out", str(out)), *row)
+    results = json.loads((out / "results.json").read_text())
+    for protocol in ("source", "adaptive"):
+        table = results["protocols"][protocol]["defenses"]
+        assert list(table) == ["None", "GAUSS"]
+        assert list(table["GAUSS"]["attacks"]) == ["FGSM_N", "NOISE_N"]
+    gauss = results["stages"]["gauss"]
+    assert not gauss["cache_hit"] and gauss["key"].startswith("gauss-")
+    assert "| GAUSS |" in (out / "report.md").read_text()
+
+    exported = tmp_path / "exported"
+    mid(extended, "export", "digits", str(exported), "--row", "GAUSS", "--format", "safetensors",
+        "--store", str(store))
+    card = json.loads((exported / "card.json").read_text())
+    assert card["model"]["row"] == "GAUSS" and card["model"]["kind"] == "gauss"
+    assert card["model"]["is"].startswith("Gaussian data augmentation")
+    assert set(card["results"]) == {"source", "adaptive"}

@@ -1,6 +1,7 @@
-"""Ray Train loop for every classifier of the table but MID's: the baseline (cross-entropy),
-the teacher (cross-entropy + λ·L1 reconstruction), and the adversarial-training baselines
-AT (Madry PGD) and TRADES, all streaming clean data from the dataset store through Ray Data.
+"""Ray Train loop for every classifier: the rows of the table but MID's (the baseline, AT,
+TRADES: each row's loss is its own, ``workers/defenses``), MID's teacher (cross-entropy +
+λ·L1 reconstruction) and the transfer protocol's substitute, all streaming clean data from
+the dataset store through Ray Data.
 
 Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
 group resumes from the last one.
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from storage.checkpoints import save_checkpoint, verify_checkpoint
-from workers.adversarial_training import madry_loss, trades_loss
 from workers.augment import augmentation_generator, crop_and_flip
+from workers.defenses import classifier_defense
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
@@ -45,18 +46,13 @@ def objective(kind: str, config: dict[str, Any], model, x: torch.Tensor, y: torc
         if reconstruction is None:  # a backbone without a decoder (ViT); the config holds lambda_rec at 0
             return F.cross_entropy(logits, y), logits
         return F.cross_entropy(logits, y) + config["lambda_rec"] * F.l1_loss(reconstruction, x), logits
-    if kind == "at":
-        return madry_loss(model, unwrap(model), x, y, config["attack"])
-    if kind == "trades":
-        return trades_loss(model, unwrap(model), x, y, config["attack"], config["beta"])
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
+    return classifier_defense(kind).loss(model, unwrap(model), x, y, config)
 
 
 def train_classifiers_loop(config: dict[str, Any]) -> None:
     """Train ``config["models"]`` one after another in this worker group, on the same rows.
 
-    Models that read the same dataset (baseline, teacher, substitute, AT, TRADES) share one
+    Models that read the same dataset (the classifier rows, the teacher, the substitute) share one
     worker group: starting one costs 10-14 s on a small machine (benchmarks/train_startup.py),
     more than a small model's whole training. A model already committed to the store (by a
     group that died after it) is skipped; the one an epoch checkpoint belongs to resumes.

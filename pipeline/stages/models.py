@@ -1,5 +1,6 @@
-"""Models: the baseline, the teacher, and the adversarial-training baselines AT and TRADES,
-trained with Ray Train on the dataset store (``pipeline.ray_runtime.train_with_ray``)."""
+"""Models: the classifiers (the baseline, the teacher, the classifier rows such as AT and
+TRADES, the substitute), trained with Ray Train on the dataset store
+(``pipeline.ray_runtime.train_with_ray``)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def model_key(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: st
 
 
 def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[str, dict[str, Any]]:
-    """Train (or reuse) the classifiers ``kinds`` (``baseline``, ``teacher``, ``at``,
-    ``trades``, ``substitute``); returns their checkpoint manifests by kind.
+    """Train (or reuse) the classifiers ``kinds`` (``RunConfig.trained_classifiers``);
+    returns their checkpoint manifests by kind.
 
     Those not in the store train one after another in ONE Ray Train worker group, on one
     read of the dataset (``workers.train_classifier.train_classifiers_loop``): a worker

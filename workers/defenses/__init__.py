@@ -1,0 +1,54 @@
+"""The defense registry: a row of the tables is one file and one line here (docs/extending.md).
+
+The registry names each row's class by module, in the tables' default order. A row's class
+owns its model's kind, its description and, for a classifier, its settings section
+(``models.<kind>``, built by pipeline/config.py), its loss and its cost per sample (``mid
+plan``), so nothing else names a row.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.defenses.base import ClassifierDefense, Defense
+
+# row -> "module:class" in this package
+DEFENSES: dict[str, str] = {
+    "None": "plain:Plain",
+    "AT": "madry_at:MadryAT",
+    "TRADES": "trades:TRADES",
+    "MID": "mid:MID",
+}
+STUDENT_ROW = "MID"  # the row the MID stage trains; every other row is a classifier
+
+__all__ = ["DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class", "exportable_rows"]
+
+
+def defense_class(row: str) -> type["Defense"]:
+    if row not in DEFENSES:
+        raise ValueError(f"unknown defense {row!r} (allowed: {', '.join(DEFENSES)})")
+    module, _, name = DEFENSES[row].partition(":")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
+
+def classifier_rows() -> list[str]:
+    """The rows whose model is a classifier (every row but MID's), in registry order."""
+    return [row for row in DEFENSES if row != STUDENT_ROW]
+
+
+def exportable_rows() -> list[str]:
+    """The rows whose model `mid export --row` writes."""
+    return [row for row in DEFENSES if defense_class(row).exportable]
+
+
+def classifier_defense(kind: str) -> type["ClassifierDefense"]:
+    """The row whose loss trains a classifier of ``kind``. The substitute of the transfer
+    protocol is not a row: it is trained like the plain classifier, with a seed of its own."""
+    kind = "baseline" if kind == "substitute" else kind
+    for row in classifier_rows():
+        defense = defense_class(row)
+        if defense.kind == kind:
+            return defense
+    raise ValueError(f"no defense row trains a classifier of kind {kind!r}")

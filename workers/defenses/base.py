@@ -1,0 +1,85 @@
+"""What every row of the tables shares: its name, its model's kind, what it is.
+
+A row is trained either as a classifier C ∘ E by ``workers/train_classifier.py``
+(``ClassifierDefense``: a loss, a settings section ``models.<kind>``, a cost per sample for
+``mid plan``) or by the MID stage (``workers/train_mid.py``). The config, the driver, the
+export, the sweeps and ``mid plan`` read rows from the registry (``workers/defenses/__init__.py``),
+so a new row is its file and one line there (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch loads on first use, not on import: the config reads every row's Settings
+# (pipeline/config.py), and `mid validate` stays a second.
+
+
+class TrainSettings(BaseModel):
+    """A classifier's training: what its ``models.<kind>`` section holds, and the fields
+    every other section there shares (the config builds the sections from these)."""
+
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+
+
+class AdversarialTrainSettings(TrainSettings):
+    """Training on an attack generated online against the model being trained; the attack
+    is attacks.PGD with the section's ``attack`` overrides (``RunConfig.training_attack``),
+    resolved into the worker's job and the model's key."""
+
+    attack: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of attacks.PGD for the training attack, e.g. {nb_iter: 10}")
+    eps_warmup_epochs: int = Field(
+        0, ge=0, description="ramp the training attack's ε and step linearly up to their values over this many "
+                             "epochs (0: full ε from the start); large ε on a small network needs it to train")
+
+
+class Defense:
+    row: ClassVar[str]  # its name in the tables, in eval.defenses, sweeps' row and export's --row
+    kind: ClassVar[str]  # its model's stage, the label a run's ref claims it under
+    description: ClassVar[str]  # one sentence: the export card's "what", the config section's description
+    exportable: ClassVar[bool] = True  # `mid export --row` offers it
+
+
+class ClassifierDefense(Defense):
+    """A row whose model is a classifier C ∘ E, trained with its own ``loss`` on the clean
+    training split, in the classifiers' worker group (``workers.train_classifier``)."""
+
+    Settings: ClassVar[type[TrainSettings]] = TrainSettings  # models.<kind>: names, defaults, bounds
+
+    @classmethod
+    def attacks_online(cls) -> bool:
+        """Whether it trains against an attack (its section then has ``attack`` overrides)."""
+        return issubclass(cls.Settings, AdversarialTrainSettings)
+
+    @staticmethod
+    def loss(model: nn.Module, plain: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits to count training accuracy on) of one batch. ``model`` may be the
+        DDP wrapper (its backward all-reduces); ``plain`` is the module inside it, for
+        attacks, whose backward passes must not be all-reduced. ``settings``: the job's,
+        the training attack resolved (and ramped, epoch by epoch)."""
+        import torch.nn.functional as F
+
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    @classmethod
+    def step_macs(cls, settings: dict[str, Any], units: dict[str, float]) -> float:
+        """Multiply-accumulates per training sample, from ``mid plan``'s measured units
+        (``workers.flops.unit_costs``: forward, attack_step, train_step)."""
+        return units["train_step"]
+
+    @classmethod
+    def summary(cls, settings: dict[str, Any]) -> str:
+        """What ``mid plan`` says about its training."""
+        return f"{settings['epochs']} epochs"

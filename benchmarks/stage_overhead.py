@@ -26,7 +26,6 @@ single process (their steps on a fraction of a core each, gradient all-reduce, m
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -48,8 +47,9 @@ from workers.augment import augmentation_generator, crop_and_flip  # noqa: E402
 from workers.loading import load_teacher  # noqa: E402
 from workers.mid import FrozenTeacher, apply_gradients, draw_held_out, meta_gradients, meta_objective  # noqa: E402
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float  # noqa: E402
-from workers.train_classifier import epoch_attack, objective  # noqa: E402
-from workers.train_mid import initial_student, meta_settings  # noqa: E402
+from workers.jobs import ClassifierJob, MIDJob  # noqa: E402
+from workers.train_classifier import objective  # noqa: E402
+from workers.train_mid import initial_student  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,46 +66,44 @@ def batches(count: int, batch_size: int, generator: torch.Generator):
         yield order[lo:lo + batch_size]
 
 
-def single_process_classifier(job: dict[str, Any], images: torch.Tensor, labels: torch.Tensor) -> float:
+def single_process_classifier(job: ClassifierJob, images: torch.Tensor, labels: torch.Tensor) -> float:
     """The epochs of ``workers.train_classifier.train_classifier`` in this process."""
     started = time.perf_counter()
-    torch.manual_seed(job["seed"])
-    spec = ModelSpec(**job["spec"])
-    model = build_teacher(spec) if job["kind"] == "teacher" else build_classifier_model(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=job["lr"])
-    generator = torch.Generator().manual_seed(job["seed"])
-    for epoch in range(job["epochs"]):
-        epoch_job = {**job, "attack": epoch_attack(job, epoch)}
-        crops = augmentation_generator(job["seed"], 0, epoch)
-        for rows in batches(len(labels), job["batch_size"], generator):
-            x = crop_and_flip([to_float(images[rows])], job["augment"], job["crop_padding"], crops)[0]
-            loss, _ = objective(job["kind"], epoch_job, model, x, labels[rows])
+    torch.manual_seed(job.seed)
+    spec = ModelSpec(**job.spec)
+    model = build_teacher(spec) if job.kind == "teacher" else build_classifier_model(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=job.settings["lr"])
+    generator = torch.Generator().manual_seed(job.seed)
+    for epoch in range(job.epochs):
+        settings = job.epoch_settings(epoch)
+        crops = augmentation_generator(job.seed, 0, epoch)
+        for rows in batches(len(labels), job.batch_size, generator):
+            x = crop_and_flip([to_float(images[rows])], job.augmentation.mode, job.augmentation.crop_padding, crops)[0]
+            loss, _ = objective(job.kind, settings, model, x, labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return time.perf_counter() - started
 
 
-def single_process_mid(config: dict[str, Any], clean: torch.Tensor, labels: torch.Tensor,
+def single_process_mid(job: MIDJob, clean: torch.Tensor, labels: torch.Tensor,
                        views: list[dict[str, torch.Tensor]]) -> float:
     """The epochs of ``workers.train_mid.train_mid_loop`` in this process (no all-reduce)."""
     started = time.perf_counter()
-    device = torch.device("cpu")
-    teacher_model = load_teacher(config["root"], config["teacher_key"])
+    teacher_model = load_teacher(job.root, job.teacher_key)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
-    student = initial_student(config, teacher_model.encoder)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config["lr"])
-    settings = meta_settings(config, device)
-    attacks, step = list(config["attacks"]), 0
-    generator = torch.Generator().manual_seed(config["seed"])
-    for epoch in range(config["epochs"]):
+    student = initial_student(job, teacher_model.encoder)
+    optimizer = torch.optim.Adam(student.parameters(), lr=job.lr)
+    attacks, step = list(job.attacks), 0
+    generator = torch.Generator().manual_seed(job.seed)
+    for epoch in range(job.epochs):
         variant = views[epoch % len(views)]
-        crops = augmentation_generator(config["seed"], 0, epoch)
-        for rows in batches(len(labels), config["batch_size"], generator):
-            held_out = draw_held_out(attacks, config["seed"], step)
+        crops = augmentation_generator(job.seed, 0, epoch)
+        for rows in batches(len(labels), job.batch_size, generator):
+            held_out = draw_held_out(attacks, job.seed, step)
             x, *adv = crop_and_flip([to_float(clean[rows]), *[to_float(variant[a][rows]) for a in attacks]],
-                                    config["augment"], config["crop_padding"], crops)
-            loss, _ = meta_objective(student, teacher, x, dict(zip(attacks, adv)), labels[rows], held_out, settings)
+                                    job.augmentation.mode, job.augmentation.crop_padding, crops)
+            loss, _ = meta_objective(student, teacher, x, dict(zip(attacks, adv)), labels[rows], held_out, job.step)
             apply_gradients(student, meta_gradients(student, loss), optimizer)
             step += 1
     return time.perf_counter() - started
@@ -139,7 +137,7 @@ def main(argv=None) -> dict[str, Any]:
     dataset = ingest.run(ctx)
     kinds = cfg.trained_classifiers()
     spec = models.model_spec(ctx, dataset)
-    jobs = {kind: models.model_key(ctx, dataset, spec, kind)[1] for kind in kinds}
+    jobs = {kind: models.model_job(ctx, dataset, spec, kind) for kind in kinds}
     images_u8, labels_np = dataset.load("train")
     images, labels = torch.from_numpy(images_u8), torch.from_numpy(labels_np)
 
@@ -163,15 +161,12 @@ def main(argv=None) -> dict[str, Any]:
                  for kind in kinds}
 
     pool_keys = pool.run(ctx, dataset, trained[cfg.pool.source_model])  # untimed: MID's input
-    m = cfg.mid
-    mid_config = {"root": ctx.root, "teacher_key": trained["teacher"]["key"], "spec": spec.as_dict(),
-                  "seed": cfg.seed, "attacks": list(pool_keys), "variants": cfg.pool.variants,
-                  **m.model_dump(exclude={"num_workers"}), **models.worker_augmentation(ctx)}
+    mid_job = mid.mid_job(ctx, dataset, trained["teacher"], pool_keys, key="unused: not committed")
     readers = {a: PoolReader.open(root, k) for a, k in pool_keys.items()}
     views = [{a: torch.from_numpy(r.adv(v, 0, len(labels), images_u8)) for a, r in readers.items()}
              for v in range(cfg.pool.variants)]
     torch.set_num_threads(args.threads)
-    mid_single = single_process_mid(copy.deepcopy(mid_config), images, labels, views)
+    mid_single = single_process_mid(mid_job, images, labels, views)
     began = time.time()
     student = mid.run(ctx, dataset, trained["teacher"], pool_keys)
     mid_ended = time.time()

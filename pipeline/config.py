@@ -261,6 +261,16 @@ class MIDConfig(Section):
                                             "targets (AC and CC off in both phases); the student starts from random "
                                             "weights (mid.init_student: random) and learns through C_t from labels")
 
+    def step(self, on_gpu: bool) -> MetaSettings:
+        """The meta step a worker takes (``workers.mid``); ``batch_views: auto`` resolved for
+        the workers' device."""
+        return MetaSettings(inner_lr=self.inner_lr, beta=self.beta, temperature=self.temperature,
+                            second_order=self.second_order,
+                            batch_views=on_gpu if self.batch_views == "auto" else self.batch_views,
+                            meta_train=LossWeights(**self.meta_train_weights.model_dump()),
+                            meta_test=LossWeights(**self.meta_test_weights.model_dump()),
+                            meta=self.meta, distill=self.distill)
+
     @model_validator(mode="after")
     def _nothing_distilled_without_distillation(self):
         if not self.distill and self.init_student == "teacher":

@@ -117,8 +117,8 @@ def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
     spec = ModelSpec(arch=cfg.models.arch, in_channels=shape.channels, image_size=shape.side,
                      num_classes=shape.num_classes, feature_dim=cfg.models.feature_dim,
                      mean=cfg.models.mean, std=cfg.models.std)
-    mid = cfg.mid.model_dump(exclude={"num_workers"})
-    return counted(spec, mid, list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
+    # As a CPU worker takes it (the counts do not depend on the device).
+    return counted(spec, cfg.mid.step(on_gpu=False), list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
 
 
 def classifier_cost(cfg: RunConfig, kind: str, units: dict[str, float], train_samples: int) -> StageCost:

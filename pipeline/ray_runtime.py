@@ -157,11 +157,12 @@ def train_storage(root: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
 
-def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
+def train_with_ray(ctx: RunContext, loop, jobs: dict[str, Any], datasets: dict[str, Any],
                    num_workers: int, stage: str, key: str, commits: list[str] | None = None) -> dict[str, Any]:
     """Run a train loop on ``num_workers`` Ray Train workers (each named Ray Dataset is
     split across them) until the loop has committed the checkpoints ``commits`` (default:
-    ``key``); returns the manifest of the last.
+    ``key``); returns the manifest of the last. ``jobs``: what the loop reads
+    (``workers.jobs``); it also gets ``group``, a ``workers.jobs.WorkerGroup``.
 
     The run lives in the store's ``train/<stage>-<key>`` folder: a worker or node that dies
     restarts the worker group from the last epoch checkpoint (up to ``ray.max_failures``
@@ -172,6 +173,7 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from workers.jobs import WorkerGroup
     from workers.loopback_torch import LoopbackTorchConfig
 
     from pipeline.console import close_worker_bars, quiet_driver_loggers
@@ -189,8 +191,9 @@ def train_with_ray(ctx: RunContext, loop, loop_config: dict[str, Any], datasets:
     # Where the loop says why it stopped without committing (workers.training_health).
     stop_record = fs.join(checkpoints.train_runs_url(ctx.root), name, STOP_RECORD)
     fs.remove(stop_record)
-    loop_config = {**loop_config, "rows_in_memory": rows_fit_in_workers(datasets, num_workers),
-                   "checkpoint_interval_s": ctx.cfg.ray.checkpoint_interval_s, "stop_record": stop_record}
+    group = WorkerGroup(rows_in_memory=rows_fit_in_workers(datasets, num_workers),
+                        checkpoint_interval_s=ctx.cfg.ray.checkpoint_interval_s, stop_record=stop_record)
+    loop_config = {**jobs, "group": group}
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets, torch_config=LoopbackTorchConfig(),
         # Fractional CPUs: on a small machine whole-CPU workers starve Ray Data's read tasks.

@@ -204,14 +204,12 @@ def test_the_zero_step_check_covers_the_stages_the_driver_trains():
 def test_the_default_mid_config_builds_the_step_the_step_defaults_to():
     """`inner_lr` was 1e-4 in workers/mid.py and 1e-3 in the config: a step built by a test or a
     benchmark was not the step a default run took. The config now takes the step's defaults."""
-    import torch
-
     from pipeline.config import MIDConfig
     from workers.mid import MetaSettings
-    from workers.train_mid import meta_settings
 
-    config = {**MIDConfig().model_dump(), "batch_views": True}
-    assert meta_settings(config, torch.device("cpu")) == MetaSettings()
+    assert MIDConfig(batch_views=True).step(on_gpu=False) == MetaSettings()
+    assert MIDConfig().step(on_gpu=True) == MetaSettings()  # auto: one pass for all views on GPU
+    assert MIDConfig().step(on_gpu=False) == MetaSettings(batch_views=False)
 
 
 def test_validating_a_config_does_not_load_torch():

@@ -27,6 +27,7 @@ from pipeline import keys
 from pipeline.config import RunConfig, load_config, set_path
 from pipeline.context import PipelineError, RunContext
 from storage.keys import content_key
+from workers.defenses import STUDENT_ROW, defense_class
 
 CONFIG = "configs/digits.yaml"
 
@@ -65,14 +66,14 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
         spec = models.model_spec(ctx, dataset)
         trained = {}
         for kind in cfg.trained_classifiers():
-            found[f"model/{kind}"], _ = models.model_key(ctx, dataset, spec, kind)
+            found[f"model/{kind}"] = models.model_job(ctx, dataset, spec, kind).checkpoint_key
             trained[kind] = {"key": found[f"model/{kind}"], "sha256": SHA256[kind]}
         source = trained[cfg.pool.source_model]
         pool_keys = {a: pool.pool_key(ctx, dataset, source, pool.training_pool_spec(ctx, a)) for a in cfg.pool.attacks}
         found.update({f"pool/train/{a}": k for a, k in pool_keys.items()})
         defenses = {}
         for row in cfg.eval.defenses:
-            if row == "MID":
+            if row == STUDENT_ROW:
                 def reuse(label, key, find, build):  # the student "is in the store"
                     return {"key": key, "sha256": SHA256["mid"], "history": [{}]}, True
                 patches.enter_context(mock.patch.object(ctx, "reuse_or_build", reuse))
@@ -82,7 +83,7 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
                                  "teacher_key": trained["teacher"]["key"],
                                  "sha256": [student["sha256"], trained["teacher"]["sha256"]]}
             else:
-                defenses[row] = {"kind": "classifier", **trained["baseline" if row == "None" else row.lower()]}
+                defenses[row] = {"kind": "classifier", **trained[defense_class(row).kind]}
         stored = {}
         for protocol, kind in source_kinds(cfg).items():
             if protocol in cfg.eval.protocols:

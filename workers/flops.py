@@ -29,7 +29,7 @@ from workers.mid import FrozenTeacher, meta_gradients, meta_objective
 from workers.models import ModelSpec, build_classifier_model, build_encoder, build_teacher
 from workers.models.build import LAYOUT
 from workers.train_classifier import objective
-from workers.train_mid import meta_settings
+from workers.mid_settings import MetaSettings
 
 FLOPS_PER_MAC = 2  # torch's FlopCounterMode and GPU peak figures both count a multiply-add as 2
 
@@ -98,7 +98,7 @@ def train_step_macs(spec: ModelSpec, kind: str = "baseline", lambda_rec: float =
     return counted_macs(step) / batch
 
 
-def mid_step_macs(spec: ModelSpec, mid_config: dict[str, Any], attacks: list[str], batch: int = 2) -> float:
+def mid_step_macs(spec: ModelSpec, settings: MetaSettings, attacks: list[str], batch: int = 2) -> float:
     """One meta step on ``batch`` clean samples with one view per attack of the pool (one
     of them held out), as ``workers.train_mid`` takes it on a CPU worker."""
     generator = torch.Generator().manual_seed(0)
@@ -108,7 +108,6 @@ def mid_step_macs(spec: ModelSpec, mid_config: dict[str, Any], attacks: list[str
     clean = _images(spec, batch, generator)
     views = {a: (clean + 0.03 * torch.randn(clean.shape, generator=generator)).clamp(0, 1) for a in attacks}
     labels = torch.randint(spec.num_classes, (batch,), generator=generator)
-    settings = meta_settings(mid_config, torch.device("cpu"))
 
     def step() -> None:
         loss, _ = meta_objective(student, teacher, clean, views, labels, attacks[0], settings)
@@ -117,7 +116,7 @@ def mid_step_macs(spec: ModelSpec, mid_config: dict[str, Any], attacks: list[str
     return counted_macs(step) / batch
 
 
-def unit_costs(spec: ModelSpec, mid_config: dict[str, Any], attacks: list[str], lambda_rec: float,
+def unit_costs(spec: ModelSpec, mid_step: MetaSettings, attacks: list[str], lambda_rec: float,
                batch: int | None = None) -> dict[str, float]:
     """MACs per sample of every unit (see the module docstring).
 
@@ -133,5 +132,5 @@ def unit_costs(spec: ModelSpec, mid_config: dict[str, Any], attacks: list[str], 
         "attack_step": attack_step_macs(spec, batch),
         "train_step": train_step_macs(spec, "baseline", batch=batch),
         "teacher_step": train_step_macs(spec, "teacher", lambda_rec, batch),
-        "mid_step": mid_step_macs(spec, mid_config, attacks, batch),
+        "mid_step": mid_step_macs(spec, mid_step, attacks, batch),
     }

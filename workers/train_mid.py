@@ -23,8 +23,9 @@ from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
 from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
-from workers.mid import (FrozenTeacher, LossWeights, MetaSettings, apply_gradients,
-                         average_across_workers, draw_held_out, meta_gradients, meta_objective)
+from workers.jobs import MIDJob, WorkerGroup
+from workers.mid import (FrozenTeacher, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
+                         meta_objective)
 from workers.models import ModelSpec, build_encoder, to_float
 
 
@@ -32,76 +33,68 @@ def variant_dataset_name(variant: int) -> str:
     return f"train_variant_{variant}"
 
 
-def meta_settings(config: dict[str, Any], device: torch.device) -> MetaSettings:
-    batch_views = config["batch_views"]
-    if batch_views == "auto":  # one pass per view on CPU, all views at once on GPU (measured)
-        batch_views = device.type == "cuda"
-    return MetaSettings(inner_lr=config["inner_lr"], beta=config["beta"], temperature=config["temperature"],
-                        second_order=config["second_order"], batch_views=batch_views,
-                        meta_train=LossWeights(**config["meta_train_weights"]),
-                        meta_test=LossWeights(**config["meta_test_weights"]),
-                        meta=config.get("meta", True), distill=config.get("distill", True))
-
-
-def initial_student(config: dict[str, Any], teacher_encoder: torch.nn.Module) -> torch.nn.Module:
+def initial_student(job: MIDJob, teacher_encoder: torch.nn.Module) -> torch.nn.Module:
     """Same weights on every worker: a copy of E_t, or a seeded fresh encoder."""
-    if config["init_student"] == "teacher":
+    if job.init_student == "teacher":
         student = copy.deepcopy(teacher_encoder)
     else:
-        torch.manual_seed(config["seed"])
-        student = build_encoder(ModelSpec(**config["spec"]))
+        torch.manual_seed(job.seed)
+        student = build_encoder(ModelSpec(**job.spec))
     student.train()
     return student.requires_grad_(True)
 
 
-def autocast(config: dict[str, Any], device: torch.device):
+def autocast(job: MIDJob, device: torch.device):
     """bfloat16 autocast of the forward passes on GPU workers when ``mid.bf16`` is set.
 
     Gradients and the fast weights stay float32 (autocast keeps parameters in their dtype).
     """
-    return bf16_autocast(config["bf16"] and device.type == "cuda", device)
+    return bf16_autocast(job.bf16 and device.type == "cuda", device)
 
 
 def train_mid_loop(config: dict[str, Any]) -> None:
+    """Meta-train ``config["job"]`` (a ``MIDJob``); ``config["group"]``: a ``WorkerGroup``."""
+    job: MIDJob = config["job"]
+    group: WorkerGroup = config["group"]
     started, loop_started_at = time.perf_counter(), time.time()
     quiet_ray_train()
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
     device = ray.train.torch.get_device()
     deterministic_kernels(device)
-    teacher_model = load_teacher(config["root"], config["teacher_key"]).to(device)
+    teacher_model = load_teacher(job.root, job.teacher_key).to(device)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
-    student = initial_student(config, teacher_model.encoder).to(device)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config["lr"])
+    student = initial_student(job, teacher_model.encoder).to(device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=job.lr)
     history, first_epoch, step = [], 0, 0
     state = restore_state()
     if state is not None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
-    settings = meta_settings(config, device)
-    attacks = list(config["attacks"])
-    shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), config["rows_in_memory"])
-              for k in range(config["variants"])]
+    settings = job.step
+    attacks = list(job.attacks)
+    shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), group.rows_in_memory)
+              for k in range(job.variants)]
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
-    checkpoints = EpochCheckpoints(config["checkpoint_interval_s"], config["epochs"], device)
-    bar = epoch_bar("MID training", config["epochs"], show=rank == 0)
+    checkpoints = EpochCheckpoints(group.checkpoint_interval_s, job.epochs, device)
+    bar = epoch_bar("MID training", job.epochs, show=rank == 0)
     bar.update(first_epoch)
-    for epoch in range(first_epoch, config["epochs"]):
+    for epoch in range(first_epoch, job.epochs):
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
-        crops = augmentation_generator(config["seed"], rank, epoch)
-        batches = iter(shard.batches(config["batch_size"], config["seed"], rank, epoch, device))
+        crops = augmentation_generator(job.seed, rank, epoch)
+        batches = iter(shard.batches(job.batch_size, job.seed, rank, epoch, device))
         while True:
             fetch = time.perf_counter()
             batch = next(batches, None)
             waited += time.perf_counter() - fetch
             if batch is None:
                 break
-            held_out = draw_held_out(attacks, config["seed"], step)
+            held_out = draw_held_out(attacks, job.seed, step)
             clean, *views = crop_and_flip([to_float(batch[name]) for name in ["clean", *attacks]],
-                                          config["augment"], config["crop_padding"], crops)
-            with autocast(config, device):
+                                          job.augmentation.mode, job.augmentation.crop_padding, crops)
+            with autocast(job, device):
                 loss, metrics = meta_objective(student, teacher, clean, dict(zip(attacks, views)), batch["label"],
                                                held_out, settings)
             grads = average_across_workers(meta_gradients(student, loss))
@@ -112,11 +105,11 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
-        problem = epoch_problem("MID", epoch, steps, config["batch_size"], sums.get("loss", 0.0) / max(steps, 1),
+        problem = epoch_problem("MID", epoch, steps, job.batch_size, sums.get("loss", 0.0) / max(steps, 1),
                                 student, device)
         if problem is not None:
             bar.close()
-            record_stop(config["stop_record"], problem)
+            record_stop(group.stop_record, problem)
             return
         epoch_metrics = {"epoch": epoch, "variant": epoch % len(shards), "steps": steps,
                          "samples_per_second": seen * world_size / seconds, "data_wait_fraction": waited / seconds,
@@ -131,8 +124,8 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         bar.update(1)
     bar.close()
     if rank == 0:
-        save_checkpoint(config["root"], config["checkpoint_key"], student.state_dict(),
-                        {"kind": "mid_student", "spec": config["spec"], "teacher_key": config["teacher_key"],
+        save_checkpoint(job.root, job.checkpoint_key, student.state_dict(),
+                        {"kind": "mid_student", "spec": job.spec, "teacher_key": job.teacher_key,
                          "history": history, "worker_seconds": {"training": time.perf_counter() - started,
                                                                 "checkpoints": checkpoints.seconds,
                                                                 "loop_started_at": loop_started_at,

@@ -11,6 +11,18 @@ from pipeline.stages.models import model_spec, worker_augmentation
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
+from workers.jobs import MIDJob
+
+
+def mid_job(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_keys: dict[str, str],
+            key: str) -> MIDJob:
+    """The student's job, under its content key ``key``."""
+    m = ctx.cfg.mid
+    return MIDJob(root=ctx.root, checkpoint_key=key, teacher_key=teacher["key"],
+                  spec=model_spec(ctx, dataset).as_dict(), seed=ctx.cfg.seed, attacks=tuple(pool_keys),
+                  variants=ctx.cfg.pool.variants, epochs=m.epochs, batch_size=m.batch_size, lr=m.lr,
+                  init_student=m.init_student, bf16=m.bf16, step=m.step(on_gpu=ctx.cfg.ray.use_gpu),
+                  augmentation=worker_augmentation(ctx))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_keys: dict[str, str]) -> dict[str, Any]:
@@ -29,13 +41,10 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
             variants = {variant_dataset_name(k): read_views(
                             AlignedViewsDatasource(ctx.root, dataset.key, "train", pools=pool_keys, variant=k))
                         for k in range(ctx.cfg.pool.variants)}
-            config = {"root": ctx.root, "checkpoint_key": key, "teacher_key": teacher["key"],
-                      "spec": model_spec(ctx, dataset).as_dict(), "seed": ctx.cfg.seed,
-                      "attacks": list(pool_keys), "variants": ctx.cfg.pool.variants,
-                      **m.model_dump(exclude={"num_workers"}), **worker_augmentation(ctx)}
             if m.bf16 and not ctx.cfg.ray.use_gpu:
                 ctx.say("mid: mid.bf16 applies to GPU workers only (ray.use_gpu is false): training in float32")
-            return train_with_ray(ctx, train_mid_loop, config, variants, m.num_workers, "mid", key)
+            return train_with_ray(ctx, train_mid_loop, {"job": mid_job(ctx, dataset, teacher, pool_keys, key)},
+                                  variants, m.num_workers, "mid", key)
 
         manifest, record["cache_hit"] = ctx.reuse_or_build(
             "mid", key, lambda: checkpoints.verify_checkpoint(ctx.root, key), train)

@@ -13,6 +13,7 @@ from pipeline.ray_runtime import read_views, train_with_ray
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
+from workers.jobs import Augmentation, ClassifierJob
 from workers.models import ModelSpec
 
 
@@ -26,13 +27,10 @@ def model_spec(ctx: RunContext, dataset: DatasetReader) -> ModelSpec:
         raise PipelineError(f"{e} (dataset {dataset.key})") from None
 
 
-def augmentation_settings(ctx: RunContext) -> dict[str, Any]:
-    """The workers' training augmentation; part of every trained model's key when on."""
-    return key_rules.augmentation_settings(ctx.cfg)
-
-
-def worker_augmentation(ctx: RunContext) -> dict[str, Any]:
-    return {"augment": "none", "crop_padding": 0, **augmentation_settings(ctx)}
+def worker_augmentation(ctx: RunContext) -> Augmentation:
+    """The workers' training augmentation (in every trained model's key when on: pipeline.keys)."""
+    mode = ctx.cfg.data.augmentation()
+    return Augmentation(mode, ctx.cfg.data.crop_padding if mode != "none" else 0)
 
 
 def check_pretrained(ctx: RunContext, spec: ModelSpec, kind: str) -> str:
@@ -57,21 +55,16 @@ def clean_dataset(ctx: RunContext, dataset: DatasetReader):
     return read_views(AlignedViewsDatasource(ctx.root, dataset.key, "train"))
 
 
-def training_settings(ctx: RunContext, kind: str) -> dict[str, Any]:
-    """Everything a model's training depends on besides the data and the architecture."""
-    return key_rules.training_settings(ctx.cfg, kind)
-
-
-def model_key(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: str) -> tuple[str, dict[str, Any]]:
-    """(content key, the worker's config) of one classifier. The substitute's own seed (in
-    its settings) replaces the run's for its initial weights."""
+def model_job(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: str) -> ClassifierJob:
+    """One classifier's job, under its content key. A section with a seed of its own (the
+    substitute's) replaces the run's: its initial weights and batches differ from the baseline's."""
     pretrained_sha256 = check_pretrained(ctx, spec, kind) if key_rules.uses_pretrained(ctx.cfg, kind) else None
     payload = key_rules.model_payload(ctx.cfg, dataset.fingerprint, spec.as_dict(), kind, pretrained_sha256)
-    key = content_key(kind, payload)
-    pretrained = ctx.cfg.models.pretrained if kind in key_rules.PRETRAINED_KINDS else None
-    config = {"root": ctx.root, "checkpoint_key": key, "kind": kind, "spec": spec.as_dict(), "seed": ctx.cfg.seed,
-              "pretrained": pretrained, **payload["train"], **worker_augmentation(ctx)}
-    return key, config
+    settings = key_rules.training_settings(ctx.cfg, kind)
+    return ClassifierJob(root=ctx.root, checkpoint_key=content_key(kind, payload), kind=kind, spec=spec.as_dict(),
+                         seed=settings.get("seed", ctx.cfg.seed), settings=settings,
+                         augmentation=worker_augmentation(ctx),
+                         pretrained=ctx.cfg.models.pretrained if key_rules.uses_pretrained(ctx.cfg, kind) else None)
 
 
 def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[str, dict[str, Any]]:
@@ -88,21 +81,21 @@ def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[
 
     spec = model_spec(ctx, dataset)
     started = time.perf_counter()
-    planned = {kind: model_key(ctx, dataset, spec, kind) for kind in kinds}
+    planned = {kind: model_job(ctx, dataset, spec, kind) for kind in kinds}
 
     def train(kinds_to_build: list[str]) -> dict[str, dict[str, Any]]:
         ctx.ensure_ray()
         # The run folder is "models-<first model's key>": gc keeps it while a ref names
         # that model, and a rerun of the same models finds its resume state.
-        group = planned[kinds_to_build[0]][0]
+        group = planned[kinds_to_build[0]].checkpoint_key
         ctx.say(f"{', '.join(kinds_to_build)}: training on {ctx.cfg.models.num_workers} Ray Train workers"
                 + (" (one worker group, one after another)" if len(kinds_to_build) > 1 else ""))
-        train_with_ray(ctx, train_classifiers_loop, {"models": [planned[k][1] for k in kinds_to_build]},
+        train_with_ray(ctx, train_classifiers_loop, {"jobs": [planned[k] for k in kinds_to_build]},
                        {"train": clean_dataset(ctx, dataset)}, ctx.cfg.models.num_workers, "models",
-                       group, commits=[planned[k][0] for k in kinds_to_build])
-        return {kind: checkpoints.verify_checkpoint(ctx.root, planned[kind][0]) for kind in kinds_to_build}
+                       group, commits=[planned[k].checkpoint_key for k in kinds_to_build])
+        return {kind: checkpoints.verify_checkpoint(ctx.root, planned[kind].checkpoint_key) for kind in kinds_to_build}
 
-    keys = {kind: key for kind, (key, _) in planned.items()}
+    keys = {kind: job.checkpoint_key for kind, job in planned.items()}
     manifests, built = ctx.reuse_or_build_many(keys, keys, lambda key: checkpoints.verify_checkpoint(ctx.root, key),
                                                train)
     group_seconds = time.perf_counter() - started
@@ -114,7 +107,7 @@ def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[
         if kind in built and kind == built[0]:  # the group's start-up, data read and commits
             seconds += group_seconds - worker_seconds
             details["worker_group"] = {"models": built, "seconds": round(group_seconds, 3)}
-        ctx.record_stage(kind, planned[kind][0], kind not in built, seconds, details)
+        ctx.record_stage(kind, planned[kind].checkpoint_key, kind not in built, seconds, details)
     return manifests
 
 

@@ -1,0 +1,83 @@
+"""What the training stages ask their Ray Train workers to do: typed, frozen and torch-free.
+
+The driver (``pipeline/stages``) builds a job; the loops (``workers/train_classifier.py``,
+``workers/train_mid.py``) read it. A field misspelt on either side fails at once instead of
+falling back to a default, and MID's step defaults live in one place
+(``workers/mid_settings.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.mid_settings import MetaSettings
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The workers' training augmentation (``workers.augment.crop_and_flip``)."""
+
+    mode: str = "none"  # none, crop or crop_flip
+    crop_padding: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """What ``pipeline.ray_runtime.train_with_ray`` tells every loop besides its job."""
+
+    rows_in_memory: bool  # each worker keeps its rows across epochs (workers.reproducible.WorkerRows)
+    checkpoint_interval_s: float  # an epoch checkpoint at most this often
+    stop_record: str  # where a loop says why it stopped without committing (workers.training_health)
+
+
+@dataclass(frozen=True)
+class ClassifierJob:
+    """One classifier to train and commit under ``checkpoint_key``."""
+
+    root: str  # the store
+    checkpoint_key: str
+    kind: str  # baseline, teacher, substitute or a classifier row's kind (workers/defenses)
+    spec: dict[str, Any]  # ModelSpec.as_dict()
+    seed: int
+    settings: dict[str, Any]  # models.<kind> as its key holds it, the training attack resolved
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    pretrained: str | None = None  # a state dict file that initialises it (checked on the driver)
+
+    @property
+    def epochs(self) -> int:
+        return self.settings["epochs"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings["batch_size"]
+
+    def epoch_settings(self, epoch: int) -> dict[str, Any]:
+        """The settings of ``epoch``: the training attack's ε and step ramp up linearly over
+        the first ``eps_warmup_epochs`` epochs (ε/W, 2ε/W, ..., ε), then stay."""
+        attack, warmup = self.settings.get("attack"), self.settings.get("eps_warmup_epochs", 0)
+        if attack is None or epoch >= warmup:
+            return self.settings
+        scale = (epoch + 1) / warmup
+        return {**self.settings, "attack": {**attack, "eps": attack["eps"] * scale,
+                                            "eps_iter": attack["eps_iter"] * scale}}
+
+
+@dataclass(frozen=True)
+class MIDJob:
+    """The MID student to meta-train on the stored pools and commit under ``checkpoint_key``."""
+
+    root: str  # the store
+    checkpoint_key: str
+    teacher_key: str
+    spec: dict[str, Any]  # ModelSpec.as_dict()
+    seed: int
+    attacks: tuple[str, ...]  # the pool's attacks: the views of every step, one held out
+    variants: int  # pool variants; epoch e reads variant e mod K
+    epochs: int
+    batch_size: int
+    lr: float  # the outer learning rate γ (Adam)
+    init_student: str  # teacher (a copy of E_t) or random
+    bf16: bool  # autocast on GPU workers
+    step: MetaSettings  # the meta step, batch_views resolved for the workers' device
+    augmentation: Augmentation = field(default_factory=Augmentation)

@@ -507,6 +507,18 @@ class RunConfig(Section):
                 kinds.append("substitute")
         return kinds
 
+    def run_stages(self, command: str = "run") -> list[str]:
+        """The stages ``command`` (run or pool) goes through, in order, named as a run records
+        them (results.json's ``stages``). The driver decides by this list and ``mid plan``
+        costs it, so the plan counts what a run builds."""
+        stages = ["ingest", *self.trained_classifiers(command), "pool"]
+        if command == "run":
+            if STUDENT_ROW in self.eval.defenses:
+                stages.append("mid")
+            stages += [f"attacks-{p}" for p in ("source", "transfer") if p in self.eval.protocols]
+            stages.append("eval")
+        return stages
+
     @staticmethod
     def classifier_kinds() -> list[str]:
         """Every classifier the config has a section for (``models.<kind>``)."""

@@ -31,8 +31,15 @@ def run_pool(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, 
     return pool_keys
 
 
-def classifier_row(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "classifier", "key": manifest["key"], "sha256": manifest["sha256"]}
+def row_models(row: str, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row's models as the eval stage keys and loads them: MID's student with the teacher
+    whose classifier reads it, or the row's classifier. ``trained``: manifests by kind."""
+    model = trained[defense_class(row).kind]
+    if row == STUDENT_ROW:
+        teacher = trained["teacher"]
+        return {"kind": "defended", "student_key": model["key"], "teacher_key": teacher["key"],
+                "sha256": [model["sha256"], teacher["sha256"]]}
+    return {"kind": "classifier", "key": model["key"], "sha256": model["sha256"]}
 
 
 def run(cfg: RunConfig, out_dir: Path, verbose: bool = False) -> dict[str, Any]:
@@ -56,14 +63,14 @@ def crafted(ctx: RunContext, stage: str) -> dict[str, Any]:
 def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tuple[dict, dict]:
     """The test pools of the source and transfer protocols ({protocol: {attack: key}}) and,
     per protocol, what its attacks were crafted against."""
-    e = ctx.cfg.eval
+    e, stages = ctx.cfg.eval, ctx.cfg.run_stages()
     stored, meta = {}, {}
-    if "source" in e.protocols:
+    if "attacks-source" in stages:
         kind = ctx.cfg.pool.source_model if e.source_model == "pool" else e.source_model
         stored["source"] = pool.run_test_attacks(ctx, dataset, "source", kind, trained[kind])
         meta["source"] = {"source_model": model_summary(trained[kind], kind),
                           "attacks": crafted(ctx, "attacks-source")}
-    if "transfer" in e.protocols:
+    if "attacks-transfer" in stages:
         substitute = trained["substitute"]
         stored["transfer"] = pool.run_test_attacks(ctx, dataset, "transfer", "substitute", substitute)
         meta["transfer"] = {"source_model": model_summary(substitute, "substitute", seed=ctx.cfg.models.substitute.seed),
@@ -79,18 +86,15 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
 
 
 def run_stages(ctx: RunContext) -> dict[str, Any]:
+    """The stages of ``RunConfig.run_stages``, in its order (``mid plan`` costs the same list)."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
     # They all read the clean dataset, so they train together before the pool (models.run_many).
     dataset, trained, pool_keys = prepare_pool(ctx, cfg.trained_classifiers())
-    teacher = trained["teacher"]
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order
-        if row == STUDENT_ROW:
-            student = trained["mid"] = mid.run(ctx, dataset, teacher, pool_keys)
-            defenses[row] = {"kind": "defended", "student_key": student["key"], "teacher_key": teacher["key"],
-                             "sha256": [student["sha256"], teacher["sha256"]]}
-        else:  # a classifier row, trained with the others before the pool
-            defenses[row] = classifier_row(trained[defense_class(row).kind])
+        if row == STUDENT_ROW:  # every other row is a classifier, trained before the pool
+            trained[defense_class(row).kind] = mid.run(ctx, dataset, trained["teacher"], pool_keys)
+        defenses[row] = row_models(row, trained)
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])

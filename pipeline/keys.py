@@ -8,92 +8,13 @@ these. ``tests/test_keys.py`` holds recorded keys, so a change here that moves a
 key fails, and checks that every config field either enters a payload here or is listed in
 ``KEY_NEUTRAL`` / ``KEY_BY_CONTENT`` below.
 
-What enters each key
-====================
-
-kind (made by)                     payload
----------------------------------  ---------------------------------------------------------------
-dataset                            data.source; raw_sha256 (the reader's digest of the files at
-  (stages/ingest.py: dataset_key)  data.path); data.image_size; data.test_fraction (digits only,
-                                   else null: the other sources ship their own test split);
-                                   data.train_limit; data.test_limit; seed; the dataset format
-                                   version (storage/datasets.py)
-baseline, teacher, at, trades,     the dataset fingerprint; the model spec (models.arch, the
-substitute                         dataset's channels / image size / classes, models.feature_dim,
-  (stages/models.py: model_key)    models.mean / models.std); train: the section models.<kind>
-                                   (epochs, batch_size, lr, teacher.lambda_rec, trades.beta,
-                                   substitute.seed, eps_warmup_epochs), for at and trades their
-                                   training attack resolved (attacks.PGD with the section's
-                                   ``attack`` overrides), the augmentation (data.augment resolved,
-                                   data.crop_padding), the sha256 of models.pretrained (baseline
-                                   and teacher, when set); seed; models.num_workers; BATCH_ORDER
-pool, one per attack: training     the dataset fingerprint; the split; source_sha256 (the attacked
-pools and stored test attacks      model's weights: pool.source_model's, eval.source_model's or
-  (stages/pool.py: pool_key)       the substitute's); the attack's name; every setting of its
-                                   family (attacks.<FAMILY>); attacks.target (targeted attacks
-                                   only, else null); the size of the seeded test subset
-                                   (eval.subset, else null); seed; the variants (pool.variants for
-                                   a stochastic attack, else 1); the encoding and delta_step
-                                   (pool.encoding / pool.delta_step for a training pool of an L∞
-                                   attack); pool.compressor; pool.shard_size; the pool format
-                                   version (storage/pools.py); pool.bf16 and pool.batch_size as
-                                   the exceptions below say
-mid (the student)                  the dataset fingerprint; the teacher's sha256; the training
-  (stages/mid.py: run)             pools' keys ({attack: key}: pool.attacks, their settings, the
-                                   source model and pool.variants enter through them); the whole
-                                   mid section (num_workers, batch_views and bf16 included; meta
-                                   and distill as below); seed; BATCH_ORDER; the augmentation
-eval, one per (protocol, row)      the protocol; the dataset fingerprint; the row's models (their
-  (stages/evaluate.py: cell_key)   keys and sha256); source / transfer: the stored test attacks'
-                                   pool keys (the stored images say everything about the
-                                   attacks); adaptive: the attack names (eval.adaptive_attacks,
-                                   else eval.known + eval.unknown), every family's settings
-                                   (attacks.*), attacks.target, eval.subset of those attacks, seed,
-                                   eval.batch_size as below
-pool-set, eval-set (display only)  the keys of a stage's entries (results.json); not store entries
-
-Compatibility exceptions
-========================
-
-A rule below leaves a setting out of a key while it has the value every entry made before
-the setting was keyed was made with, so those entries keep their keys and stay usable; a
-version number does the opposite and retires entries on purpose.
-
-where                       rule                                  reason
---------------------------  ------------------------------------  -------------------------------------------
-spec_payload                models.mean / models.std only when    models trained before in-model normalisation
-  (ModelSpec.as_dict too)   set                                   existed
-training_settings           eps_warmup_epochs only when not 0     AT / TRADES models trained before the ε
-                                                                  warm-up existed
-augmentation_settings       only when augmentation is on          models and students trained before
-                                                                  augmentation existed
-mid_settings                mid.meta / mid.distill only when      students trained before the Table 8 ablation
-                            false                                 switches existed
-pool_payload                bf16: true only for a training pool   pools made before bf16 existed; stored test
-                            made with pool.bf16                   attacks always run in float32 (not a
-                                                                  compatibility rule: bf16 does not apply)
-pool_payload                pool.batch_size only when not 256     pools made before it was keyed (issue 23).
-                                                                  It changes the images: CW stops early on the
-                                                                  loss of its whole batch, and the random draws
-                                                                  of a stochastic attack (seeded once per
-                                                                  shard) are split between batches differently
-eval_cell_payload           eval.batch_size, adaptive cells only, cells made before it was keyed (issue 23).
-                            only when not 256                     Adaptive batches are seeded by their first
-                                                                  sample's index (workers/evaluation.py), so
-                                                                  random starts and random targets, and CW's
-                                                                  early stop, depend on the batch size; stored
-                                                                  and benign batches run no random draw
-BATCH_ORDER                 a version number in every trained     the order batches reach a step changed; a
-                            model's key (now 2)                   store must not mix models trained under the
-                                                                  old order
-
-Settings in no key: ``KEY_NEUTRAL`` (they cannot change a stored entry) and
-``KEY_BY_CONTENT`` (they enter only through the digest of what they point at). What no key
-tells apart (the device, mid.bf16 on CPU workers): docs/keys.md, "Known gaps".
+docs/keys.md has the tables: what enters each key, every compatibility exception (a
+setting left out of a key while it has the value older entries were made with) with its
+reason, and the settings in no key. Keep them in step with the functions below.
 
 Adding a setting: if it can change what any entry holds, add it to that entry's payload
 here, and, if entries already exist, only while it differs from the value they were made
-with (a compatibility exception, added to the table above and to docs/keys.md); else add it
+with (a compatibility exception, added to docs/keys.md's table); else add it
 to ``KEY_NEUTRAL`` with the reason. ``tests/test_keys.py`` fails until one is done.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline import keys as key_rules
 from pipeline.config import RunConfig
 from pipeline.context import PipelineError
-from workers.defenses import STUDENT_ROW, classifier_defense
+from workers.defenses import classifier_defense
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
 # project to measure one; `--gpu-tflops` / `--utilisation` replace these.
@@ -129,31 +129,40 @@ def classifier_cost(cfg: RunConfig, kind: str, units: dict[str, float], train_sa
                      defense.summary(settings))
 
 
-def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
-    """Every stage of a run of ``cfg``, and the attacks whose cost is not counted."""
-    m, n = cfg.models, shape.train
-    attack_step, forward = units["attack_step"], units["forward"]
-    trained = cfg.trained_classifiers()  # what a run trains, no more: the driver's own list
-    stages = [classifier_cost(cfg, "baseline", units, n),
-              StageCost("teacher", units["teacher_step"], m.teacher.epochs * n, f"{m.teacher.epochs} epochs")]
-    if "substitute" in trained:
-        stages.append(classifier_cost(cfg, "substitute", units, n))
-    uncounted: list[str] = []
-    pool_macs, pool_views = 0.0, 0
+def pool_cost(cfg: RunConfig, units: dict[str, float], train_samples: int,
+              uncounted: list[str]) -> StageCost:
+    macs, views = 0.0, 0
     for attack in cfg.pool.attacks:
         steps, variants = _steps(cfg, attack), _variants(cfg, attack)
         if steps is None:
             uncounted.append(f"{attack} (pool)")
             continue
-        pool_macs += variants * (steps * attack_step + 2 * forward)  # + success before and after rounding
-        pool_views += variants
-    stages.append(StageCost("pool", pool_macs, n, f"{len(cfg.pool.attacks)} attacks, {pool_views} views per sample"))
-    if STUDENT_ROW in cfg.eval.defenses:
-        stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
-                                f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} order, "
-                                f"{len(cfg.pool.attacks)} views + clean"))
-    stages += [classifier_cost(cfg, kind, units, n) for kind in trained if kind not in ("baseline", "teacher",
-                                                                                        "substitute")]
+        # + its success, measured before and after rounding
+        macs += variants * (steps * units["attack_step"] + 2 * units["forward"])
+        views += variants
+    return StageCost("pool", macs, train_samples, f"{len(cfg.pool.attacks)} attacks, {views} views per sample")
+
+
+def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
+    """Every stage of a run of ``cfg`` (``RunConfig.run_stages``: the driver's own list, so
+    the plan counts what a run builds, no more), and the attacks whose cost is not counted."""
+    n, teacher = shape.train, cfg.models.teacher
+    attack_step, forward = units["attack_step"], units["forward"]
+    names = cfg.run_stages()
+    stages: list[StageCost] = []
+    uncounted: list[str] = []
+    for name in names:
+        if name == "teacher":
+            stages.append(StageCost("teacher", units["teacher_step"], teacher.epochs * n, f"{teacher.epochs} epochs"))
+        elif name in cfg.classifier_kinds():
+            stages.append(classifier_cost(cfg, name, units, n))
+        elif name == "pool":
+            stages.append(pool_cost(cfg, units, n, uncounted))
+        elif name == "mid":
+            stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
+                                    f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} "
+                                    f"order, {len(cfg.pool.attacks)} views + clean"))
+    # The stored test attacks (attacks-source, attacks-transfer) and the adaptive part of eval.
     test_attack_macs, adaptive_macs = 0.0, 0.0
     defenses = len(cfg.eval.defenses)
     for attack in cfg.eval.attacks:
@@ -165,7 +174,7 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
         test_attack_macs += samples * (steps * attack_step + 2 * forward)
         adaptive_macs += defenses * samples * (steps * attack_step + forward)
     # Per test image, over the attacks of the table (subsets included).
-    stored = [p for p in cfg.eval.protocols if p in ("source", "transfer")]
+    stored = [name.removeprefix("attacks-") for name in names if name.startswith("attacks-")]
     if stored:
         stages.append(StageCost("test attacks", test_attack_macs * len(stored) / shape.test, shape.test,
                                 f"stored once, {' + '.join(stored)}"))

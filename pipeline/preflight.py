@@ -15,7 +15,6 @@ from pipeline.config import RunConfig
 from storage.readers import reader
 from storage.readers.base import DataFileError
 from storage import store as store_location
-from workers.defenses import STUDENT_ROW
 
 
 def problems(cfg: RunConfig, command: str = "run") -> list[str]:
@@ -66,7 +65,7 @@ def training_stages(cfg: RunConfig, command: str = "run") -> dict[str, list[tupl
     kinds = cfg.trained_classifiers(command)
     groups = {"models.num_workers": [(f"models.{kind}.batch_size", getattr(cfg.models, kind).batch_size)
                                      for kind in kinds]}
-    if command == "run" and STUDENT_ROW in cfg.eval.defenses:
+    if "mid" in cfg.run_stages(command):
         groups["mid.num_workers"] = [("mid.batch_size", cfg.mid.batch_size)]
     return groups
 

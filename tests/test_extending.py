@@ -5,7 +5,7 @@ The test copies the code into a fresh folder, writes the files and the lines exa
 document shows them, and runs the real CLI there: the config validates the new attack's and
 row's settings, `mid plan` costs them, `mid pool` generates, stores and verifies a pool of
 the attack, and `mid run` trains the row and puts it in the table, whose model `mid export`
-writes.
+writes and whose row `mid sweep` reports per variant.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, t
         table = results["protocols"][protocol]["defenses"]
         assert list(table) == ["None", "GAUSS"]
         assert list(table["GAUSS"]["attacks"]) == ["FGSM_N", "NOISE_N"]
+    assert list(results["stages"]) == ["ingest", "baseline", "teacher", "gauss", "pool", "attacks-source", "eval"]
     gauss = results["stages"]["gauss"]
     assert not gauss["cache_hit"] and gauss["key"].startswith("gauss-")
     assert "| GAUSS |" in (out / "report.md").read_text()
@@ -131,3 +132,15 @@ def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, t
     assert card["model"]["row"] == "GAUSS" and card["model"]["kind"] == "gauss"
     assert card["model"]["is"].startswith("Gaussian data augmentation")
     assert set(card["results"]) == {"source", "adaptive"}
+
+    # A sweep of the row: one variant, the run's own config, so its trial reuses every entry.
+    sweep = tmp_path / "gauss-sweep.yaml"
+    settings = "".join(f"  {key}: {value}\n" for key, value in (o.split("=", 1) for o in [*TINY, *ROW]))
+    sweep.write_text(f"name: gauss\nbase: {extended}/configs/digits.yaml\nrow: GAUSS\nset:\n{settings}"
+                     "variants:\n  sigma-0.2: {}\n")
+    mid(extended, "sweep", str(sweep), "--store", str(store), "--out", str(tmp_path / "sweep"))
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["row"] == "GAUSS"
+    adaptive = summary["protocols"]["adaptive"]
+    assert list(adaptive) == ["None", "sigma-0.2"]  # the variant's row is its GAUSS row
+    assert adaptive["sigma-0.2"]["benign"] == results["protocols"]["adaptive"]["defenses"]["GAUSS"]["benign"]

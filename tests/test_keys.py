@@ -23,11 +23,11 @@ from unittest import mock
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from pipeline import keys
+from pipeline import driver, keys
 from pipeline.config import RunConfig, load_config, set_path
 from pipeline.context import PipelineError, RunContext
 from storage.keys import content_key
-from workers.defenses import STUDENT_ROW, defense_class
+from workers.defenses import STUDENT_ROW
 
 CONFIG = "configs/digits.yaml"
 
@@ -77,13 +77,9 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
                 def reuse(label, key, find, build):  # the student "is in the store"
                     return {"key": key, "sha256": SHA256["mid"], "history": [{}]}, True
                 patches.enter_context(mock.patch.object(ctx, "reuse_or_build", reuse))
-                student = mid.run(ctx, dataset, trained["teacher"], pool_keys)
-                found["mid"] = student["key"]
-                defenses[row] = {"kind": "defended", "student_key": student["key"],
-                                 "teacher_key": trained["teacher"]["key"],
-                                 "sha256": [student["sha256"], trained["teacher"]["sha256"]]}
-            else:
-                defenses[row] = {"kind": "classifier", **trained[defense_class(row).kind]}
+                trained["mid"] = mid.run(ctx, dataset, trained["teacher"], pool_keys)
+                found["mid"] = trained["mid"]["key"]
+            defenses[row] = driver.row_models(row, trained)
         stored = {}
         for protocol, kind in source_kinds(cfg).items():
             if protocol in cfg.eval.protocols:
@@ -118,13 +114,10 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
         pool_keys[attack] = content_key(*out[f"pool/train/{attack}"])
     defenses = {}
     for row in cfg.eval.defenses:
-        if row == "MID":
+        if row == STUDENT_ROW:
             out["mid"] = ("mid", keys.mid_payload(cfg, FINGERPRINT, trained["teacher"]["sha256"], pool_keys))
-            defenses[row] = {"kind": "defended", "student_key": content_key(*out["mid"]),
-                             "teacher_key": trained["teacher"]["key"],
-                             "sha256": [SHA256["mid"], trained["teacher"]["sha256"]]}
-        else:
-            defenses[row] = {"kind": "classifier", **trained["baseline" if row == "None" else row.lower()]}
+            trained["mid"] = {"key": content_key(*out["mid"]), "sha256": SHA256["mid"]}
+        defenses[row] = driver.row_models(row, trained)
     stored = {}
     for protocol, kind in source_kinds(cfg).items():
         if protocol in cfg.eval.protocols:

@@ -94,15 +94,19 @@ def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
 
 def test_the_plan_counts_only_what_a_run_trains():
     """`mid plan configs/digits.yaml --set 'eval.defenses=[None]'` counted AT and MID, which
-    such a run never trains; the plan and the driver now share one list of classifiers."""
+    such a run never trains; the plan now costs the driver's own list of stages, in its order."""
     units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
     shape = DataShape(1000, 100, 1, 16, 10, "test")
-    for rows, expected in (("[None]", set()), ("[None, AT, TRADES]", {"at", "trades"}), ("[None, MID]", {"mid"})):
-        cfg = load_config(REPO / "configs/digits.yaml", [f"eval.defenses={rows}", "eval.protocols=[source]"])
+    for rows, protocols, expected in (
+            ("[None]", "[source]", ["baseline", "teacher", "pool", "test attacks"]),
+            ("[None, AT, TRADES]", "[adaptive]", ["baseline", "teacher", "at", "trades", "pool", "adaptive eval"]),
+            ("[MID, None]", "[transfer, adaptive]", ["baseline", "teacher", "substitute", "pool", "mid",
+                                                     "test attacks", "adaptive eval"])):
+        cfg = load_config(REPO / "configs/digits.yaml", [f"eval.defenses={rows}", f"eval.protocols={protocols}"])
         stages, _ = stage_costs(cfg, shape, units)
-        names = {s.name for s in stages}
-        assert names & {"at", "trades", "mid"} == expected, (rows, names)
-        assert names & {"baseline", "teacher"} == set(cfg.trained_classifiers()) & {"baseline", "teacher"}
+        assert [s.name for s in stages] == expected, (rows, protocols)
+        trained = [s for s in cfg.run_stages() if s not in ("ingest", "eval") and not s.startswith("attacks-")]
+        assert [s.name for s in stages][:len(trained)] == trained
 
 
 def mid(*args: str) -> subprocess.CompletedProcess:

@@ -182,7 +182,7 @@ def main(argv=None) -> dict[str, Any]:
     report = {
         "benchmark": "stage_overhead", "config": os.path.relpath(args.config, REPO), "overrides": args.set,
         "cores": os.cpu_count(), "single_process_threads": args.threads,
-        "train_workers": {"classifiers": cfg.models.num_workers, "mid": m.num_workers,
+        "train_workers": {"classifiers": cfg.models.num_workers, "mid": cfg.mid.num_workers,
                           "cpus_per_worker": cfg.ray.cpus_per_worker},
         "checkpoint_interval_s": cfg.ray.checkpoint_interval_s,
         "ray_start_seconds": round(ray_start, 2),

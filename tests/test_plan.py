@@ -121,7 +121,8 @@ def test_mid_plan_json_and_table_for_an_image_folder_config_without_data():
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)
     assert plan["data"]["train"] == 128 and plan["data"]["side"] == 64  # the profile's limit and size
-    assert [s["name"] for s in plan["stages"]][:5] == ["baseline", "teacher", "substitute", "pool", "mid"]
+    # The run's stages in its order (RunConfig.run_stages), the stored test attacks and eval after.
+    assert [s["name"] for s in plan["stages"]][:6] == ["baseline", "teacher", "at", "substitute", "pool", "mid"]
     assert all(s["hours"] > 0 and s["total_macs"] > 0 for s in plan["stages"])
     assert plan["per_epoch"]["mid_online_hours"] > plan["per_epoch"]["mid_cached_hours"]
     assert plan["storage"]["pool_bytes"] > 0 and plan["mid_reads"]["bytes_per_second"] > 0

@@ -133,6 +133,13 @@ def connect(cfg: RunConfig, out_dir: Path, verbose: bool, say: Callable[[str], N
     else:
         say(f"joining Ray at {address}")
         ray.init(address=address, log_to_driver=True)
+    # Once connected, nothing in this driver may start a Ray instance of its own. Ray's
+    # public calls start one (with the full dashboard) when Ray is down, and after Ctrl-C a
+    # Tune or Train thread still running here made such a call between ``ray.shutdown`` and
+    # the driver's exit: a sweep left that second instance's dashboard processes behind it.
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
     if not verbose:
         from pipeline.console import route_worker_lines
 

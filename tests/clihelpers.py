@@ -61,7 +61,11 @@ def listening_sockets(root: Any) -> list[dict]:
     import psutil
 
     found = []
-    for proc in [root, *root.children(recursive=True)]:
+    try:
+        descendants = root.children(recursive=True)
+    except psutil.NoSuchProcess:  # the run ended (and was reaped) since the caller last looked
+        return found
+    for proc in [root, *descendants]:
         try:
             cmd, conns = " ".join(" ".join(proc.cmdline()).split())[:100], proc.net_connections(kind="inet")
         except psutil.Error:  # gone meanwhile, or not ours to read

@@ -20,7 +20,7 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
-from workers.defenses import DEFENSES, STUDENT_ROW, classifier_rows, defense_class
+from workers.defenses import DEFENSES, STUDENT_ROW, classifier_rows, defense_class, refreshed_rows
 from workers.defenses.base import TrainSettings
 from workers.mid_settings import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
@@ -206,6 +206,20 @@ def _check_attack_names(names: list[str]) -> list[str]:
     return names
 
 
+class RefreshConfig(Section):
+    """How the rows trained on a refreshed pool (MID-R, ATTA: workers/defenses) refresh it
+    (docs/design.md §4.3). Read only when eval.defenses has such a row."""
+
+    every: PositiveInt = Field(1, description="epochs per round: a pool is at most this many epochs stale")
+    steps: PositiveInt = Field(3, description="attack steps per refresh, continuing the stored perturbation")
+    step_size: PositiveFloat | None = Field(None, description="L∞ step of a refresh; default: each attack's ε / 4")
+    attacks: list[str] | None = Field(None, description="the pool attacks refreshed (L∞ ones); default: every "
+                                                        "L∞ attack of pool.attacks; the others stay pool 0")
+    reset_every: PositiveInt | None = Field(
+        None, description="every this many rounds, regenerate the refreshed attacks from a fresh random start "
+                          "against the current model, with their full settings (none: never)")
+
+
 class PoolConfig(Section):
     attacks: list[str] = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
     source_model: Literal["baseline", "teacher"] = "baseline"
@@ -220,6 +234,7 @@ class PoolConfig(Section):
     num_actors: PositiveInt = 2
     bf16: bool = Field(False, description="run the attacks under bfloat16 autocast (fast on GPUs; the stored "
                                           "success rate is still measured in float32 and reported)")
+    refresh: RefreshConfig = Field(RefreshConfig(), description="the refreshed pool of the MID-R and ATTA rows")
 
     @field_validator("attacks")
     @classmethod
@@ -432,6 +447,24 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _refreshed_attacks_valid(self):
+        chosen = self.pool.refresh.attacks
+        if chosen is None:
+            return self
+        _check_attack_names(chosen)
+        for attack in chosen:
+            if attack not in self.pool.attacks:
+                raise ValueError(f"pool.refresh.attacks: {attack} is not a pool attack "
+                                 f"(allowed: {', '.join(self.pool.attacks)})")
+            if self.attacks.linf_eps(attack) is None:
+                raise ValueError(f"pool.refresh.attacks: {attack} is not an L∞ attack; a refresh continues the "
+                                 f"stored perturbation with L∞ steps (allowed: "
+                                 f"{', '.join(a for a in self.pool.attacks if self.attacks.linf_eps(a) is not None)})")
+        if not chosen:
+            raise ValueError("pool.refresh.attacks: empty; leave it out to refresh every L∞ pool attack")
+        return self
+
+    @model_validator(mode="after")
     def _training_attacks_valid(self):
         for kind in self.adversarial_kinds():
             try:
@@ -501,8 +534,8 @@ class RunConfig(Section):
         plan counts what a run builds."""
         kinds = ["baseline", "teacher"]
         if command == "run":
-            kinds += [kind for kind in (defense_class(row).kind for row in self.eval.defenses if row != STUDENT_ROW)
-                      if kind not in kinds]
+            kinds += [kind for kind in (defense_class(row).kind for row in self.eval.defenses
+                                        if row in classifier_rows()) if kind not in kinds]
             if "transfer" in self.eval.protocols:
                 kinds.append("substitute")
         return kinds
@@ -513,11 +546,21 @@ class RunConfig(Section):
         costs it, so the plan counts what a run builds."""
         stages = ["ingest", *self.trained_classifiers(command), "pool"]
         if command == "run":
-            if STUDENT_ROW in self.eval.defenses:
-                stages.append("mid")
+            stages += [defense_class(row).kind for row in self.eval.defenses  # the table's order, as the driver
+                       if row == STUDENT_ROW or row in refreshed_rows()]
             stages += [f"attacks-{p}" for p in ("source", "transfer") if p in self.eval.protocols]
             stages.append("eval")
         return stages
+
+    def refreshed_rows(self) -> list[str]:
+        """The rows of the table trained on a refreshed pool, in the table's order."""
+        return [row for row in self.eval.defenses if row in refreshed_rows()]
+
+    def refreshed_attacks(self) -> list[str]:
+        """The pool attacks a refresh continues (``pool.refresh.attacks`` or every L∞ one)."""
+        chosen = self.pool.refresh.attacks
+        return list(chosen) if chosen is not None else [a for a in self.pool.attacks
+                                                        if self.attacks.linf_eps(a) is not None]
 
     @staticmethod
     def classifier_kinds() -> list[str]:

@@ -1,5 +1,6 @@
 """One run, stage after stage: ingest → the classifiers (the baseline, the teacher, the
-classifier rows of eval.defenses, the substitute: one Ray Train worker group) → pool → mid →
+classifier rows of eval.defenses, the substitute: one Ray Train worker group) → pool → mid and the
+rows trained on a refreshed pool (MID-R, ATTA) →
 stored test attacks (source, transfer) → eval → report."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from typing import Any
 from pipeline import metrics, report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
-from pipeline.stages import evaluate, ingest, mid, models, pool
-from workers.defenses import STUDENT_ROW, defense_class
+from pipeline.stages import evaluate, ingest, mid, models, pool, refresh
+from workers.defenses import STUDENT_ROW, defense_class, reads_teacher_classifier, refreshed_rows
 
 
 def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baseline", "teacher")):
@@ -35,7 +36,7 @@ def row_models(row: str, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A row's models as the eval stage keys and loads them: MID's student with the teacher
     whose classifier reads it, or the row's classifier. ``trained``: manifests by kind."""
     model = trained[defense_class(row).kind]
-    if row == STUDENT_ROW:
+    if reads_teacher_classifier(row):
         teacher = trained["teacher"]
         return {"kind": "defended", "student_key": model["key"], "teacher_key": teacher["key"],
                 "sha256": [model["sha256"], teacher["sha256"]]}
@@ -92,8 +93,10 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
     dataset, trained, pool_keys = prepare_pool(ctx, cfg.trained_classifiers())
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order
-        if row == STUDENT_ROW:  # every other row is a classifier, trained before the pool
+        if row == STUDENT_ROW:  # the classifier rows trained before the pool
             trained[defense_class(row).kind] = mid.run(ctx, dataset, trained["teacher"], pool_keys)
+        elif row in refreshed_rows():
+            trained[defense_class(row).kind] = refresh.run(ctx, dataset, row, trained, pool_keys)
         defenses[row] = row_models(row, trained)
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():

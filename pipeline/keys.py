@@ -190,3 +190,47 @@ def eval_cell_payload(cfg: RunConfig, dataset_fingerprint: str, protocol: str, d
 def eval_set_payload(cell_keys: list[str]) -> dict[str, Any]:
     """The eval stage's display key (results.json): its cells' keys."""
     return {"cells": sorted(cell_keys)}
+
+
+def refresh_settings(cfg: RunConfig, attack: str) -> dict[str, Any]:
+    """How ``attack``'s pool is refreshed: the steps and the step size, resolved (ε / 4 by default)."""
+    r = cfg.pool.refresh
+    return {"steps": r.steps, "step_size": r.step_size or cfg.attacks.linf_eps(attack) / 4}
+
+
+def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, init_sha256: str,
+                          teacher_sha256: str | None, first_pools: dict[str, str]) -> dict[str, Any]:
+    """A row trained on a refreshed pool (workers/defenses: MID-R, ATTA), as a whole: what
+    its first round starts from (``init_sha256``: the teacher's or the baseline's weights),
+    the pool it starts on, its training settings and how the pool is refreshed. Each
+    round's checkpoint is keyed by this and its round's pools (``refreshed_round_payload``)."""
+    r = cfg.pool.refresh
+    if teacher_sha256 is not None:  # MID's step, the mid section
+        train: dict[str, Any] = {"mid": mid_settings(cfg), "teacher_sha256": teacher_sha256,
+                                 "num_workers": cfg.mid.num_workers}
+    else:  # cross-entropy with AT's epochs, batch size and learning rate
+        at = cfg.models.at
+        train = {"epochs": at.epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
+    return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,
+            "train": train, "every": r.every, "reset_every": r.reset_every,
+            "refreshed": {a: refresh_settings(cfg, a) for a in cfg.refreshed_attacks()},
+            "seed": cfg.seed, "batch_order": BATCH_ORDER, **augmentation_settings(cfg)}
+
+
+def refreshed_round_payload(run_key: str, round_index: int, pool_keys: dict[str, str]) -> dict[str, Any]:
+    """Round ``round_index`` of the refreshed run ``run_key``, trained on ``pool_keys``."""
+    return {"run": run_key, "round": round_index, "pools": pool_keys}
+
+
+def refreshed_pool_payload(cfg: RunConfig, previous_key: str, source_sha256: str, attack: str,
+                           reset: bool) -> dict[str, Any]:
+    """Pool ``previous_key`` refreshed against the model whose weights hash to ``source_sha256``:
+    continued (``refresh_settings``), or, on a reset round, ``attack`` made afresh."""
+    family, _ = parse_attack_name(attack)
+    p = cfg.pool
+    how = ({"reset": True, "settings": getattr(cfg.attacks, family).model_dump(), "seed": cfg.seed} if reset
+           else refresh_settings(cfg, attack))
+    return {"refresh_of": previous_key, "source_sha256": source_sha256, "attack": attack, **how,
+            "encoding": p.encoding, "delta_step": p.delta_step, "compressor": p.compressor,
+            "shard_size": p.shard_size, "batch_size": p.batch_size, "format_version": pools.FORMAT_VERSION,
+            **({"bf16": True} if p.bf16 else {})}

@@ -69,7 +69,7 @@ class MIDJob:
 
     root: str  # the store
     checkpoint_key: str
-    teacher_key: str
+    teacher_key: str | None  # None for a cross_entropy objective, which reads no teacher
     spec: dict[str, Any]  # ModelSpec.as_dict()
     seed: int
     attacks: tuple[str, ...]  # the pool's attacks: the views of every step, one held out
@@ -81,3 +81,13 @@ class MIDJob:
     bf16: bool  # autocast on GPU workers
     step: MetaSettings  # the meta step, batch_views resolved for the workers' device
     augmentation: Augmentation = field(default_factory=Augmentation)
+    # A round of a row trained on a refreshed pool (pipeline/stages/refresh.py) trains
+    # epochs [first_epoch, epochs) from the checkpoint ``init_checkpoint`` (the previous round's,
+    # or round 0's starting model), with the row's ``objective``: MID's meta step, or
+    # cross-entropy on every view of a whole classifier (ATTA). ``commit_kind``: the kind its
+    # checkpoint's manifest records.
+    first_epoch: int = 0
+    init_checkpoint: str | None = None
+    objective: str = "mid"  # mid or cross_entropy
+    commit_kind: str = "mid_student"
+    row: str = "MID"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from storage.checkpoints import load_checkpoint
+from storage.checkpoints import load_checkpoint, read_manifest
 from workers.models import (Autoencoding, EncoderClassifier, ModelSpec, build_classifier_model,
                             build_encoder, build_teacher)
 
@@ -38,12 +38,16 @@ def load_defended(root: str, student_key: str, teacher_key: str) -> EncoderClass
 
 
 def load_source_model(root: str, kind: str, key: str) -> nn.Module:
-    """The model a pool is generated against: the teacher's C ∘ E, or a plain classifier
-    (the baseline, or the transfer protocol's substitute)."""
-    if kind != "teacher":
-        return load_classifier(root, key)
-    teacher = load_teacher(root, key)
-    return EncoderClassifier(teacher.encoder, teacher.classifier).eval()
+    """The model a pool is generated against: the teacher's C ∘ E, a classifier (the
+    baseline, the transfer protocol's substitute, an ATTA round's), or a MID-R round's
+    C_t ∘ E_s (a refreshed pool)."""
+    if kind == "teacher":
+        teacher = load_teacher(root, key)
+        return EncoderClassifier(teacher.encoder, teacher.classifier).eval()
+    manifest = read_manifest(root, key) or {}
+    if manifest.get("kind") == "mid_student":
+        return load_defended(root, key, manifest["teacher_key"])
+    return load_classifier(root, key)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

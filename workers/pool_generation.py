@@ -1,6 +1,7 @@
 """The pool-generation actor: attacks a fixed model (the training pool's source, or the
 source / substitute of the stored test attacks) one shard at a time and writes each shard
-to the pool store, where it is checked and committed."""
+to the pool store, where it is checked and committed. It also refreshes a pool: continues
+its stored perturbations against a newer model (``refresh``, docs/design.md §4.3)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from storage.datasets import DatasetReader
-from storage.pools import quantize, write_shard
+from storage.pools import PoolReader, quantize, write_shard
 from workers.attacks import make_attack, make_targets, seed_attack_randomness
 from workers.device import actor_device, bf16_autocast
 from workers.loading import load_source_model
@@ -82,3 +83,48 @@ class PoolGenerator:
                  "seconds": time.perf_counter() - started}
         return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
                            adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_all, stats=stats)
+
+    def refresh(self, pool_key: str, previous_key: str, attack_name: str, shard: int, start: int, stop: int, *,
+                family_settings: dict[str, dict[str, Any]], steps: int, step_size: float, batch_size: int,
+                delta_step: int = 1) -> dict[str, Any]:
+        """Shard ``shard`` of a refreshed pool: variant 0 of pool ``previous_key`` (its images
+        and targets) continued by ``steps`` L∞ steps of ``step_size`` against this actor's
+        model, within the attack's ε-ball. Deterministic: no random start.
+
+        advertorch's ``perturb_iterative`` takes the starting perturbation (``delta_init``)
+        that its attack classes do not; momentum (MIM) is not carried, so every attack
+        continues as PGD steps on its own loss (cross-entropy, towards its target if targeted).
+        """
+        import workers.advertorch_compat  # noqa: F401  (before advertorch, as workers.attacks does)
+        from advertorch.attacks.iterative_projected_gradient import perturb_iterative
+
+        started = time.perf_counter()
+        attack = make_attack(attack_name, family_settings)
+        previous = PoolReader.open(self.root, previous_key)
+        clean_u8, labels_np = self.dataset.load("train", start, stop)
+        start_u8 = previous.adv(0, start, stop, clean_u8=clean_u8)
+        targets_np = np.asarray(previous.group["target"][0, start:stop], dtype=np.int64)
+        clean = to_float(torch.from_numpy(clean_u8)).to(self.device)
+        carried = to_float(torch.from_numpy(start_u8)).to(self.device)
+        labels = torch.from_numpy(labels_np).to(self.device)
+        targets = torch.from_numpy(targets_np).to(self.device)
+        goal = targets if attack.targeted else labels
+        adv_u8 = np.empty((1, *clean_u8.shape), dtype=np.uint8)
+        hits_float = hits_stored = 0
+        loss = torch.nn.CrossEntropyLoss(reduction="sum")
+        for lo in range(0, len(labels), batch_size):
+            hi = min(lo + batch_size, len(labels))
+            with bf16_autocast(self.bf16, self.device):
+                adv = perturb_iterative(clean[lo:hi], goal[lo:hi], self.model, nb_iter=steps, eps=attack.eps,
+                                        eps_iter=step_size, loss_fn=loss,
+                                        delta_init=(carried[lo:hi] - clean[lo:hi]).clone(),
+                                        minimize=attack.targeted).detach().float()
+            stored = quantize(adv.cpu().numpy(), clean_u8[lo:hi], attack.eps, delta_step)
+            adv_u8[0, lo:hi] = stored
+            hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
+            hits_stored += success(self.model, to_float(torch.from_numpy(stored)).to(self.device), labels[lo:hi],
+                                   targets[lo:hi], attack.targeted)
+        stats = {"success_rate_float": hits_float / len(labels_np), "success_rate_stored": hits_stored / len(labels_np),
+                 "seconds": time.perf_counter() - started}
+        return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
+                           adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)

@@ -1,6 +1,10 @@
 """Ray Train loop for MID: stream clean images and every pool view, aligned by sample,
 and take the meta step of ``workers.mid`` with the outer gradient averaged across workers.
 
+A round of a row trained on a refreshed pool runs the same loop (``MIDJob.first_epoch``,
+``init_checkpoint``); ATTA's rounds take cross-entropy on every view of a whole classifier
+instead of the meta step (``MIDJob.objective``), the one thing that differs.
+
 Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
 group resumes from the last one.
 """
@@ -15,7 +19,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from storage.checkpoints import save_checkpoint
+from storage.checkpoints import load_checkpoint, save_checkpoint
 from workers.augment import augmentation_generator, crop_and_flip
 from workers.device import bf16_autocast
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
@@ -26,7 +30,7 @@ from workers.training_health import epoch_problem, record_stop
 from workers.jobs import MIDJob, WorkerGroup
 from workers.mid import (FrozenTeacher, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
                          meta_objective)
-from workers.models import ModelSpec, build_encoder, to_float
+from workers.models import ModelSpec, build_classifier_model, build_encoder, to_float
 
 
 def variant_dataset_name(variant: int) -> str:
@@ -42,6 +46,31 @@ def initial_student(job: MIDJob, teacher_encoder: torch.nn.Module) -> torch.nn.M
         student = build_encoder(ModelSpec(**job.spec))
     student.train()
     return student.requires_grad_(True)
+
+
+def starting_model(job: MIDJob, teacher_encoder: torch.nn.Module | None) -> tuple[torch.nn.Module, list]:
+    """The model the job trains and the history it continues: ``init_checkpoint``'s weights
+    when set (a previous round's, whose history goes on, or ATTA's baseline), else MID's
+    initial student."""
+    if job.objective == "cross_entropy":
+        model = build_classifier_model(ModelSpec(**job.spec))
+    elif job.init_checkpoint is None:
+        return initial_student(job, teacher_encoder), []
+    else:
+        model = build_encoder(ModelSpec(**job.spec))
+    state, manifest = load_checkpoint(job.root, job.init_checkpoint)
+    model.load_state_dict(state)
+    model.train()
+    return model.requires_grad_(True), list(manifest["history"]) if job.first_epoch > 0 else []
+
+
+def cross_entropy_objective(model: torch.nn.Module, views: list[torch.Tensor],
+                            labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """ATTA's loss: the mean cross-entropy over the adversarial views, in one forward pass."""
+    logits = model(torch.cat(views))
+    loss = torch.nn.functional.cross_entropy(logits, labels.repeat(len(views)))
+    accuracy = (logits.argmax(1) == labels.repeat(len(views))).float().mean()
+    return loss, {"loss": loss.item(), "adversarial_accuracy": accuracy.item()}
 
 
 def autocast(job: MIDJob, device: torch.device):
@@ -61,11 +90,15 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)  # workers get a fraction of a core each; more threads only contend
     device = ray.train.torch.get_device()
     deterministic_kernels(device)
-    teacher_model = load_teacher(job.root, job.teacher_key).to(device)
-    teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
-    student = initial_student(job, teacher_model.encoder).to(device)
+    teacher = None
+    if job.objective == "mid":
+        teacher_model = load_teacher(job.root, job.teacher_key).to(device)
+        teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
+    student, history = starting_model(job, teacher and teacher.encoder)
+    student = student.to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=job.lr)
-    history, first_epoch, step = [], 0, 0
+    first_epoch = job.first_epoch
+    step = sum(h["steps"] for h in history)  # the held-out draw goes on where the last round stopped
     state = restore_state()
     if state is not None:
         student.load_state_dict(state["student"])
@@ -78,7 +111,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
     checkpoints = EpochCheckpoints(group.checkpoint_interval_s, job.epochs, device)
-    bar = epoch_bar("MID training", job.epochs, show=rank == 0)
+    bar = epoch_bar(f"{job.row} training", job.epochs, show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, job.epochs):
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
@@ -95,8 +128,11 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             clean, *views = crop_and_flip([to_float(batch[name]) for name in ["clean", *attacks]],
                                           job.augmentation.mode, job.augmentation.crop_padding, crops)
             with autocast(job, device):
-                loss, metrics = meta_objective(student, teacher, clean, dict(zip(attacks, views)), batch["label"],
-                                               held_out, settings)
+                if job.objective == "mid":
+                    loss, metrics = meta_objective(student, teacher, clean, dict(zip(attacks, views)),
+                                                   batch["label"], held_out, settings)
+                else:
+                    loss, metrics = cross_entropy_objective(student, views, batch["label"])
             grads = average_across_workers(meta_gradients(student, loss))
             apply_gradients(student, grads, optimizer)
             step += 1
@@ -105,7 +141,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.perf_counter() - start
-        problem = epoch_problem("MID", epoch, steps, job.batch_size, sums.get("loss", 0.0) / max(steps, 1),
+        problem = epoch_problem(job.row, epoch, steps, job.batch_size, sums.get("loss", 0.0) / max(steps, 1),
                                 student, device)
         if problem is not None:
             bar.close()
@@ -119,13 +155,13 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         history.append(epoch_metrics)
         checkpoints.end_epoch(epoch, epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                                                      "epoch": epoch, "step": step, "history": history})
-        bar.set_description(f"MID training (loss {epoch_metrics['loss']:.3f}, "
+        bar.set_description(f"{job.row} training (loss {epoch_metrics['loss']:.3f}, "
                             f"data wait {epoch_metrics['data_wait_fraction']:.0%})")
         bar.update(1)
     bar.close()
     if rank == 0:
         save_checkpoint(job.root, job.checkpoint_key, student.state_dict(),
-                        {"kind": "mid_student", "spec": job.spec, "teacher_key": job.teacher_key,
+                        {"kind": job.commit_kind, "spec": job.spec, "teacher_key": job.teacher_key,
                          "history": history, "worker_seconds": {"training": time.perf_counter() - started,
                                                                 "checkpoints": checkpoints.seconds,
                                                                 "loop_started_at": loop_started_at,

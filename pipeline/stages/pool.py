@@ -31,6 +31,14 @@ class PoolSpec:
     encoding: str
     delta_step: int
     indices: list[int] | None  # a seeded subset of the split, or None for all of it
+    # A refreshed pool (pipeline/stages/refresh.py): pool ``refresh_of`` continued by ``steps``
+    # steps of ``step_size`` against the source model, or, when ``reset``, made afresh with
+    # the random starts of ``seed``.
+    refresh_of: str | None = None
+    steps: int = 0
+    step_size: float = 0.0
+    reset: bool = False
+    seed: int | None = None
 
     def num_samples(self, dataset: DatasetReader) -> int:
         return dataset.num_samples(self.split) if self.indices is None else len(self.indices)
@@ -119,7 +127,10 @@ def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dic
                                  "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": spec.split,
                                  "indices": spec.indices,
                                  "source_model": {"kind": source_kind, **source_summary(source)},
-                                 "seed": ctx.cfg.seed})
+                                 "seed": ctx.cfg.seed if spec.seed is None else spec.seed,
+                                 **({"refresh": {"of": spec.refresh_of, "steps": spec.steps,
+                                                 "step_size": spec.step_size, "reset": spec.reset}}
+                                    if spec.refresh_of else {})})
         done = pools.committed_shards(ctx.root, key)
         todo += [(key, spec, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
         if done:
@@ -163,15 +174,20 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
               for _ in range(min(p.num_actors, len(todo)))]
     family_settings = ctx.cfg.attacks.family_settings()
     splits = sorted({spec.split for _, spec, *_ in todo})
-    ctx.say(f"pool: generating {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
+    verb = "refreshing" if all(spec.refresh_of for _, spec, *_ in todo) else "generating"
+    ctx.say(f"pool: {verb} {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
             f"against the {source_kind}")
 
     def submit(actor, task):
         key, spec, shard, lo, hi = task
+        if spec.refresh_of and not spec.reset:
+            return actor.refresh.remote(key, spec.refresh_of, spec.attack, shard, lo, hi,
+                                        family_settings=family_settings, steps=spec.steps, step_size=spec.step_size,
+                                        batch_size=p.batch_size, delta_step=spec.delta_step)
         return actor.generate.remote(key, spec.attack, spec.split, spec.variants, shard, lo, hi,
                                      indices=spec.indices and spec.indices[lo:hi], family_settings=family_settings,
-                                     batch_size=p.batch_size, seed=ctx.cfg.seed, delta_step=spec.delta_step,
-                                     target=ctx.cfg.attacks.target)
+                                     batch_size=p.batch_size, seed=ctx.cfg.seed if spec.seed is None else spec.seed,
+                                     delta_step=spec.delta_step, target=ctx.cfg.attacks.target)
 
     work = ActorPool(actors).map_unordered(submit, todo)
     done = 0

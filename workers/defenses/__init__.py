@@ -20,10 +20,13 @@ DEFENSES: dict[str, str] = {
     "AT": "madry_at:MadryAT",
     "TRADES": "trades:TRADES",
     "MID": "mid:MID",
+    "MID-R": "mid_refreshed:MIDRefreshed",
+    "ATTA": "atta:ATTA",
 }
-STUDENT_ROW = "MID"  # the row the MID stage trains; every other row is a classifier
+STUDENT_ROW = "MID"  # the row the MID stage trains on the fixed pool
 
-__all__ = ["DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class", "exportable_rows"]
+__all__ = ["DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class", "exportable_rows",
+           "reads_teacher_classifier", "refreshed_rows"]
 
 
 def defense_class(row: str) -> type["Defense"]:
@@ -34,8 +37,22 @@ def defense_class(row: str) -> type["Defense"]:
 
 
 def classifier_rows() -> list[str]:
-    """The rows whose model is a classifier (every row but MID's), in registry order."""
-    return [row for row in DEFENSES if row != STUDENT_ROW]
+    """The rows trained as classifiers in the classifiers' worker group, in registry order."""
+    from workers.defenses.base import ClassifierDefense
+
+    return [row for row in DEFENSES if issubclass(defense_class(row), ClassifierDefense)]
+
+
+def refreshed_rows() -> list[str]:
+    """The rows trained in rounds on a refreshed pool (``pipeline/stages/refresh.py``)."""
+    from workers.defenses.base import RefreshedDefense
+
+    return [row for row in DEFENSES if issubclass(defense_class(row), RefreshedDefense)]
+
+
+def reads_teacher_classifier(row: str) -> bool:
+    """Whether the row's model is a student encoder read by the teacher's C_t (MID, MID-R)."""
+    return row == STUDENT_ROW or getattr(defense_class(row), "objective", None) == "mid"
 
 
 def exportable_rows() -> list[str]:

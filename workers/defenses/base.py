@@ -83,3 +83,13 @@ class ClassifierDefense(Defense):
     def summary(cls, settings: dict[str, Any]) -> str:
         """What ``mid plan`` says about its training."""
         return f"{settings['epochs']} epochs"
+
+
+class RefreshedDefense(Defense):
+    """A row trained in rounds on a refreshed pool (``pipeline/stages/refresh.py``,
+    docs/design.md §4.3): round r trains on pool r; pool r+1 is pool r continued by
+    ``pool.refresh.steps`` attack steps against round r's model, the row's own model
+    (ATTA, Zheng et al. 2020, with the stored pool as its carried perturbations)."""
+
+    objective: ClassVar[str]  # "mid": MID's meta step (workers/mid.py); "cross_entropy": CE on every view
+    init_from: ClassVar[str]  # the model round 0 starts from: "teacher" (mid.init_student) or "baseline"

@@ -208,7 +208,7 @@ def _check_attack_names(names: list[str]) -> list[str]:
 
 class RefreshConfig(Section):
     """How the rows trained on a refreshed pool (MID-R, ATTA: workers/defenses) refresh it
-    (docs/design.md §4.3). Read only when eval.defenses has such a row."""
+    (docs/design.md §4.1). Read only when eval.defenses has such a row."""
 
     every: PositiveInt = Field(1, description="epochs per round: a pool is at most this many epochs stale")
     steps: PositiveInt = Field(3, description="attack steps per refresh, continuing the stored perturbation")
@@ -555,6 +555,16 @@ class RunConfig(Section):
     def refreshed_rows(self) -> list[str]:
         """The rows of the table trained on a refreshed pool, in the table's order."""
         return [row for row in self.eval.defenses if row in refreshed_rows()]
+
+    def refreshed_training(self, objective: str) -> tuple[int, int, float, int]:
+        """(epochs, batch size, learning rate, workers) of a row trained on a refreshed pool:
+        the mid section for MID's step (MID-R), AT's for cross-entropy (ATTA is AT at equal
+        training steps, with transferred instead of fresh attacks)."""
+        if objective == "mid":
+            m = self.mid
+            return m.epochs, m.batch_size, m.lr, m.num_workers
+        at = self.models.at
+        return at.epochs, at.batch_size, at.lr, self.models.num_workers
 
     def refreshed_attacks(self) -> list[str]:
         """The pool attacks a refresh continues (``pool.refresh.attacks`` or every L∞ one)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import metrics, report
+from pipeline import costs, metrics, report
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool, refresh
@@ -103,7 +103,8 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
         metrics.write_history(out_dir, stage, manifest["history"])
     tables = evaluate.run(ctx, dataset, defenses, stored)
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown)
+    printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown,
+                           costs.row_costs(cfg, dataset, stages))
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'}, report.html, results.json and the charts")
     return {"protocols": tables, "stages": stages}

@@ -103,7 +103,8 @@ def resolve(root: str, name: str, row: str) -> Source:
         names = sorted({ref["name"] for ref in refs.values()})
         raise ExportError(f"no run or checkpoint {name!r} in store {root} (runs: {', '.join(names) or 'none'}; "
                           f"`mid cache ls` lists their refs and the checkpoints)")
-    label = ROW_LABELS[STUDENT_ROW] if manifest["kind"] == "mid_student" else manifest["kind"]
+    # A student's manifest names its row when it is not MID's (MID-R's rounds).
+    label = ROW_LABELS[manifest.get("row", STUDENT_ROW)] if manifest["kind"] == "mid_student" else manifest["kind"]
     own_row = ROW_OF_LABEL.get(label)
     # --row defaults to MID, so only another row given with a key can be a contradiction.
     if row not in (STUDENT_ROW, own_row):

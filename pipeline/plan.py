@@ -19,7 +19,7 @@ from typing import Any
 from pipeline import keys as key_rules
 from pipeline.config import RunConfig
 from pipeline.context import PipelineError
-from workers.defenses import classifier_defense
+from workers.defenses import classifier_defense, defense_class
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
 # project to measure one; `--gpu-tflops` / `--utilisation` replace these.
@@ -63,6 +63,11 @@ class StageCost:
     per_sample_macs: float  # one pass over one sample: the stage's whole work for it
     samples: int            # samples × epochs (or × variants) the stage processes
     note: str
+    attack_per_sample_macs: float = 0.0  # the part of per_sample_macs spent on attack steps
+
+    @property
+    def attack_macs(self) -> float:
+        return self.attack_per_sample_macs * self.samples
 
     @property
     def total_macs(self) -> float:
@@ -125,8 +130,9 @@ def classifier_cost(cfg: RunConfig, kind: str, units: dict[str, float], train_sa
     """A classifier's training, as the row whose loss trains it counts it (workers/defenses)."""
     settings = key_rules.training_settings(cfg, kind)
     defense = classifier_defense(kind)
-    return StageCost(kind, defense.step_macs(settings, units), settings["epochs"] * train_samples,
-                     defense.summary(settings))
+    macs = defense.step_macs(settings, units)
+    return StageCost(kind, macs, settings["epochs"] * train_samples, defense.summary(settings),
+                     macs - units["train_step"] if defense.attacks_online() else 0.0)
 
 
 def pool_cost(cfg: RunConfig, units: dict[str, float], train_samples: int,
@@ -140,7 +146,26 @@ def pool_cost(cfg: RunConfig, units: dict[str, float], train_samples: int,
         # + its success, measured before and after rounding
         macs += variants * (steps * units["attack_step"] + 2 * units["forward"])
         views += variants
-    return StageCost("pool", macs, train_samples, f"{len(cfg.pool.attacks)} attacks, {views} views per sample")
+    return StageCost("pool", macs, train_samples, f"{len(cfg.pool.attacks)} attacks, {views} views per sample", macs)
+
+
+def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samples: int) -> StageCost:
+    """A row trained on a refreshed pool: its rounds' training and the refreshes between
+    them, per sample of the training split (pipeline/stages/refresh.py)."""
+    defense = defense_class(row)
+    epochs = training_epochs = cfg.refreshed_training(defense.objective)[0]
+    rounds = -(-epochs // cfg.pool.refresh.every)
+    attacks, r = cfg.refreshed_attacks(), cfg.pool.refresh
+    # A refresh continues one view per attack by `steps` steps (+ its success, before and after rounding).
+    refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
+    if r.reset_every is not None:
+        resets = (rounds - 1) // r.reset_every
+        refresh += resets * sum(((_steps(cfg, a) or 0) - r.steps) * units["attack_step"] for a in attacks)
+    train = (units["mid_step"] if defense.objective == "mid"
+             else len(cfg.pool.attacks) * units["train_step"]) * training_epochs
+    return StageCost(defense.kind, train + refresh, train_samples,
+                     f"{epochs} epochs in {rounds} rounds, {rounds - 1} refreshes of {len(attacks)} attacks × "
+                     f"{r.steps} steps", refresh)
 
 
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
@@ -162,6 +187,9 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
             stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
                                     f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} "
                                     f"order, {len(cfg.pool.attacks)} views + clean"))
+        elif name in [defense_class(row).kind for row in cfg.refreshed_rows()]:
+            row = next(row for row in cfg.refreshed_rows() if defense_class(row).kind == name)
+            stages.append(refreshed_cost(cfg, row, units, n))
     # The stored test attacks (attacks-source, attacks-transfer) and the adaptive part of eval.
     test_attack_macs, adaptive_macs = 0.0, 0.0
     defenses = len(cfg.eval.defenses)

@@ -131,15 +131,67 @@ def _html_table(defenses: dict[str, Any], known: list[str], unknown: list[str]) 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _macs(value: float) -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g} {prefix}"
+    return f"{value:.3g} "
+
+
+def cost_lines(costs: dict[str, Any], summary: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """The cost table (markdown) and its notes: each row's training cost beside its average
+    accuracy under each protocol."""
+    protocols = list(summary)
+    head = ["Defense", "Seconds", "Attack MACs", "Training MACs", *(f"Avg {p}" for p in protocols)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row, c in costs.items():
+        avgs = [_cell(summary[p].get(row, {}).get("avg")) for p in protocols]
+        lines.append(f"| {row} | {c['seconds']:.1f} | {_macs(c['attack_macs'])}MAC | {_macs(c['training_macs'])}MAC | "
+                     + " | ".join(avgs) + " |")
+    notes = ["Seconds: wall time this run spent in the row's own stages (a stage shared by rows, such as the "
+             "pool, counts in each); MACs: multiply-accumulates of its attack steps and training steps, counted "
+             "on real passes of the model as `mid plan` counts them."]
+    cached = {row: c["cached"] for row, c in costs.items() if c["cached"]}
+    if cached:
+        notes.append("Reused from the store (0 seconds in this run, MACs still counted): "
+                     + "; ".join(f"{row}: {', '.join(names)}" for row, names in cached.items()) + ".")
+    return "\n".join(lines), notes
+
+
+def plot_cost(path: Path, costs: dict[str, Any], rows: dict[str, Any], protocol: str) -> None:
+    """Average accuracy under ``protocol`` against each row's counted MACs, one point per row."""
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "mid-matplotlib"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for row, c in costs.items():
+        if row in rows:
+            macs = max(c["attack_macs"] + c["training_macs"], 1.0)
+            ax.scatter([macs], [rows[row]["avg"]])
+            ax.annotate(row, (macs, rows[row]["avg"]), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set_xscale("log")
+    ax.set_xlabel("training cost (MACs: attack + training steps)")
+    ax.set_ylabel(f"{protocol} average accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Robustness against cost ({protocol})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _stages_md(stages: dict[str, Any]) -> list[str]:
     lines = ["## Stages", "", "| stage | key | cache hit | seconds |", "|---|---|---|---:|"]
     return lines + [f"| {s} | `{r['key']}` | {r['cache_hit']} | {r['seconds']:.1f} |" for s, r in stages.items()]
 
 
 def write(out_dir: Path, name: str, protocols: dict[str, dict[str, Any]], meta: dict[str, dict[str, Any]],
-          stages: dict[str, Any], known: list[str], unknown: list[str]) -> str:
+          stages: dict[str, Any], known: list[str], unknown: list[str], costs: dict[str, Any] | None = None) -> str:
     """``protocols``: {protocol: {defense: row}}; ``meta``: {protocol: what its attacks were
-    crafted against and their success rates}. Returns the tables as printed on the console."""
+    crafted against and their success rates}; ``costs``: each row's training cost
+    (``pipeline.costs``). Returns the tables as printed on the console."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {p: {d: summarize(row, known, unknown) for d, row in rows.items()} for p, rows in protocols.items()}
     md = [f"# MID robustness report: {name}", "",
@@ -158,10 +210,19 @@ def write(out_dir: Path, name: str, protocols: dict[str, dict[str, Any]], meta: 
                     + _html_table(rows, known, unknown)
                     + "".join(f"<p class=note>{html.escape(n)}</p>" for n in lines[1:])
                     + f'<img alt="{p}" src="data:image/png;base64,{image}">')
+    if costs:
+        table, cost_notes = cost_lines(costs, summary)
+        protocol = "adaptive" if "adaptive" in summary else list(summary)[-1]
+        plot_cost(out_dir / "cost.png", costs, summary[protocol], protocol)
+        md += ["## Training cost", "", table, "", *(f"- {n}" for n in cost_notes), "", "![cost](cost.png)", ""]
+        console += ["Training cost:", table, *cost_notes, ""]
+        image = base64.b64encode((out_dir / "cost.png").read_bytes()).decode()
+        body.append("<h2>Training cost</h2>" + "".join(f"<p class=note>{html.escape(n)}</p>" for n in cost_notes)
+                    + f"<pre>{html.escape(table)}</pre>" + f'<img alt="cost" src="data:image/png;base64,{image}">')
     md += _stages_md(stages)
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     results = {"protocols": {p: {"defenses": rows, **meta[p]} for p, rows in summary.items()},
-               "known": known, "unknown": unknown, "stages": stages}
+               "known": known, "unknown": unknown, "stages": stages, **({"costs": costs} if costs else {})}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}.note{color:#444;font-size:90%}"

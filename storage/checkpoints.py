@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: `mid c
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+OPTIMIZER_FILE = "optimizer.safetensors"  # only where the manifest has "optimizer"
 
 
 def train_runs_url(root: str) -> str:
@@ -31,14 +32,22 @@ def checkpoint_url(root: str, key: str) -> str:
     return fs.join(root, "checkpoints", key)
 
 
-def save_checkpoint(root: str, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write weights, then the manifest; a checkpoint without manifest is not committed."""
+def save_checkpoint(root: str, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                    optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write weights (and the optimizer's state, if given), then the manifest; a checkpoint
+    without manifest is not committed."""
     from safetensors.torch import save as save_safetensors
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     data = save_safetensors(tensors)
     url = checkpoint_url(root, key)
     fs.write_bytes_atomic(fs.join(url, WEIGHTS_FILE), data)
+    if optimizer is not None:
+        # A round of a refreshed row goes on with the same optimizer (pipeline/stages/refresh.py).
+        moments = save_safetensors({f"{index}.{name}": t.detach().cpu().contiguous()
+                                    for index, values in optimizer["state"].items() for name, t in values.items()})
+        fs.write_bytes_atomic(fs.join(url, OPTIMIZER_FILE), moments)
+        meta = {**meta, "optimizer": {"sha256": sha256_bytes(moments), "param_groups": optimizer["param_groups"]}}
     manifest = {"key": key, "sha256": sha256_bytes(data), "bytes": len(data), **meta}
     fs.write_json_atomic(fs.join(url, MANIFEST_FILE), manifest)
     return manifest
@@ -66,3 +75,20 @@ def verify_checkpoint(root: str, key: str) -> dict[str, Any] | None:
         return load_checkpoint(root, key)[1]
     except (FileNotFoundError, ValueError):
         return None
+
+
+def load_optimizer_state(root: str, key: str) -> dict[str, Any] | None:
+    """The optimizer's state dict saved with checkpoint ``key`` (None if it has none)."""
+    from safetensors.torch import load as load_safetensors
+
+    saved = (read_manifest(root, key) or {}).get("optimizer")
+    if saved is None:
+        return None
+    data = fs.read_bytes(fs.join(checkpoint_url(root, key), OPTIMIZER_FILE))
+    if sha256_bytes(data) != saved["sha256"]:
+        raise ValueError(f"checkpoint {key}: optimizer state does not match the sha256 in its manifest")
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in load_safetensors(data).items():
+        index, _, field = name.partition(".")
+        state.setdefault(int(index), {})[field] = tensor
+    return {"state": state, "param_groups": saved["param_groups"]}

@@ -30,7 +30,8 @@ MAX_BLOCK_ROWS = 1024
 class AlignedViewsDatasource(Datasource):
     def __init__(self, root: str, dataset_key: str, split: str,
                  pools: dict[str, str] | None = None, variant: int = 0,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, rows: tuple[int, int] | None = None):
+        """``rows``: only the samples [start, stop) of the split (a worker's own range)."""
         super().__init__()
         self.root, self.dataset_key, self.split = root, dataset_key, split
         self.pools = dict(pools or {})
@@ -38,7 +39,8 @@ class AlignedViewsDatasource(Datasource):
         dataset = DatasetReader.open(root, dataset_key)
         for key in self.pools.values():
             PoolReader.open(root, key)  # refuse incomplete pools before any read task runs
-        self.num_rows = dataset.num_samples(split)
+        self.first, last = rows if rows is not None else (0, dataset.num_samples(split))
+        self.num_rows = last - self.first
         self.row_bytes = int(np.prod(dataset.image_shape())) * (1 + len(self.pools)) + 16
         self.block_rows = block_rows or max(1, min(MAX_BLOCK_ROWS, TARGET_BLOCK_BYTES // self.row_bytes))
 
@@ -53,7 +55,7 @@ class AlignedViewsDatasource(Datasource):
         for start, stop in zip(bounds[:-1], bounds[1:]):
             meta = BlockMetadata(num_rows=int(stop - start), size_bytes=int((stop - start) * self.row_bytes),
                                  exec_stats=None, input_files=None)
-            read_tasks.append(ReadTask(self._reader(int(start), int(stop)), meta,
+            read_tasks.append(ReadTask(self._reader(self.first + int(start), self.first + int(stop)), meta,
                                        per_task_row_limit=per_task_row_limit))
         return read_tasks
 

@@ -27,7 +27,7 @@ from pipeline import driver, keys
 from pipeline.config import RunConfig, load_config, set_path
 from pipeline.context import PipelineError, RunContext
 from storage.keys import content_key
-from workers.defenses import STUDENT_ROW
+from workers.defenses import STUDENT_ROW, defense_class, refreshed_rows
 
 CONFIG = "configs/digits.yaml"
 
@@ -117,6 +117,19 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
         if row == STUDENT_ROW:
             out["mid"] = ("mid", keys.mid_payload(cfg, FINGERPRINT, trained["teacher"]["sha256"], pool_keys))
             trained["mid"] = {"key": content_key(*out["mid"]), "sha256": SHA256["mid"]}
+        elif row in refreshed_rows():  # its run, its first round, and its first refreshed pool version
+            defense = defense_class(row)
+            mid = defense.objective == "mid"
+            start = trained[defense.init_from]["sha256"]
+            out[f"{defense.kind}/run"] = (f"{defense.kind}-run", keys.refreshed_run_payload(
+                cfg, row, FINGERPRINT, start, trained["teacher"]["sha256"] if mid else None, pool_keys))
+            run_key = content_key(*out[f"{defense.kind}/run"])
+            out[f"{defense.kind}/round-0"] = (defense.kind, keys.refreshed_round_payload(run_key, 0, pool_keys))
+            reset = cfg.pool.refresh.reset_every == 1
+            for attack in cfg.refreshed_attacks():
+                out[f"{defense.kind}/pool-1/{attack}"] = ("pool", keys.refreshed_pool_payload(
+                    cfg, pool_keys[attack], "r" * 63 + "0", attack, reset))
+            trained[defense.kind] = {"key": content_key(*out[f"{defense.kind}/round-0"]), "sha256": "r" * 64}
         defenses[row] = driver.row_models(row, trained)
     stored = {}
     for protocol, kind in source_kinds(cfg).items():
@@ -421,7 +434,7 @@ def test_cw_images_depend_on_the_batch_so_pool_batch_size_changes_pools():
 
 # A second starting point with every optional behaviour on, so that fields that only matter
 # then (data.crop_padding, models.trades.*, models.mean, ...) are exercised too.
-SWITCHED_ON = ["eval.defenses=[None, AT, TRADES, MID]", "data.augment=crop", "models.mean=[0.5]", "models.std=[0.25]",
+SWITCHED_ON = ["eval.defenses=[None, AT, TRADES, MID, MID-R, ATTA]", "data.augment=crop", "models.mean=[0.5]", "models.std=[0.25]",
                "models.pretrained=/weights/lenet.pth", "pool.bf16=true", "eval.adaptive_attacks=[PGD_N, CW_N]",
                "models.at.eps_warmup_epochs=2", "models.trades.eps_warmup_epochs=2", "mid.meta=false",
                "attacks.target=0", "pool.batch_size=128", "eval.batch_size=64"]
@@ -435,6 +448,7 @@ PERTURBATIONS: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "models.trades.attack": [({"nb_iter": 7}, {})],
     "eval.adaptive_attacks": [(["PGD_N"], {}), (None, {})],
     "attacks.target": [(0, {}), (1, {}), ("random", {})],
+    "pool.refresh.attacks": [(["PGD_N", "MIM_N"], {})],
 }
 
 

@@ -81,13 +81,38 @@ class MIDJob:
     bf16: bool  # autocast on GPU workers
     step: MetaSettings  # the meta step, batch_views resolved for the workers' device
     augmentation: Augmentation = field(default_factory=Augmentation)
-    # A round of a row trained on a refreshed pool (pipeline/stages/refresh.py) trains
-    # epochs [first_epoch, epochs) from the checkpoint ``init_checkpoint`` (the previous round's,
-    # or round 0's starting model), with the row's ``objective``: MID's meta step, or
+    # A row trained on a refreshed pool (pipeline/stages/refresh.py) trains epochs
+    # [first_epoch, epochs) from the checkpoint ``init_checkpoint`` (the last committed
+    # round's, or round 0's starting model), with the row's ``objective``: MID's meta step, or
     # cross-entropy on every view of a whole classifier (ATTA). ``commit_kind``: the kind its
-    # checkpoint's manifest records.
+    # checkpoints' manifests record.
     first_epoch: int = 0
     init_checkpoint: str | None = None
     objective: str = "mid"  # mid or cross_entropy
     commit_kind: str = "mid_student"
     row: str = "MID"
+    refreshed: "RefreshedRounds | None" = None
+
+
+@dataclass(frozen=True)
+class RefreshedRounds:
+    """The rounds a refreshed row's workers train, one worker group for them all. The
+    driver writes round r's file (``round_file``: its pool keys and checkpoint key) once its
+    pool version is in the store; the workers wait for it, read their rows of that version
+    through Ray Data, train the round's epochs and commit its checkpoint."""
+
+    dataset_key: str
+    first_round: int  # the index of rounds[0]
+    rounds: tuple[tuple[int, int], ...]  # epochs [first, stop) of each round still to train
+    rounds_url: str  # the folder of the round files
+    rows_in_memory: bool  # each worker keeps its rows of a round in memory across its epochs
+
+    def round_of(self, epoch: int) -> int:
+        return self.first_round + next(i for i, (lo, hi) in enumerate(self.rounds) if lo <= epoch < hi)
+
+    def is_last_epoch_of_round(self, epoch: int) -> bool:
+        return any(hi - 1 == epoch for _, hi in self.rounds)
+
+
+def round_file(rounds_url: str, index: int) -> str:
+    return f"{rounds_url.rstrip('/')}/round-{index:04d}.json"

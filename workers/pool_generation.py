@@ -1,7 +1,7 @@
 """The pool-generation actor: attacks a fixed model (the training pool's source, or the
 source / substitute of the stored test attacks) one shard at a time and writes each shard
 to the pool store, where it is checked and committed. It also refreshes a pool: continues
-its stored perturbations against a newer model (``refresh``, docs/design.md §4.3)."""
+its stored perturbations against a newer model (``refresh``, docs/design.md §4.1)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ class PoolGenerator:
         self.model.requires_grad_(False)
         self.num_classes = num_classes
         self.bf16 = bf16  # attacks run under bf16 autocast; success is always measured in float32
+
+    def load_source(self, source_kind: str, source_key: str) -> None:
+        """Attack another model from now on (a refreshed row's newest round)."""
+        self.model = load_source_model(self.root, source_kind, source_key).to(self.device)
+        self.model.requires_grad_(False)
 
     def generate(self, pool_key: str, attack_name: str, split: str, variants: int, shard: int, start: int,
                  stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,

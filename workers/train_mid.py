@@ -1,9 +1,12 @@
 """Ray Train loop for MID: stream clean images and every pool view, aligned by sample,
 and take the meta step of ``workers.mid`` with the outer gradient averaged across workers.
 
-A round of a row trained on a refreshed pool runs the same loop (``MIDJob.first_epoch``,
-``init_checkpoint``); ATTA's rounds take cross-entropy on every view of a whole classifier
-instead of the meta step (``MIDJob.objective``), the one thing that differs.
+A row trained on a refreshed pool (MID-R, ATTA) runs the same loop over all its rounds in
+one worker group (``MIDJob.refreshed``): each round's rows come from the pool version the
+driver names in the round's file, read by each worker through Ray Data, and each round
+ends with a committed checkpoint, which the driver refreshes the next version against.
+ATTA takes cross-entropy on every view of a whole classifier instead of the meta step
+(``MIDJob.objective``), the one other thing that differs.
 
 Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
 group resumes from the last one.
@@ -19,7 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from storage.checkpoints import load_checkpoint, save_checkpoint
+from storage.checkpoints import load_checkpoint, load_optimizer_state, save_checkpoint
 from workers.augment import augmentation_generator, crop_and_flip
 from workers.device import bf16_autocast
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
@@ -27,7 +30,8 @@ from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
 from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
-from workers.jobs import MIDJob, WorkerGroup
+from storage import fs
+from workers.jobs import MIDJob, RefreshedRounds, WorkerGroup, round_file
 from workers.mid import (FrozenTeacher, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
                          meta_objective)
 from workers.models import ModelSpec, build_classifier_model, build_encoder, to_float
@@ -73,6 +77,30 @@ def cross_entropy_objective(model: torch.nn.Module, views: list[torch.Tensor],
     return loss, {"loss": loss.item(), "adversarial_accuracy": accuracy.item()}
 
 
+def wait_for_round(rounds: RefreshedRounds, index: int) -> dict[str, Any]:
+    """Round ``index``'s file, once the driver has written it (its pool version is complete)."""
+    url = round_file(rounds.rounds_url, index)
+    while (spec := fs.read_json(url)) is None:
+        time.sleep(0.2)
+    return spec
+
+
+def round_rows(job: MIDJob, spec: dict[str, Any], rank: int, world_size: int) -> list[WorkerRows]:
+    """This worker's rows of a round's pool version, one ``WorkerRows`` per variant: an equal,
+    contiguous share of the training split, read through Ray Data in the store's order."""
+    import ray.data
+
+    from storage.datasource import AlignedViewsDatasource
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    share = spec["samples"] // world_size
+    rows = (rank * share, (rank + 1) * share)
+    return [WorkerRows(ray.data.read_datasource(AlignedViewsDatasource(
+                job.root, job.refreshed.dataset_key, "train", pools=spec["pools"], variant=k, rows=rows)),
+                job.refreshed.rows_in_memory)
+            for k in range(spec["variants"])]
+
+
 def autocast(job: MIDJob, device: torch.device):
     """bfloat16 autocast of the forward passes on GPU workers when ``mid.bf16`` is set.
 
@@ -97,6 +125,8 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     student, history = starting_model(job, teacher and teacher.encoder)
     student = student.to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=job.lr)
+    if job.first_epoch > 0 and job.init_checkpoint is not None:  # a later round: the optimizer goes on
+        optimizer.load_state_dict(load_optimizer_state(job.root, job.init_checkpoint))
     first_epoch = job.first_epoch
     step = sum(h["steps"] for h in history)  # the held-out draw goes on where the last round stopped
     state = restore_state()
@@ -106,14 +136,20 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     settings = job.step
     attacks = list(job.attacks)
-    shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), group.rows_in_memory)
-              for k in range(job.variants)]
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
+    rounds, round_spec = job.refreshed, None
+    if rounds is None:
+        shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), group.rows_in_memory)
+                  for k in range(job.variants)]
     checkpoints = EpochCheckpoints(group.checkpoint_interval_s, job.epochs, device)
     bar = epoch_bar(f"{job.row} training", job.epochs, show=rank == 0)
     bar.update(first_epoch)
     for epoch in range(first_epoch, job.epochs):
+        if rounds is not None and (round_spec is None or round_spec["round"] != rounds.round_of(epoch)):
+            bar.set_description(f"{job.row} training (waiting for pool version {rounds.round_of(epoch)})")
+            round_spec = wait_for_round(rounds, rounds.round_of(epoch))
+            shards = round_rows(job, round_spec, rank, world_size)
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
         crops = augmentation_generator(job.seed, rank, epoch)
@@ -153,16 +189,27 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                          "resumed": state is not None and epoch == first_epoch,
                          **{k: v / max(steps, 1) for k, v in sums.items()}}
         history.append(epoch_metrics)
+        if rounds is not None and rounds.is_last_epoch_of_round(epoch) and rank == 0:
+            # Committed before the epoch checkpoint: a group restarted from an earlier one
+            # retrains to the same weights and commits them again, unchanged.
+            commit(job, round_spec["checkpoint"], student, history, started, loop_started_at, checkpoints.seconds,
+                   optimizer.state_dict())
         checkpoints.end_epoch(epoch, epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                                                      "epoch": epoch, "step": step, "history": history})
         bar.set_description(f"{job.row} training (loss {epoch_metrics['loss']:.3f}, "
                             f"data wait {epoch_metrics['data_wait_fraction']:.0%})")
         bar.update(1)
     bar.close()
-    if rank == 0:
-        save_checkpoint(job.root, job.checkpoint_key, student.state_dict(),
-                        {"kind": job.commit_kind, "spec": job.spec, "teacher_key": job.teacher_key,
-                         "history": history, "worker_seconds": {"training": time.perf_counter() - started,
-                                                                "checkpoints": checkpoints.seconds,
-                                                                "loop_started_at": loop_started_at,
-                                                                "committed_at": time.time()}})
+    if rank == 0 and rounds is None:
+        commit(job, job.checkpoint_key, student, history, started, loop_started_at, checkpoints.seconds)
+
+
+def commit(job: MIDJob, key: str, student: torch.nn.Module, history: list[dict[str, Any]], started: float,
+           loop_started_at: float, checkpoint_seconds: float, optimizer: dict[str, Any] | None = None) -> None:
+    save_checkpoint(job.root, key, student.state_dict(),
+                    {"kind": job.commit_kind, "spec": job.spec, "teacher_key": job.teacher_key,
+                     **({"row": job.row} if job.refreshed is not None else {}),
+                     "history": history, "worker_seconds": {"training": time.perf_counter() - started,
+                                                            "checkpoints": checkpoint_seconds,
+                                                            "loop_started_at": loop_started_at,
+                                                            "committed_at": time.time()}}, optimizer)

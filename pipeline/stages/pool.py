@@ -111,8 +111,9 @@ def is_complete(ctx: RunContext, key: str) -> bool:
 
 
 def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any],
-          todo_pools: list[tuple[PoolSpec, str]]) -> None:
-    """Generate the missing shards of the pools ``todo_pools`` ([(spec, key)]), then finalize each."""
+          todo_pools: list[tuple[PoolSpec, str]], actors: list | None = None) -> None:
+    """Generate the missing shards of the pools ``todo_pools`` ([(spec, key)]) (on ``actors``,
+    if given: ``generate``), then finalize each."""
     p = ctx.cfg.pool
     todo, ranges_of = [], {}
     for spec, key in todo_pools:
@@ -136,7 +137,7 @@ def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dic
         if done:
             ctx.say(f"pool {spec.attack} ({spec.split}): resuming, {len(done)}/{len(ranges)} shards already committed")
     if todo:
-        generate(ctx, dataset, source_kind, source, todo)
+        generate(ctx, dataset, source_kind, source, todo, actors)
     for spec, key in todo_pools:
         pools.finalize_pool(ctx.root, key, len(ranges_of[key]), {"attack": spec.attack})
 
@@ -155,23 +156,38 @@ def success_summary(root: str, key: str) -> dict[str, float]:
     return {k: round(100 * v, 2) for k, v in rate.items()}
 
 
-def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any],
-             todo: list[tuple]) -> None:
+def start_actors(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any], count: int,
+                 bf16: bool, num_cpus: float | None = None) -> list:
+    """``count`` pool actors attacking ``source``; ``num_cpus``: instead of ray.cpus_per_actor."""
     import ray
-    from ray.util import ActorPool
 
     from workers.pool_generation import PoolGenerator
+
+    options = {**ctx.actor_options(), **({"num_cpus": num_cpus} if num_cpus is not None else {})}
+    actor_cls = ray.remote(**options)(PoolGenerator)
+    return [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes, bf16=bf16)
+            for _ in range(count)]
+
+
+def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dict[str, Any],
+             todo: list[tuple], actors: list | None = None) -> None:
+    """Generate the shards ``todo`` on new actors, or on ``actors`` (kept alive), which are
+    pointed at ``source`` first."""
+    import ray
+    from ray.util import ActorPool
 
     ctx.ensure_ray()
     p = ctx.cfg.pool
     if ctx.cfg.attacks.target != "random" and ctx.cfg.attacks.target >= dataset.num_classes:
         raise PipelineError(f"attacks.target: {ctx.cfg.attacks.target} is not a class of this dataset "
                             f"(0 to {dataset.num_classes - 1})")
-    actor_cls = ray.remote(**ctx.actor_options())(PoolGenerator)
-    # bf16 speeds up the training pool only: the stored test attacks are measurements, kept float32.
-    bf16 = p.bf16 and all(spec.split == "train" for _, spec, *_ in todo)
-    actors = [actor_cls.remote(ctx.root, dataset.key, source_kind, source["key"], dataset.num_classes, bf16=bf16)
-              for _ in range(min(p.num_actors, len(todo)))]
+    owned = actors is None
+    if owned:
+        # bf16 speeds up the training pool only: the stored test attacks are measurements, kept float32.
+        bf16 = p.bf16 and all(spec.split == "train" for _, spec, *_ in todo)
+        actors = start_actors(ctx, dataset, source_kind, source, min(p.num_actors, len(todo)), bf16)
+    else:
+        ray.get([actor.load_source.remote(source_kind, source["key"]) for actor in actors])
     family_settings = ctx.cfg.attacks.family_settings()
     splits = sorted({spec.split for _, spec, *_ in todo})
     verb = "refreshing" if all(spec.refresh_of for _, spec, *_ in todo) else "generating"
@@ -200,5 +216,6 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
                            f"({type(e).__name__}). Committed shards are kept; rerun the same command "
                            f"to generate only the missing ones.") from None
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if owned:
+            for actor in actors:
+                ray.kill(actor)

@@ -87,7 +87,7 @@ class ClassifierDefense(Defense):
 
 class RefreshedDefense(Defense):
     """A row trained in rounds on a refreshed pool (``pipeline/stages/refresh.py``,
-    docs/design.md §4.3): round r trains on pool r; pool r+1 is pool r continued by
+    docs/design.md §4.1): round r trains on pool r; pool r+1 is pool r continued by
     ``pool.refresh.steps`` attack steps against round r's model, the row's own model
     (ATTA, Zheng et al. 2020, with the stored pool as its carried perturbations)."""
 

@@ -1,0 +1,148 @@
+"""Rows trained on a refreshed pool (MID-R, ATTA; pipeline/stages/refresh.py), with the real
+CLI on a real local Ray instance: each round's pool version is the last version continued
+against the last round's model, stored as a verified, keyed pool; a rerun reuses every
+round; and a run killed (driver and Ray head together) while its second pool version is
+being made resumes there and ends with the same pools and checkpoint as an uninterrupted
+run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import pools
+
+pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+
+# 512 samples in shards of 16: 32 shards per pool version and attack. A refresh of 200 small
+# steps makes each shard take a noticeable moment, so the kill lands inside a version.
+TINY = [
+    "data.train_limit=512", "data.test_limit=32", "eval.defenses=[MID-R, ATTA]",
+    "models.baseline.epochs=2", "models.teacher.epochs=2", "mid.epochs=3", "models.at.epochs=2",
+    "attacks.PGD.nb_iter=3", "attacks.PGD.eps=0.3", "attacks.PGD.eps_iter=0.1",
+    "pool.attacks=[PGD_N, PGD_T]", "pool.variants=1", "pool.shard_size=16",
+    "pool.refresh.every=1", "pool.refresh.steps=200", "pool.refresh.step_size=0.002",
+    "eval.protocols=[adaptive]", "eval.known=[PGD_N]", "eval.unknown=[PGD_T]", "eval.batch_size=32",
+]
+
+
+def cli_args(store: Path, command: str = "run", *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "pipeline", command, "configs/digits.yaml", "--store", str(store),
+            "--out", str(store.parent / "out")]
+    for override in [*TINY, *extra]:
+        args += ["--set", override]
+    return args
+
+
+def results(store: Path) -> dict:
+    return json.loads((store.parent / "out" / "results.json").read_text())
+
+
+def shard_hashes(store: Path, key: str) -> list[str]:
+    return [shard["sha256"] for shard in pools.read_manifest(str(store), key)["shards"]]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The dataset, baseline, teacher and pool version 0 of TINY, built once."""
+    store = tmp_path_factory.mktemp("prepared") / "store"
+    result = subprocess.run(cli_args(store, "pool"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return store
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("uninterrupted") / "store"
+    shutil.copytree(prepared, store)
+    result = subprocess.run(cli_args(store), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return store
+
+
+def test_each_round_trains_on_the_last_version_refreshed_against_the_last_model(uninterrupted):
+    store, report = uninterrupted, results(uninterrupted)
+    assert report["stages"].keys() >= {"mid-r", "atta"}
+    assert list(report["protocols"]["adaptive"]["defenses"]) == ["MID-R", "ATTA"]
+    first = report["stages"]["pool"]["attacks"]
+    for kind in ("mid-r", "atta"):
+        rounds = report["stages"][kind]["rounds"]
+        assert [r["epochs"] for r in rounds] == ([[0, 1], [1, 2], [2, 3]] if kind == "mid-r" else [[0, 1], [1, 2]])
+        assert rounds[0]["pools"] == {a: info["key"] for a, info in first.items()}  # round 0: the stored pool
+        for before, now in zip(rounds, rounds[1:]):
+            for attack, key in now["pools"].items():
+                manifest = pools.read_manifest(str(store), key)
+                attrs = manifest["attrs"]
+                assert manifest["complete"] and attrs["refresh"]["of"] == before["pools"][attack]
+                assert attrs["refresh"]["steps"] == 200 and attrs["variants"] == 1
+                # Made against the previous round's model, the row's own.
+                assert attrs["source_model"]["key"] == before["checkpoint"]
+                problems, checked = pools.verify_pool(str(store), key)
+                assert problems == [] and checked == 2 * 32  # every shard's images and targets re-hashed
+                # Continued, not regenerated: every image is a few steps away from the last version's.
+                old = pools.PoolReader.open(str(store), before["pools"][attack]).adv(0, 0, 512)
+                new = pools.PoolReader.open(str(store), key).adv(0, 0, 512)
+                moved = np.abs(new.astype(int) - old.astype(int)).max()
+                assert 0 < moved <= round(200 * 0.002 * 255) + 1
+        assert report["stages"][kind]["key"] == rounds[-1]["checkpoint"]
+    # The adaptive table attacks the refreshed rows' own final models.
+    assert all(0 <= v <= 100 for row in report["protocols"]["adaptive"]["defenses"].values()
+               for v in [row["benign"], *row["attacks"].values()])
+
+
+def test_a_rerun_reuses_every_round(uninterrupted, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(uninterrupted, store)
+    before = results(uninterrupted)
+    rerun = subprocess.run(cli_args(store), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    after = results(store)
+    for kind in ("mid-r", "atta"):
+        assert after["stages"][kind]["cache_hit"] and after["stages"][kind]["key"] == before["stages"][kind]["key"]
+    assert "starting a local Ray instance" not in rerun.stderr
+
+
+def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_checkpoint(
+        uninterrupted, prepared, tmp_path):
+    reference = results(uninterrupted)["stages"]["mid-r"]["rounds"]
+    second = list(reference[1]["pools"].values())  # pool version 1: the first refreshed one
+    store = tmp_path / "store"
+    shutil.copytree(prepared, store)
+    log = open(tmp_path / "log.txt", "w")
+    # Its own session: killing the group takes the driver and the Ray head it started.
+    only = "eval.defenses=[MID-R]"  # ATTA's rounds are the same code; MID-R's keys do not depend on it
+    proc = subprocess.Popen(cli_args(store, "run", only), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def committed() -> int:
+        return sum(len(list(Path(store, "pools", key, "commits").glob("shard-*.json"))) for key in second)
+
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and committed() == 0:
+        time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = committed()
+    assert 0 < done < 64, f"the kill should land inside pool version 1 ({done} of 64 shards committed)"
+    assert not any(pools.read_manifest(str(store), key) for key in second)  # neither pool is complete
+
+    rerun = subprocess.run(cli_args(store, "run", only), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resuming" in rerun.stderr  # only the missing shards were made
+    resumed = results(store)["stages"]["mid-r"]["rounds"]
+    assert [r["checkpoint"] for r in resumed] == [r["checkpoint"] for r in reference]
+    assert [r["pools"] for r in resumed] == [r["pools"] for r in reference]
+    for r in reference[1:]:
+        for key in r["pools"].values():
+            assert shard_hashes(store, key) == shard_hashes(uninterrupted, key)
+    final = reference[-1]["checkpoint"]
+    manifest = json.loads(Path(store, "checkpoints", final, "manifest.json").read_text())
+    expected = json.loads(Path(uninterrupted, "checkpoints", final, "manifest.json").read_text())
+    assert manifest["sha256"] == expected["sha256"]

@@ -221,3 +221,20 @@ def test_validating_a_config_does_not_load_torch():
                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
+    cfg = load_config(DIGITS, ["pool.attacks=[PGD_N, MIM_T, CW_N]"])
+    assert cfg.refreshed_attacks() == ["PGD_N", "MIM_T"]  # by default every L∞ pool attack
+    with pytest.raises(ConfigError, match=r"pool.refresh.attacks: FGSM_N is not a pool attack \(allowed: PGD_N"):
+        load_config(DIGITS, ["pool.refresh.attacks=[FGSM_N]"])
+    with pytest.raises(ConfigError, match=r"pool.refresh.attacks: CW_N is not an L∞ attack.*allowed: PGD_N, MIM_T\)"):
+        load_config(DIGITS, ["pool.attacks=[PGD_N, MIM_T, CW_N]", "pool.refresh.attacks=[CW_N]"])
+    with pytest.raises(ConfigError, match="pool.refresh: unknown key 'evry'"):
+        load_config(DIGITS, ["pool.refresh.evry=2"])
+    rows = load_config(DIGITS, ["eval.defenses=[MID-R, None, ATTA]"])
+    assert rows.run_stages()[-6:] == ["pool", "mid-r", "atta", "attacks-source", "attacks-transfer", "eval"]
+    assert "at" not in rows.trained_classifiers()  # ATTA takes AT's settings, not its model

@@ -92,6 +92,28 @@ def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
     assert uncounted == ["AA_N (evaluation)"]
 
 
+def test_refreshed_rows_cost_their_rounds_and_the_refreshes_between_them():
+    units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
+    shape = DataShape(1000, 100, 1, 16, 10, "test")
+    base = ["eval.defenses=[MID-R, ATTA]", "eval.protocols=[adaptive]", "pool.attacks=[PGD_N, PGD_T, CW_N]",
+            "mid.epochs=6", "models.at.epochs=5", "pool.refresh.every=2", "pool.refresh.steps=3",
+            "eval.known=[PGD_N]", "eval.unknown=[PGD_T]"]
+    cfg = load_config(REPO / "configs/digits.yaml", base)
+    by_name = {s.name: s for s in stage_costs(cfg, shape, units)[0]}
+    # MID-R: 6 epochs in 3 rounds, 2 refreshes of the 2 L∞ attacks (CW is not refreshed),
+    # each 3 steps + 2 success checks per sample.
+    refresh = 2 * 2 * (3 * 2 + 2)
+    assert by_name["mid-r"].attack_macs == 1000 * refresh
+    assert by_name["mid-r"].total_macs == 1000 * (6 * 50 + refresh)
+    # ATTA: AT's 5 epochs in 3 rounds, cross-entropy on each of the 3 views.
+    assert by_name["atta"].attack_macs == 1000 * refresh
+    assert by_name["atta"].total_macs == 1000 * (5 * 3 * 3 + refresh)
+    reset = load_config(REPO / "configs/digits.yaml", [*base, "pool.refresh.reset_every=1"])
+    by_name = {s.name: s for s in stage_costs(reset, shape, units)[0]}
+    # A reset round makes the attacks afresh: PGD's 20 steps instead of 3.
+    assert by_name["mid-r"].attack_macs == 1000 * 2 * 2 * (20 * 2 + 2)
+
+
 def test_the_plan_counts_only_what_a_run_trains():
     """`mid plan configs/digits.yaml --set 'eval.defenses=[None]'` counted AT and MID, which
     such a run never trains; the plan now costs the driver's own list of stages, in its order."""
@@ -101,7 +123,9 @@ def test_the_plan_counts_only_what_a_run_trains():
             ("[None]", "[source]", ["baseline", "teacher", "pool", "test attacks"]),
             ("[None, AT, TRADES]", "[adaptive]", ["baseline", "teacher", "at", "trades", "pool", "adaptive eval"]),
             ("[MID, None]", "[transfer, adaptive]", ["baseline", "teacher", "substitute", "pool", "mid",
-                                                     "test attacks", "adaptive eval"])):
+                                                     "test attacks", "adaptive eval"]),
+            ("[ATTA, None, MID-R]", "[adaptive]", ["baseline", "teacher", "pool", "atta", "mid-r",
+                                                   "adaptive eval"])):
         cfg = load_config(REPO / "configs/digits.yaml", [f"eval.defenses={rows}", f"eval.protocols={protocols}"])
         stages, _ = stage_costs(cfg, shape, units)
         assert [s.name for s in stages] == expected, (rows, protocols)

@@ -93,16 +93,8 @@ class PoolGenerator:
                 family_settings: dict[str, dict[str, Any]], steps: int, step_size: float, batch_size: int,
                 delta_step: int = 1) -> dict[str, Any]:
         """Shard ``shard`` of a refreshed pool: variant 0 of pool ``previous_key`` (its images
-        and targets) continued by ``steps`` L∞ steps of ``step_size`` against this actor's
-        model, within the attack's ε-ball. Deterministic: no random start.
-
-        advertorch's ``perturb_iterative`` takes the starting perturbation (``delta_init``)
-        that its attack classes do not; momentum (MIM) is not carried, so every attack
-        continues as PGD steps on its own loss (cross-entropy, towards its target if targeted).
-        """
-        import workers.advertorch_compat  # noqa: F401  (before advertorch, as workers.attacks does)
-        from advertorch.attacks.iterative_projected_gradient import perturb_iterative
-
+        and targets) continued by ``steps`` steps against this actor's model
+        (``continue_attack``). Deterministic: no random start."""
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
         previous = PoolReader.open(self.root, previous_key)
@@ -116,14 +108,11 @@ class PoolGenerator:
         goal = targets if attack.targeted else labels
         adv_u8 = np.empty((1, *clean_u8.shape), dtype=np.uint8)
         hits_float = hits_stored = 0
-        loss = torch.nn.CrossEntropyLoss(reduction="sum")
         for lo in range(0, len(labels), batch_size):
             hi = min(lo + batch_size, len(labels))
             with bf16_autocast(self.bf16, self.device):
-                adv = perturb_iterative(clean[lo:hi], goal[lo:hi], self.model, nb_iter=steps, eps=attack.eps,
-                                        eps_iter=step_size, loss_fn=loss,
-                                        delta_init=(carried[lo:hi] - clean[lo:hi]).clone(),
-                                        minimize=attack.targeted).detach().float()
+                adv = continue_attack(self.model, clean[lo:hi], carried[lo:hi], goal[lo:hi], attack.eps, step_size,
+                                      steps, attack.targeted)
             stored = quantize(adv.cpu().numpy(), clean_u8[lo:hi], attack.eps, delta_step)
             adv_u8[0, lo:hi] = stored
             hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
@@ -133,3 +122,21 @@ class PoolGenerator:
                  "seconds": time.perf_counter() - started}
         return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
                            adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)
+
+
+def continue_attack(model: torch.nn.Module, clean: torch.Tensor, start: torch.Tensor, goal: torch.Tensor,
+                    eps: float, step_size: float, steps: int, targeted: bool) -> torch.Tensor:
+    """``start`` (adversarial images of ``clean``) moved by ``steps`` signed-gradient steps of
+    ``step_size`` on the cross-entropy towards ``goal`` (away from the label, or towards the
+    target if ``targeted``), each projected onto the L∞ ε-ball around ``clean`` and [0, 1].
+
+    advertorch's ``perturb_iterative`` takes the starting perturbation (``delta_init``) that
+    its attack classes do not. Momentum (MIM) is not carried: every attack continues as PGD
+    steps on its own loss.
+    """
+    import workers.advertorch_compat  # noqa: F401  (before advertorch, as workers.attacks does)
+    from advertorch.attacks.iterative_projected_gradient import perturb_iterative
+
+    return perturb_iterative(clean, goal, model, nb_iter=steps, eps=eps, eps_iter=step_size,
+                             loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                             delta_init=(start - clean).clone(), minimize=targeted).detach().float()

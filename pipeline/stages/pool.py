@@ -190,9 +190,10 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
         ray.get([actor.load_source.remote(source_kind, source["key"]) for actor in actors])
     family_settings = ctx.cfg.attacks.family_settings()
     splits = sorted({spec.split for _, spec, *_ in todo})
-    verb = "refreshing" if all(spec.refresh_of for _, spec, *_ in todo) else "generating"
-    ctx.say(f"pool: {verb} {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
-            f"against the {source_kind}")
+    if owned:  # a refreshed row's own actors: its stage says what they do, round by round
+        verb = "refreshing" if all(spec.refresh_of for _, spec, *_ in todo) else "generating"
+        ctx.say(f"pool: {verb} {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
+                f"against the {source_kind}")
 
     def submit(actor, task):
         key, spec, shard, lo, hi = task

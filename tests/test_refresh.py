@@ -92,6 +92,7 @@ def test_each_round_trains_on_the_last_version_refreshed_against_the_last_model(
                 moved = np.abs(new.astype(int) - old.astype(int)).max()
                 assert 0 < moved <= round(200 * 0.002 * 255) + 1
         assert report["stages"][kind]["key"] == rounds[-1]["checkpoint"]
+    assert not list((store / "train").iterdir())  # the group's run folder and round files are gone
     # The adaptive table attacks the refreshed rows' own final models.
     assert all(0 <= v <= 100 for row in report["protocols"]["adaptive"]["defenses"].values()
                for v in [row["benign"], *row["attacks"].values()])
@@ -132,6 +133,12 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     done = committed()
     assert 0 < done < 64, f"the kill should land inside pool version 1 ({done} of 64 shards committed)"
     assert not any(pools.read_manifest(str(store), key) for key in second)  # neither pool is complete
+    # The interrupted run's ref keeps its rounds, its pool versions, partial ones included, and
+    # its worker group's folder: gc would take only the dead driver's lease.
+    dry = subprocess.run([sys.executable, "-m", "pipeline", "cache", "gc", "--store", str(store), "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    listed = [line for line in dry.stdout.splitlines() if line.startswith("would remove:")]
+    assert all("/leases/" in line or ".tmp-" in line for line in listed), dry.stdout
 
     rerun = subprocess.run(cli_args(store, "run", only), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]

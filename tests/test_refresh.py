@@ -108,6 +108,14 @@ def test_a_rerun_reuses_every_round(uninterrupted, tmp_path):
     for kind in ("mid-r", "atta"):
         assert after["stages"][kind]["cache_hit"] and after["stages"][kind]["key"] == before["stages"][kind]["key"]
     assert "starting a local Ray instance" not in rerun.stderr
+    # Each row's final round exports as that row (MID-R: C_t ∘ E_s; ATTA: its classifier).
+    for row in ("MID-R", "ATTA"):
+        exported = subprocess.run([sys.executable, "-m", "pipeline", "export", "digits", str(tmp_path / row),
+                                   "--row", row, "--format", "safetensors", "--store", str(store)],
+                                  capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0 and f"(row {row} of run digits-" in exported.stdout, exported.stderr
+        card = json.loads((tmp_path / row / "card.json").read_text())
+        assert card["model"]["row"] == row and card["check"]["largest_logit_difference"] < 1e-4
 
 
 def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_checkpoint(

@@ -93,7 +93,17 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     assert "| None |" in report and "| AT |" in report and "| MID |" in report and "Avg unknown" in report
     assert "grey-box, not white-box" in report and "JSMA_T on 16" in report
     page = (tmp_path / "run1" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table>" in page  # no file or server needed
+    # A chart per protocol and the cost chart, inline: no file or server needed.
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+    assert (tmp_path / "run1" / "cost.png").read_bytes().startswith(b"\x89PNG") and "## Training cost" in report
+    # Each row's cost: its own stages' seconds in this run and its counted MACs. AT attacks
+    # online, the plain classifier not at all; MID pays for its pool and its meta steps.
+    costs = results["costs"]
+    assert list(costs) == ["None", "AT", "MID"]
+    assert costs["None"]["attack_macs"] == 0 and costs["AT"]["attack_macs"] > 0 and costs["MID"]["attack_macs"] > 0
+    assert costs["MID"]["stages"] == ["teacher", "pool", "mid"] and costs["MID"]["cached"] == []
+    assert costs["MID"]["training_macs"] > costs["None"]["training_macs"] > 0
+    assert costs["MID"]["seconds"] > 0
     assert all((tmp_path / "run1" / f"{p}.png").read_bytes().startswith(b"\x89PNG") for p in results["protocols"])
     assert "Reporting training result" not in first.stdout + first.stderr  # Ray's chatter: OUT/logs/ray.log
     assert (tmp_path / "run1" / "logs" / "ray.log").stat().st_size > 0

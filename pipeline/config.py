@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       ValidationInfo, create_model, field_validator, model_validator)
 
 from storage.pools import INT8_MAX_EPS
@@ -210,7 +210,9 @@ class RefreshConfig(Section):
     """How the rows trained on a refreshed pool (MID-R, ATTA: workers/defenses) refresh it
     (docs/design.md §4.1). Read only when eval.defenses has such a row."""
 
-    every: PositiveInt = Field(1, description="epochs per round: a pool is at most this many epochs stale")
+    every: NonNegativeInt = Field(
+        1, description="epochs per round: a pool is at most this many epochs stale; 0: staleness zero, each "
+                       "batch's views continued against the live model just before its step (rounds of 1 epoch)")
     steps: PositiveInt = Field(3, description="attack steps per refresh, continuing the stored perturbation")
     step_size: PositiveFloat | None = Field(None, description="L∞ step of a refresh; default: each attack's ε / 4")
     attacks: list[str] | None = Field(None, description="the pool attacks refreshed (L∞ ones); default: every "

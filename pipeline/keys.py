@@ -230,6 +230,8 @@ def refreshed_pool_payload(cfg: RunConfig, previous_key: str, source_sha256: str
     p = cfg.pool
     how = ({"reset": True, "settings": getattr(cfg.attacks, family).model_dump(), "seed": cfg.seed} if reset
            else refresh_settings(cfg, attack))
+    if cfg.pool.refresh.every == 0 and not reset:  # the views the workers carried in the step
+        how = {**how, "in_step": True}
     return {"refresh_of": previous_key, "source_sha256": source_sha256, "attack": attack, **how,
             "encoding": p.encoding, "delta_step": p.delta_step, "compressor": p.compressor,
             "shard_size": p.shard_size, "batch_size": p.batch_size, "format_version": pools.FORMAT_VERSION,

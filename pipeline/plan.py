@@ -154,18 +154,21 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
     them, per sample of the training split (pipeline/stages/refresh.py)."""
     defense = defense_class(row)
     epochs = training_epochs = cfg.refreshed_training(defense.objective)[0]
-    rounds = -(-epochs // cfg.pool.refresh.every)
     attacks, r = cfg.refreshed_attacks(), cfg.pool.refresh
-    # A refresh continues one view per attack by `steps` steps (+ its success, before and after rounding).
-    refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
+    rounds = -(-epochs // max(1, r.every))
+    if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success)
+        refresh = epochs * len(attacks) * r.steps * units["attack_step"] + (rounds - 1) * len(attacks) * units["forward"]
+    else:  # a refresh continues one view per attack by `steps` steps (+ its success, before and after rounding)
+        refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
     if r.reset_every is not None:
         resets = (rounds - 1) // r.reset_every
         refresh += resets * sum(((_steps(cfg, a) or 0) - r.steps) * units["attack_step"] for a in attacks)
     train = (units["mid_step"] if defense.objective == "mid"
              else len(cfg.pool.attacks) * units["train_step"]) * training_epochs
     return StageCost(defense.kind, train + refresh, train_samples,
-                     f"{epochs} epochs in {rounds} rounds, {rounds - 1} refreshes of {len(attacks)} attacks × "
-                     f"{r.steps} steps", refresh)
+                     f"{epochs} epochs in {rounds} rounds, " + (
+                         f"{len(attacks)} attacks × {r.steps} steps in every step" if r.every == 0 else
+                         f"{rounds - 1} refreshes of {len(attacks)} attacks × {r.steps} steps"), refresh)
 
 
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: `mid c
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+CARRIED_FOLDER = "carried"
 OPTIMIZER_FILE = "optimizer.safetensors"  # only where the manifest has "optimizer"
 
 
@@ -51,6 +52,39 @@ def save_checkpoint(root: str, key: str, state: dict[str, torch.Tensor], meta: d
     manifest = {"key": key, "sha256": sha256_bytes(data), "bytes": len(data), **meta}
     fs.write_json_atomic(fs.join(url, MANIFEST_FILE), manifest)
     return manifest
+
+
+def carried_url(root: str, key: str, rank: int) -> str:
+    return fs.join(checkpoint_url(root, key), CARRIED_FOLDER, f"rank-{rank:05d}.npz")
+
+
+def write_carried(root: str, key: str, rank: int, arrays: dict[str, Any]) -> None:
+    """A refreshed row's round, at staleness zero: one worker's carried views (its rows'
+    "index" and one uint8 array per refreshed attack), written before the round's manifest
+    commits it (workers/refresh_in_step.py)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs.write_bytes_atomic(carried_url(root, key, rank), buffer.getvalue())
+
+
+def read_carried(root: str, key: str) -> dict[str, Any]:
+    """Every worker's carried views of a committed round, joined: {"index", attack: views}."""
+    import io
+
+    import numpy as np
+
+    manifest = read_manifest(root, key)
+    if manifest is None or "carried" not in manifest:
+        raise FileNotFoundError(f"checkpoint {key} carries no refreshed views")
+    parts = []
+    for rank in range(manifest["carried"]["ranks"]):
+        with np.load(io.BytesIO(fs.read_bytes(carried_url(root, key, rank)))) as data:
+            parts.append({name: data[name] for name in data.files})
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def read_manifest(root: str, key: str) -> dict[str, Any] | None:

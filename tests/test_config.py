@@ -235,6 +235,9 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
         load_config(DIGITS, ["pool.attacks=[PGD_N, MIM_T, CW_N]", "pool.refresh.attacks=[CW_N]"])
     with pytest.raises(ConfigError, match="pool.refresh: unknown key 'evry'"):
         load_config(DIGITS, ["pool.refresh.evry=2"])
+    assert load_config(DIGITS, ["pool.refresh.every=0"]).pool.refresh.every == 0  # staleness zero
+    with pytest.raises(ConfigError, match="pool.refresh.every"):
+        load_config(DIGITS, ["pool.refresh.every=-1"])
     rows = load_config(DIGITS, ["eval.defenses=[MID-R, None, ATTA]"])
     assert rows.run_stages()[-6:] == ["pool", "mid-r", "atta", "attacks-source", "attacks-transfer", "eval"]
     assert "at" not in rows.trained_classifiers()  # ATTA takes AT's settings, not its model

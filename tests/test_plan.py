@@ -112,6 +112,13 @@ def test_refreshed_rows_cost_their_rounds_and_the_refreshes_between_them():
     by_name = {s.name: s for s in stage_costs(reset, shape, units)[0]}
     # A reset round makes the attacks afresh: PGD's 20 steps instead of 3.
     assert by_name["mid-r"].attack_macs == 1000 * 2 * 2 * (20 * 2 + 2)
+    in_step = load_config(REPO / "configs/digits.yaml", [*base, "pool.refresh.every=0"])
+    by_name = {s.name: s for s in stage_costs(in_step, shape, units)[0]}
+    # Staleness zero: 6 rounds of one epoch, each epoch's steps continue the 2 refreshed views
+    # by 3 steps; each of the 5 stored versions checks its success once (a forward pass).
+    assert by_name["mid-r"].attack_macs == 1000 * (6 * 2 * 3 * 2 + 5 * 2 * 1)
+    assert by_name["mid-r"].total_macs == 1000 * (6 * 50 + 6 * 2 * 3 * 2 + 5 * 2 * 1)
+    assert "2 attacks × 3 steps in every step" in by_name["mid-r"].note
 
 
 def test_the_plan_counts_only_what_a_run_trains():

@@ -161,3 +161,39 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     manifest = json.loads(Path(store, "checkpoints", final, "manifest.json").read_text())
     expected = json.loads(Path(uninterrupted, "checkpoints", final, "manifest.json").read_text())
     assert manifest["sha256"] == expected["sha256"]
+
+
+STALENESS_ZERO = ["pool.refresh.every=0", "pool.refresh.steps=2", "pool.refresh.step_size=0.05"]
+
+
+def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepared, tmp_path):
+    """pool.refresh.every 0: the workers continue each batch's views in the step and the next
+    version is what they carried (every sample they trained on, moved at most steps ×
+    step_size from the last version), committed with the round; a rerun reuses it all."""
+    store = tmp_path / "store"
+    shutil.copytree(prepared, store)
+    first = subprocess.run(cli_args(store, "run", *STALENESS_ZERO), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = results(store)
+    assert "continued by 2 steps against the live MID-R model" in first.stderr + first.stdout
+    reach = int(np.ceil(2 * 0.05 * 255))  # two steps of 0.05, rounded onto the uint8 grid
+    for kind in ("mid-r", "atta"):
+        rounds = report["stages"][kind]["rounds"]
+        assert all(r["epochs"][1] - r["epochs"][0] == 1 for r in rounds)  # a round is one epoch
+        for before, now in zip(rounds, rounds[1:]):
+            for attack, key in now["pools"].items():
+                previous = before["pools"][attack]
+                manifest = pools.read_manifest(str(store), key)
+                assert manifest["complete"]
+                attrs = pools.PoolReader.open(str(store), key).group.attrs
+                assert attrs["refresh"]["of"] == previous and attrs["refresh"]["carried_from"] == before["checkpoint"]
+                assert sum(s["stats"]["carried_samples"] for s in manifest["shards"]) == 512  # 2 workers × 256
+                was = pools.PoolReader.open(str(store), previous).adv(0, 0, 512).astype(int)
+                moved = np.abs(pools.PoolReader.open(str(store), key).adv(0, 0, 512).astype(int) - was)
+                assert 0 < moved.max() <= reach
+                assert (moved.reshape(512, -1).max(1) > 0).mean() > 0.5  # the trained samples moved on
+    rerun = subprocess.run(cli_args(store, "run", *STALENESS_ZERO), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    again = results(store)
+    for kind in ("mid-r", "atta"):
+        assert again["stages"][kind]["cache_hit"] and again["stages"][kind]["key"] == report["stages"][kind]["key"]

@@ -53,3 +53,40 @@ def test_a_continued_view_stays_in_the_ball_and_moves_from_where_it_was():
     # And the untargeted loss went up.
     loss = nn.functional.cross_entropy
     assert loss(net(got), labels) > loss(net(start), labels)
+
+
+def test_staleness_zero_continues_a_batch_and_carries_it_in_the_workers_rows(tmp_path):
+    """``CarriedViews`` (pool.refresh.every 0): the batch's views become the reference loop's
+    continuation, rounded onto the store's grid, and the worker's rows carry them (the next
+    read of those rows, and the round's carried file, see the continued views)."""
+    import numpy as np
+
+    from storage.pools import quantize
+    from workers.jobs import InStepRefresh, RefreshedAttack
+    from workers.models import to_float
+    from workers.refresh_in_step import CarriedViews
+    from workers.reproducible import WorkerRows
+
+    net, (clean, start, labels) = model(), batch()
+    trained = net.train().requires_grad_(True)
+    clean_u8 = (clean * 255).round().to(torch.uint8)
+    start_u8 = torch.from_numpy(quantize(start.numpy(), clean_u8.numpy(), 0.3))
+    rows = WorkerRows(None, in_memory=True)
+    rows.rows = {"index": torch.arange(100, 116), "label": labels, "clean": clean_u8, "PGD_N": start_u8.clone()}
+    # Steps of 0.04 (10.2 grey levels): no continued pixel sits on a rounding boundary, where
+    # two float orders of the same sums could round apart.
+    settings = InStepRefresh((RefreshedAttack("PGD_N", 0.3, 0.04, False),), steps=2, delta_step=1)
+    carried = CarriedViews(settings, rows, str(tmp_path), {}, 100, 116)
+    picked = torch.tensor([3, 7, 11])
+    the_batch = {name: values[picked].clone() for name, values in rows.rows.items()}
+    carried.continue_batch(trained, trained, the_batch)
+    assert trained.training and all(p.requires_grad for p in trained.parameters())  # it trains on afterwards
+    want = reference(net.eval().requires_grad_(False), to_float(clean_u8[picked]), to_float(start_u8[picked]),
+                     labels[picked], 0.3, 0.04, 2, False)
+    want_u8 = torch.from_numpy(quantize(want.numpy(), clean_u8[picked].numpy(), 0.3))
+    assert torch.equal(the_batch["PGD_N"], want_u8)
+    assert torch.equal(rows.rows["PGD_N"][picked], want_u8)  # carried in the worker's rows
+    others = torch.tensor([i for i in range(16) if i not in picked.tolist()])
+    assert torch.equal(rows.rows["PGD_N"][others], start_u8[others])  # the rest untouched
+    assert (rows.rows["PGD_N"][picked] != start_u8[picked]).any()
+    np.testing.assert_array_equal(rows.column("index").numpy(), np.arange(100, 116))

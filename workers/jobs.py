@@ -106,12 +106,32 @@ class RefreshedRounds:
     rounds: tuple[tuple[int, int], ...]  # epochs [first, stop) of each round still to train
     rounds_url: str  # the folder of the round files
     rows_in_memory: bool  # each worker keeps its rows of a round in memory across its epochs
+    in_step: "InStepRefresh | None" = None  # pool.refresh.every 0: views continued in the step
 
     def round_of(self, epoch: int) -> int:
         return self.first_round + next(i for i, (lo, hi) in enumerate(self.rounds) if lo <= epoch < hi)
 
     def is_last_epoch_of_round(self, epoch: int) -> bool:
         return any(hi - 1 == epoch for _, hi in self.rounds)
+
+
+@dataclass(frozen=True)
+class RefreshedAttack:
+    name: str
+    eps: float
+    step_size: float
+    targeted: bool
+
+
+@dataclass(frozen=True)
+class InStepRefresh:
+    """Staleness zero (workers/refresh_in_step.py): before each step, the batch's views of
+    ``attacks`` are continued by ``steps`` steps against the live model, stored on the
+    pool's ``delta_step`` grid, and carried to the next round through its checkpoint."""
+
+    attacks: tuple[RefreshedAttack, ...]
+    steps: int
+    delta_step: int
 
 
 def round_file(rounds_url: str, index: int) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.checkpoints import read_carried
 from storage.datasets import DatasetReader
 from storage.pools import PoolReader, quantize, write_shard
 from workers.attacks import make_attack, make_targets, seed_attack_randomness
@@ -45,6 +46,7 @@ class PoolGenerator:
         self.model.requires_grad_(False)
         self.num_classes = num_classes
         self.bf16 = bf16  # attacks run under bf16 autocast; success is always measured in float32
+        self._carried, self._carried_key = None, None  # a round's carried views (``carry``)
 
     def load_source(self, source_kind: str, source_key: str) -> None:
         """Attack another model from now on (a refreshed row's newest round)."""
@@ -120,6 +122,37 @@ class PoolGenerator:
                                    targets[lo:hi], attack.targeted)
         stats = {"success_rate_float": hits_float / len(labels_np), "success_rate_stored": hits_stored / len(labels_np),
                  "seconds": time.perf_counter() - started}
+        return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
+                           adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)
+
+
+    def carry(self, pool_key: str, previous_key: str, checkpoint_key: str, attack_name: str, shard: int, start: int,
+              stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int) -> dict[str, Any]:
+        """Shard ``shard`` of a pool refreshed at staleness zero: the views the training
+        workers carried through round ``checkpoint_key`` (``workers/refresh_in_step.py``),
+        and, for a sample no worker trained on (the split's remainder across workers),
+        pool ``previous_key``'s view as it was. Its success is measured against this actor's
+        model, the round's."""
+        started = time.perf_counter()
+        attack = make_attack(attack_name, family_settings)
+        previous = PoolReader.open(self.root, previous_key)
+        clean_u8, labels_np = self.dataset.load("train", start, stop)
+        adv_u8 = previous.adv(0, start, stop, clean_u8=clean_u8)[None].copy()
+        targets_np = np.asarray(previous.group["target"][0, start:stop], dtype=np.int64)
+        if self._carried_key != checkpoint_key:  # one read of the round's carried views per actor
+            self._carried, self._carried_key = read_carried(self.root, checkpoint_key), checkpoint_key
+        index = self._carried["index"]
+        inside = (index >= start) & (index < stop)
+        adv_u8[0, index[inside] - start] = self._carried[attack_name][inside]
+        labels = torch.from_numpy(labels_np).to(self.device)
+        targets = torch.from_numpy(targets_np).to(self.device)
+        hits = 0
+        for lo in range(0, len(labels), batch_size):
+            hi = min(lo + batch_size, len(labels))
+            hits += success(self.model, to_float(torch.from_numpy(adv_u8[0, lo:hi])).to(self.device), labels[lo:hi],
+                            targets[lo:hi], attack.targeted)
+        stats = {"success_rate_float": hits / len(labels_np), "success_rate_stored": hits / len(labels_np),
+                 "carried_samples": int(inside.sum()), "seconds": time.perf_counter() - started}
         return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
                            adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)
 

@@ -70,6 +70,7 @@ class WorkerRows:
         self.shard, self.in_memory = shard, in_memory
         self.rows: dict[str, torch.Tensor] | None = None
         self.wait_seconds = 0.0  # spent waiting for batches, all epochs together
+        self._position: dict[int, int] | None = None  # sample index -> row, for ``write``
 
     def _read(self) -> dict[str, torch.Tensor]:
         parts: dict[str, list[np.ndarray]] = {}
@@ -77,6 +78,20 @@ class WorkerRows:
             for name, values in block.items():
                 parts.setdefault(name, []).append(values)
         return {name: torch.from_numpy(np.concatenate(values)) for name, values in parts.items()}
+
+    def column(self, name: str) -> torch.Tensor:
+        """All this worker's rows of column ``name`` (in memory only)."""
+        if self.rows is None:
+            self.rows = self._read()
+        return self.rows[name]
+
+    def write(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace column ``name`` of the samples ``index`` (the rows' "index" column) by
+        ``values``: a refreshed view carried in memory (workers/refresh_in_step.py)."""
+        if self._position is None:
+            self._position = {int(i): row for row, i in enumerate(self.column("index").tolist())}
+        rows = torch.tensor([self._position[int(i)] for i in index.tolist()])
+        self.rows[name][rows] = values.to(self.rows[name].device, self.rows[name].dtype)
 
     def batches(self, batch_size: int, seed: int, rank: int, epoch: int,
                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

@@ -28,6 +28,7 @@ from workers.device import bf16_autocast
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import load_teacher
 from workers.progress import epoch_bar, quiet_ray_train
+from workers.refresh_in_step import CarriedViews, attack_model
 from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
 from storage import fs
@@ -85,19 +86,25 @@ def wait_for_round(rounds: RefreshedRounds, index: int) -> dict[str, Any]:
     return spec
 
 
+def worker_range(spec: dict[str, Any], rank: int, world_size: int) -> tuple[int, int]:
+    """This worker's samples of a round: an equal, contiguous share of the training split."""
+    share = spec["samples"] // world_size
+    return rank * share, (rank + 1) * share
+
+
 def round_rows(job: MIDJob, spec: dict[str, Any], rank: int, world_size: int) -> list[WorkerRows]:
-    """This worker's rows of a round's pool version, one ``WorkerRows`` per variant: an equal,
-    contiguous share of the training split, read through Ray Data in the store's order."""
+    """This worker's rows of a round's pool version, one ``WorkerRows`` per variant, read
+    through Ray Data in the store's order. Kept in memory when they fit, and always at
+    staleness zero, where the worker carries its continued views in them."""
     import ray.data
 
     from storage.datasource import AlignedViewsDatasource
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    share = spec["samples"] // world_size
-    rows = (rank * share, (rank + 1) * share)
+    rows = worker_range(spec, rank, world_size)
+    in_memory = job.refreshed.rows_in_memory or job.refreshed.in_step is not None
     return [WorkerRows(ray.data.read_datasource(AlignedViewsDatasource(
-                job.root, job.refreshed.dataset_key, "train", pools=spec["pools"], variant=k, rows=rows)),
-                job.refreshed.rows_in_memory)
+                job.root, job.refreshed.dataset_key, "train", pools=spec["pools"], variant=k, rows=rows)), in_memory)
             for k in range(spec["variants"])]
 
 
@@ -138,7 +145,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     attacks = list(job.attacks)
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
-    rounds, round_spec = job.refreshed, None
+    rounds, round_spec, carried = job.refreshed, None, None
     if rounds is None:
         shards = [WorkerRows(ray.train.get_dataset_shard(variant_dataset_name(k)), group.rows_in_memory)
                   for k in range(job.variants)]
@@ -152,6 +159,10 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             shards = round_rows(job, round_spec, rank, world_size)
         start, waited, seen, steps, sums = time.perf_counter(), 0.0, 0, 0, {}
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
+        if rounds is not None and rounds.in_step is not None:  # a round is one epoch at staleness zero
+            carried = CarriedViews(rounds.in_step, shard, job.root, round_spec["pools"],
+                                   *worker_range(round_spec, rank, world_size))
+            attacked = attack_model(job.objective, student, teacher)
         crops = augmentation_generator(job.seed, rank, epoch)
         batches = iter(shard.batches(job.batch_size, job.seed, rank, epoch, device))
         while True:
@@ -160,6 +171,8 @@ def train_mid_loop(config: dict[str, Any]) -> None:
             waited += time.perf_counter() - fetch
             if batch is None:
                 break
+            if carried is not None:
+                carried.continue_batch(student, attacked, batch)
             held_out = draw_held_out(attacks, job.seed, step)
             clean, *views = crop_and_flip([to_float(batch[name]) for name in ["clean", *attacks]],
                                           job.augmentation.mode, job.augmentation.crop_padding, crops)
@@ -189,11 +202,17 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                          "resumed": state is not None and epoch == first_epoch,
                          **{k: v / max(steps, 1) for k, v in sums.items()}}
         history.append(epoch_metrics)
-        if rounds is not None and rounds.is_last_epoch_of_round(epoch) and rank == 0:
+        if rounds is not None and rounds.is_last_epoch_of_round(epoch):
             # Committed before the epoch checkpoint: a group restarted from an earlier one
             # retrains to the same weights and commits them again, unchanged.
-            commit(job, round_spec["checkpoint"], student, history, started, loop_started_at, checkpoints.seconds,
-                   optimizer.state_dict())
+            if carried is not None:  # every worker's carried views, then the manifest that commits them
+                carried.commit(job.root, round_spec["checkpoint"], rank)
+                if world_size > 1:
+                    torch.distributed.barrier()
+            if rank == 0:
+                commit(job, round_spec["checkpoint"], student, history, started, loop_started_at,
+                       checkpoints.seconds, optimizer.state_dict(),
+                       {"ranks": world_size, "attacks": [a.name for a in rounds.in_step.attacks]} if carried else None)
         checkpoints.end_epoch(epoch, epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                                                      "epoch": epoch, "step": step, "history": history})
         bar.set_description(f"{job.row} training (loss {epoch_metrics['loss']:.3f}, "
@@ -205,10 +224,12 @@ def train_mid_loop(config: dict[str, Any]) -> None:
 
 
 def commit(job: MIDJob, key: str, student: torch.nn.Module, history: list[dict[str, Any]], started: float,
-           loop_started_at: float, checkpoint_seconds: float, optimizer: dict[str, Any] | None = None) -> None:
+           loop_started_at: float, checkpoint_seconds: float, optimizer: dict[str, Any] | None = None,
+           carried: dict[str, Any] | None = None) -> None:
     save_checkpoint(job.root, key, student.state_dict(),
                     {"kind": job.commit_kind, "spec": job.spec, "teacher_key": job.teacher_key,
                      **({"row": job.row} if job.refreshed is not None else {}),
+                     **({"carried": carried} if carried is not None else {}),
                      "history": history, "worker_seconds": {"training": time.perf_counter() - started,
                                                             "checkpoints": checkpoint_seconds,
                                                             "loop_started_at": loop_started_at,

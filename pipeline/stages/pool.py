@@ -39,6 +39,9 @@ class PoolSpec:
     step_size: float = 0.0
     reset: bool = False
     seed: int | None = None
+    # At staleness zero (pool.refresh.every 0): the views carried by the training workers
+    # through the round checkpoint ``carried_from`` instead of continued here.
+    carried_from: str | None = None
 
     def num_samples(self, dataset: DatasetReader) -> int:
         return dataset.num_samples(self.split) if self.indices is None else len(self.indices)
@@ -130,7 +133,9 @@ def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dic
                                  "source_model": {"kind": source_kind, **source_summary(source)},
                                  "seed": ctx.cfg.seed if spec.seed is None else spec.seed,
                                  **({"refresh": {"of": spec.refresh_of, "steps": spec.steps,
-                                                 "step_size": spec.step_size, "reset": spec.reset}}
+                                                 "step_size": spec.step_size, "reset": spec.reset,
+                                                 **({"carried_from": spec.carried_from} if spec.carried_from
+                                                    else {})}}
                                     if spec.refresh_of else {})})
         done = pools.committed_shards(ctx.root, key)
         todo += [(key, spec, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
@@ -197,6 +202,9 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
 
     def submit(actor, task):
         key, spec, shard, lo, hi = task
+        if spec.carried_from:
+            return actor.carry.remote(key, spec.refresh_of, spec.carried_from, spec.attack, shard, lo, hi,
+                                      family_settings=family_settings, batch_size=p.batch_size)
         if spec.refresh_of and not spec.reset:
             return actor.refresh.remote(key, spec.refresh_of, spec.attack, shard, lo, hi,
                                         family_settings=family_settings, steps=spec.steps, step_size=spec.step_size,

@@ -8,6 +8,11 @@ checkpoint and each pool version is a content-keyed entry of the store, claimed 
 so a rerun reuses them and an interrupted run resumes at the round (and the shard) it
 reached. Rounds alternate: this is the deterministic mode, and a pool is at most ``every``
 epochs stale.
+
+``every: 0`` is staleness zero: a round is one epoch, the workers continue each batch's
+views against the live model just before its step (workers/refresh_in_step.py) and carry
+them in the round's checkpoint, and version r+1 is those carried views, stored by the pool
+actors (``PoolGenerator.carry``). Still deterministic and resumable by round.
 """
 
 from __future__ import annotations
@@ -26,20 +31,39 @@ from storage import checkpoints, fs, pools
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.defenses import defense_class
-from workers.jobs import MIDJob
+from workers.attacks import make_attack
+from workers.jobs import InStepRefresh, MIDJob, RefreshedAttack
 
 
 def rounds(ctx: RunContext, objective: str) -> list[tuple[int, int]]:
     """Each round's epochs [first, stop)."""
-    epochs, every = ctx.cfg.refreshed_training(objective)[0], ctx.cfg.pool.refresh.every
+    epochs, every = ctx.cfg.refreshed_training(objective)[0], max(1, ctx.cfg.pool.refresh.every)
     return [(r * every, min(epochs, (r + 1) * every)) for r in range(math.ceil(epochs / every))]
 
 
-def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool, round_index: int) -> pool.PoolSpec:
+def in_step(ctx: RunContext) -> bool:
+    """Staleness zero: the views are continued in the training step (workers/refresh_in_step.py)."""
+    return ctx.cfg.pool.refresh.every == 0
+
+
+def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool, round_index: int,
+                   carried_from: str | None = None) -> pool.PoolSpec:
     p, how = ctx.cfg.pool, key_rules.refresh_settings(ctx.cfg, attack)
     return pool.PoolSpec(attack, "train", 1, p.encoding, p.delta_step, None, refresh_of=previous_key,
                          steps=how["steps"], step_size=how["step_size"], reset=reset,
-                         seed=ctx.cfg.seed * 1_000_003 + round_index if reset else None)
+                         seed=ctx.cfg.seed * 1_000_003 + round_index if reset else None,
+                         carried_from=None if reset else carried_from)
+
+
+def in_step_settings(ctx: RunContext) -> InStepRefresh:
+    """What the workers continue in the step, and how (each attack's ε and step size)."""
+    family_settings = ctx.cfg.attacks.family_settings()
+    attacks = []
+    for name in ctx.cfg.refreshed_attacks():
+        attack = make_attack(name, family_settings)
+        attacks.append(RefreshedAttack(name, attack.eps, key_rules.refresh_settings(ctx.cfg, name)["step_size"],
+                                       attack.targeted))
+    return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step)
 
 
 def run(ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -74,8 +98,12 @@ class RefreshedRow:
     def run(self) -> dict[str, Any]:
         ctx, r = self.ctx, self.ctx.cfg.pool.refresh
         with ctx.stage(self.kind) as record:
-            ctx.say(f"{self.kind}: {len(self.plan)} rounds of {r.every} epochs, the pool refreshed against the "
-                    f"{self.row} model between rounds ({r.steps} steps per refresh)")
+            if in_step(ctx):
+                ctx.say(f"{self.kind}: {len(self.plan)} rounds of 1 epoch, each batch's views continued by "
+                        f"{r.steps} steps against the live {self.row} model just before its step (staleness zero)")
+            else:
+                ctx.say(f"{self.kind}: {len(self.plan)} rounds of {r.every} epochs, the pool refreshed against "
+                        f"the {self.row} model between rounds ({r.steps} steps per refresh)")
             first = self.walk_committed()
             if first < len(self.plan):
                 self.train_from(first)
@@ -117,14 +145,15 @@ class RefreshedRow:
         and make it the newest."""
         ctx, r = self.ctx, self.ctx.cfg.pool.refresh
         reset = r.reset_every is not None and index % r.reset_every == 0
-        specs = [refreshed_spec(ctx, attack, self.pool_keys[attack], reset, index)
+        carried_from = self.model["key"] if in_step(ctx) else None
+        specs = [refreshed_spec(ctx, attack, self.pool_keys[attack], reset, index, carried_from)
                  for attack in ctx.cfg.refreshed_attacks()]
         keys = {s.attack: content_key("pool", key_rules.refreshed_pool_payload(
             ctx.cfg, self.pool_keys[s.attack], self.model["sha256"], s.attack, reset)) for s in specs}
 
         def build(attacks: list[str]) -> dict[str, bool]:
-            ctx.say(f"{self.kind}: round {index}: {'regenerating' if reset else 'refreshing'} "
-                    f"{', '.join(attacks)} against round {index - 1}'s model")
+            verb = "regenerating" if reset else "storing the carried views of" if carried_from else "refreshing"
+            ctx.say(f"{self.kind}: round {index}: {verb} {', '.join(attacks)} against round {index - 1}'s model")
             pool.build(ctx, self.dataset, self.kind, self.model,
                        [(s, keys[s.attack]) for s in specs if s.attack in attacks], actors)
             return {attack: True for attack in attacks}
@@ -236,4 +265,5 @@ class RefreshedRow:
                       first_epoch=self.plan[first][0], init_checkpoint=init, objective=self.objective,
                       commit_kind="mid_student" if self.mid else self.kind, row=self.row,
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), rounds_url,
-                                                self.rows_fit(workers)))
+                                                self.rows_fit(workers),
+                                                in_step_settings(ctx) if in_step(ctx) else None))

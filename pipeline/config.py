@@ -277,6 +277,9 @@ class MIDConfig(Section):
     distill: bool = Field(_STEP.distill, description="false: the ablation without distillation (Table 8): no teacher-feature "
                                             "targets (AC and CC off in both phases); the student starts from random "
                                             "weights (mid.init_student: random) and learns through C_t from labels")
+    classifier: Literal["teacher", "trainable"] = Field(
+        "teacher", description="the classifier of the label term: the teacher's, frozen (the paper), or a copy of "
+                               "it trained with the student, so the defended model is C_s ∘ E_s (docs/design.md §4.1)")
 
     def step(self, on_gpu: bool) -> MetaSettings:
         """The meta step a worker takes (``workers.mid``); ``batch_views: auto`` resolved for
@@ -286,7 +289,8 @@ class MIDConfig(Section):
                             batch_views=on_gpu if self.batch_views == "auto" else self.batch_views,
                             meta_train=LossWeights(**self.meta_train_weights.model_dump()),
                             meta_test=LossWeights(**self.meta_test_weights.model_dump()),
-                            meta=self.meta, distill=self.distill)
+                            meta=self.meta, distill=self.distill,
+                            trainable_classifier=self.classifier == "trainable")
 
     @model_validator(mode="after")
     def _nothing_distilled_without_distillation(self):

@@ -155,6 +155,8 @@ def mid_settings(cfg: RunConfig) -> dict[str, Any]:
     for switch in ("meta", "distill"):
         if settings[switch]:
             settings.pop(switch)  # on, as every student made before the switches existed
+    if settings["classifier"] == "teacher":
+        settings.pop("classifier")  # the frozen C_t, as every student made before the option existed
     return settings
 
 

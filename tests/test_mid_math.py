@@ -209,3 +209,25 @@ def test_without_distillation_no_teacher_feature_reaches_the_student():
     assert (analytic - reference).norm() / reference.norm() < 1e-4
     with_teacher, _ = meta_objective(student, teacher, clean, views, labels, "MIM_T", SETTINGS)
     assert with_teacher.item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_a_trainable_classifier_starts_as_c_t_and_its_meta_gradient_matches_finite_differences():
+    """mid.classifier: trainable. The student carries a copy of C_t: at the start the meta
+    loss equals the frozen-C_t one, and the second-order meta gradient, now reaching the
+    classifier's weights too, matches central differences."""
+    from workers.mid import StudentWithClassifier
+
+    student, teacher, clean, views, labels = tiny_problem()
+    with_head = StudentWithClassifier(copy.deepcopy(student), copy.deepcopy(teacher.classifier).requires_grad_(True))
+    _, frozen = meta_objective(student, teacher, clean, views, labels, "PGD_T", SETTINGS)
+    loss, own = meta_objective(with_head, teacher, clean, views, labels, "PGD_T", SETTINGS)
+    # The same meta-train loss; the meta-test one differs: the inner step now moves C_s too.
+    assert own["meta_train"] == pytest.approx(frozen["meta_train"], rel=1e-12)
+    assert own["meta_test"] != pytest.approx(frozen["meta_test"], rel=1e-6)
+    analytic = meta_gradients(with_head, loss)
+    names = [name for name, _ in with_head.named_parameters()]
+    assert any(n.startswith("classifier.") for n in names)
+    assert all(g.abs().sum() > 0 for n, g in zip(names, analytic) if n.startswith("classifier."))
+    reference = flat(finite_difference_gradient(with_head, teacher, clean, views, labels, "PGD_T", SETTINGS))
+    rel = (flat(analytic) - reference).norm() / reference.norm()
+    assert rel < 1e-4, f"relative error {rel:.2e}"

@@ -163,13 +163,16 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     assert manifest["sha256"] == expected["sha256"]
 
 
-STALENESS_ZERO = ["pool.refresh.every=0", "pool.refresh.steps=2", "pool.refresh.step_size=0.05"]
+# MID-R here also trains its own classifier (mid.classifier: trainable), which this run checks too.
+STALENESS_ZERO = ["pool.refresh.every=0", "pool.refresh.steps=2", "pool.refresh.step_size=0.05",
+                  "mid.classifier=trainable"]
 
 
 def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepared, tmp_path):
     """pool.refresh.every 0: the workers continue each batch's views in the step and the next
     version is what they carried (every sample they trained on, moved at most steps ×
-    step_size from the last version), committed with the round; a rerun reuses it all."""
+    step_size from the last version), committed with the round; a rerun reuses it all.
+    MID-R's trainable classifier: trained away from C_t, and exported as C_s ∘ E_s."""
     store = tmp_path / "store"
     shutil.copytree(prepared, store)
     first = subprocess.run(cli_args(store, "run", *STALENESS_ZERO), capture_output=True, text=True, timeout=900)
@@ -197,3 +200,20 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
     again = results(store)
     for kind in ("mid-r", "atta"):
         assert again["stages"][kind]["cache_hit"] and again["stages"][kind]["key"] == report["stages"][kind]["key"]
+    from safetensors.numpy import load_file
+
+    from storage import checkpoints
+    student = report["stages"]["mid-r"]["key"]
+    manifest = checkpoints.read_manifest(str(store), student)
+    assert manifest["classifier"] == "trainable"
+    weights = load_file(str(store / "checkpoints" / student / "model.safetensors"))
+    teacher = load_file(str(store / "checkpoints" / manifest["teacher_key"] / "model.safetensors"))
+    own = sorted(name for name in weights if name.startswith("classifier."))
+    assert own and all(name in teacher for name in own)
+    assert any(not np.array_equal(weights[name], teacher[name]) for name in own)  # C_s moved away from C_t
+    exported = subprocess.run([sys.executable, "-m", "pipeline", "export", "digits", str(tmp_path / "export"),
+                               "--row", "MID-R", "--format", "safetensors", "--store", str(store)],
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    card = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert card["check"]["largest_logit_difference"] < 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -29,9 +31,14 @@ def load_teacher(root: str, key: str) -> Autoencoding:
 
 
 def load_defended(root: str, student_key: str, teacher_key: str) -> EncoderClassifier:
-    """MID's final model C_t ∘ E_s: the teacher's classifier reading the student's features."""
+    """MID's final model C_t ∘ E_s: the teacher's classifier reading the student's features
+    (or, trained with ``mid.classifier: trainable``, the student's own classifier: C_s ∘ E_s)."""
     teacher = load_teacher(root, teacher_key)
     state, manifest = load_checkpoint(root, student_key)
+    if manifest.get("classifier") == "trainable":
+        model = EncoderClassifier(build_encoder(_spec(manifest)), copy.deepcopy(teacher.classifier))
+        model.load_state_dict(state)
+        return model.eval()
     student = build_encoder(_spec(manifest))
     student.load_state_dict(state)
     return EncoderClassifier(student, teacher.classifier).eval()

@@ -76,6 +76,20 @@ def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+class StudentWithClassifier(nn.Module):
+    """E_s with a classifier of its own (``mid.classifier: trainable``), started from C_t:
+    its forward gives the features and their logits, so the meta step's functional calls
+    move both. Its state dict is an ``EncoderClassifier``'s (``encoder.*``, ``classifier.*``)."""
+
+    def __init__(self, encoder: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.encoder, self.classifier = encoder, classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.classifier(z)
+
+
 def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher: FrozenTeacher,
                    views: list[torch.Tensor], labels: torch.Tensor, p_teacher: torch.Tensor,
                    weights: LossWeights, temperature: float,
@@ -94,6 +108,7 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
     for chunk in chunks:
         n = chunk.shape[0] // batch
         z = functional_call(student, params, (chunk,))
+        z, logits = z if isinstance(z, tuple) else (z, None)  # a trainable classifier's logits
         if weights.ac or (weights.cc and teacher.decoder is not None):
             p_rep = p_teacher.repeat(n, *([1] * (p_teacher.dim() - 1)))
         if weights.ac:
@@ -101,7 +116,8 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
         if weights.cc and teacher.decoder is not None:
             cc = cc + _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(n, batch).mean(1).sum()
         if weights.lc:
-            lc = lc + F.cross_entropy(teacher.classifier(z), labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
+            logits = teacher.classifier(z) if logits is None else logits
+            lc = lc + F.cross_entropy(logits, labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
     total = weights.ac * ac + weights.cc * cc + weights.lc * lc
     return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item()}
 

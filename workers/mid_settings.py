@@ -28,6 +28,9 @@ class MetaSettings:
     meta_test: LossWeights = field(default_factory=LossWeights)
     meta: bool = True                   # False: the ablation without meta-learning (module docstring)
     distill: bool = True                # False: the ablation without distillation: AC and CC off
+    # True: LC reads a copy of C_t trained with the student (``StudentWithClassifier``); the
+    # defended model is then C_s ∘ E_s. False: the paper's frozen C_t.
+    trainable_classifier: bool = False
 
     def weights(self, phase: LossWeights) -> LossWeights:
         """A phase's weights as the step uses them: without distillation no teacher-feature term."""

@@ -73,4 +73,6 @@ def attack_model(objective: str, student: torch.nn.Module, teacher: Any) -> torc
     C_t ∘ E_s, as the adaptive table attacks it)."""
     if objective == "cross_entropy":
         return student
+    if hasattr(student, "classifier"):  # mid.classifier: trainable, C_s ∘ E_s
+        return EncoderClassifier(student.encoder, student.classifier)
     return EncoderClassifier(student, teacher.classifier)

@@ -33,7 +33,7 @@ from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
 from storage import fs
 from workers.jobs import MIDJob, RefreshedRounds, WorkerGroup, round_file
-from workers.mid import (FrozenTeacher, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
+from workers.mid import (FrozenTeacher, StudentWithClassifier, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
                          meta_objective)
 from workers.models import ModelSpec, build_classifier_model, build_encoder, to_float
 
@@ -42,27 +42,36 @@ def variant_dataset_name(variant: int) -> str:
     return f"train_variant_{variant}"
 
 
-def initial_student(job: MIDJob, teacher_encoder: torch.nn.Module) -> torch.nn.Module:
+def with_classifier(job: MIDJob, encoder: torch.nn.Module, teacher: FrozenTeacher) -> torch.nn.Module:
+    """The student as it trains: E_s, or, with ``mid.classifier: trainable``, E_s with a copy
+    of C_t of its own."""
+    if not job.step.trainable_classifier:
+        return encoder
+    return StudentWithClassifier(encoder, copy.deepcopy(teacher.classifier))
+
+
+def initial_student(job: MIDJob, teacher: FrozenTeacher) -> torch.nn.Module:
     """Same weights on every worker: a copy of E_t, or a seeded fresh encoder."""
     if job.init_student == "teacher":
-        student = copy.deepcopy(teacher_encoder)
+        student = copy.deepcopy(teacher.encoder)
     else:
         torch.manual_seed(job.seed)
         student = build_encoder(ModelSpec(**job.spec))
+    student = with_classifier(job, student, teacher)
     student.train()
     return student.requires_grad_(True)
 
 
-def starting_model(job: MIDJob, teacher_encoder: torch.nn.Module | None) -> tuple[torch.nn.Module, list]:
+def starting_model(job: MIDJob, teacher: FrozenTeacher | None) -> tuple[torch.nn.Module, list]:
     """The model the job trains and the history it continues: ``init_checkpoint``'s weights
     when set (a previous round's, whose history goes on, or ATTA's baseline), else MID's
     initial student."""
     if job.objective == "cross_entropy":
         model = build_classifier_model(ModelSpec(**job.spec))
     elif job.init_checkpoint is None:
-        return initial_student(job, teacher_encoder), []
+        return initial_student(job, teacher), []
     else:
-        model = build_encoder(ModelSpec(**job.spec))
+        model = with_classifier(job, build_encoder(ModelSpec(**job.spec)), teacher)
     state, manifest = load_checkpoint(job.root, job.init_checkpoint)
     model.load_state_dict(state)
     model.train()
@@ -129,7 +138,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
     if job.objective == "mid":
         teacher_model = load_teacher(job.root, job.teacher_key).to(device)
         teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
-    student, history = starting_model(job, teacher and teacher.encoder)
+    student, history = starting_model(job, teacher)
     student = student.to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=job.lr)
     if job.first_epoch > 0 and job.init_checkpoint is not None:  # a later round: the optimizer goes on
@@ -230,6 +239,7 @@ def commit(job: MIDJob, key: str, student: torch.nn.Module, history: list[dict[s
                     {"kind": job.commit_kind, "spec": job.spec, "teacher_key": job.teacher_key,
                      **({"row": job.row} if job.refreshed is not None else {}),
                      **({"carried": carried} if carried is not None else {}),
+                     **({"classifier": "trainable"} if job.step.trainable_classifier else {}),
                      "history": history, "worker_seconds": {"training": time.perf_counter() - started,
                                                             "checkpoints": checkpoint_seconds,
                                                             "loop_started_at": loop_started_at,

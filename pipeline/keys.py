@@ -213,6 +213,8 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     else:  # cross-entropy with AT's epochs, batch size and learning rate
         at = cfg.models.at
         train = {"epochs": at.epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
+        if r.every == 0 and at.eps_warmup_epochs:  # AT's ε warm-up, taken at staleness zero only
+            train["eps_warmup_epochs"] = at.eps_warmup_epochs
     return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,
             "train": train, "every": r.every, "reset_every": r.reset_every,
             "refreshed": {a: refresh_settings(cfg, a) for a in cfg.refreshed_attacks()},

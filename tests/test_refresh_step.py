@@ -90,3 +90,29 @@ def test_staleness_zero_continues_a_batch_and_carries_it_in_the_workers_rows(tmp
     assert torch.equal(rows.rows["PGD_N"][others], start_u8[others])  # the rest untouched
     assert (rows.rows["PGD_N"][picked] != start_u8[picked]).any()
     np.testing.assert_array_equal(rows.column("index").numpy(), np.arange(100, 116))
+
+
+def test_in_an_eps_warmup_epoch_the_carried_view_is_continued_inside_the_smaller_ball(tmp_path):
+    """ATTA at staleness zero takes AT's ε warm-up: in epoch e < W the view is continued, and
+    projected, inside (e+1)/W · ε with (e+1)/W of the step; from epoch W on, the whole ball."""
+    from storage.pools import ball_radius, quantize
+    from workers.jobs import InStepRefresh, RefreshedAttack
+    from workers.models import to_float
+    from workers.refresh_in_step import CarriedViews
+    from workers.reproducible import WorkerRows
+
+    settings = InStepRefresh((RefreshedAttack("PGD_N", 0.3, 0.04, False),), steps=2, delta_step=1,
+                             eps_warmup_epochs=4)
+    assert [settings.eps_scale(e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    net, (clean, start, labels) = model(), batch()
+    clean_u8 = (clean * 255).round().to(torch.uint8)
+    start_u8 = torch.from_numpy(quantize(start.numpy(), clean_u8.numpy(), 0.3))
+    rows = WorkerRows(None, in_memory=True)
+    rows.rows = {"index": torch.arange(16), "label": labels, "clean": clean_u8, "PGD_N": start_u8.clone()}
+    carried = CarriedViews(settings, rows, str(tmp_path), {}, 0, 16, settings.eps_scale(1))
+    the_batch = {name: values.clone() for name, values in rows.rows.items()}
+    carried.continue_batch(net, net, the_batch)
+    moved = (the_batch["PGD_N"].int() - clean_u8.int()).abs()
+    assert moved.max() <= ball_radius(0.15) < (start_u8.int() - clean_u8.int()).abs().max()
+    want = reference(net, to_float(clean_u8), to_float(start_u8), labels, 0.15, 0.02, 2, False)
+    assert torch.equal(the_batch["PGD_N"], torch.from_numpy(quantize(want.numpy(), clean_u8.numpy(), 0.15)))

@@ -132,6 +132,12 @@ class InStepRefresh:
     attacks: tuple[RefreshedAttack, ...]
     steps: int
     delta_step: int
+    # ATTA takes AT's ε warm-up (models.at.eps_warmup_epochs): in epoch e < W the views are
+    # continued inside the ball of (e+1)/W · ε, step (e+1)/W · step_size, as AT's attack ramps.
+    eps_warmup_epochs: int = 0
+
+    def eps_scale(self, epoch: int) -> float:
+        return 1.0 if epoch >= self.eps_warmup_epochs else (epoch + 1) / self.eps_warmup_epochs
 
 
 def round_file(rounds_url: str, index: int) -> str:

@@ -30,8 +30,8 @@ class CarriedViews:
     into ``rows`` (so the next epoch of the round, if any, goes on from them)."""
 
     def __init__(self, settings: InStepRefresh, rows: WorkerRows, root: str, pools: dict[str, str],
-                 first_row: int, last_row: int):
-        self.settings, self.rows, self.first_row = settings, rows, first_row
+                 first_row: int, last_row: int, eps_scale: float = 1.0):
+        self.settings, self.rows, self.first_row, self.eps_scale = settings, rows, first_row, eps_scale
         # A targeted view keeps the target its pool stored (the targets of this worker's rows).
         self.targets = {a.name: torch.from_numpy(np.asarray(
                             PoolReader.open(root, pools[a.name]).group["target"][0, first_row:last_row],
@@ -50,9 +50,10 @@ class CarriedViews:
             for attack in self.settings.attacks:
                 goal = (self.targets[attack.name][batch["index"].cpu() - self.first_row].to(clean.device)
                         if attack.targeted else batch["label"])
-                adv = continue_attack(model, clean, to_float(batch[attack.name]), goal, attack.eps,
-                                      attack.step_size, self.settings.steps, attack.targeted)
-                stored = torch.from_numpy(quantize(adv.cpu().numpy(), clean_u8.cpu().numpy(), attack.eps,
+                eps = attack.eps * self.eps_scale  # smaller in an ε warm-up epoch: the carried view is projected in
+                adv = continue_attack(model, clean, to_float(batch[attack.name]), goal, eps,
+                                      attack.step_size * self.eps_scale, self.settings.steps, attack.targeted)
+                stored = torch.from_numpy(quantize(adv.cpu().numpy(), clean_u8.cpu().numpy(), eps,
                                                    self.settings.delta_step))
                 batch[attack.name] = stored.to(clean_u8.device)
                 self.rows.write(attack.name, batch["index"], stored)

@@ -170,7 +170,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         shard = shards[epoch % len(shards)]  # epoch e reads pool variant e mod K
         if rounds is not None and rounds.in_step is not None:  # a round is one epoch at staleness zero
             carried = CarriedViews(rounds.in_step, shard, job.root, round_spec["pools"],
-                                   *worker_range(round_spec, rank, world_size))
+                                   *worker_range(round_spec, rank, world_size), rounds.in_step.eps_scale(epoch))
             attacked = attack_model(job.objective, student, teacher)
         crops = augmentation_generator(job.seed, rank, epoch)
         batches = iter(shard.batches(job.batch_size, job.seed, rank, epoch, device))

@@ -55,15 +55,17 @@ def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool,
                          carried_from=None if reset else carried_from)
 
 
-def in_step_settings(ctx: RunContext) -> InStepRefresh:
-    """What the workers continue in the step, and how (each attack's ε and step size)."""
+def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
+    """What the workers continue in the step, and how (each attack's ε and step size; ATTA's
+    ε warm-up, AT's)."""
     family_settings = ctx.cfg.attacks.family_settings()
     attacks = []
     for name in ctx.cfg.refreshed_attacks():
         attack = make_attack(name, family_settings)
         attacks.append(RefreshedAttack(name, attack.eps, key_rules.refresh_settings(ctx.cfg, name)["step_size"],
                                        attack.targeted))
-    return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step)
+    warmup = ctx.cfg.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
+    return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step, warmup)
 
 
 def run(ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -266,4 +268,4 @@ class RefreshedRow:
                       commit_kind="mid_student" if self.mid else self.kind, row=self.row,
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), rounds_url,
                                                 self.rows_fit(workers),
-                                                in_step_settings(ctx) if in_step(ctx) else None))
+                                                in_step_settings(ctx, self.objective) if in_step(ctx) else None))

@@ -33,8 +33,8 @@ from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
 from storage import fs
 from workers.jobs import MIDJob, RefreshedRounds, WorkerGroup, round_file
-from workers.mid import (FrozenTeacher, StudentWithClassifier, apply_gradients, average_across_workers, draw_held_out, meta_gradients,
-                         meta_objective)
+from workers.mid import (FrozenTeacher, StudentWithClassifier, apply_gradients, average_across_workers,
+                         draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_classifier_model, build_encoder, to_float
 
 

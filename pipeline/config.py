@@ -220,6 +220,24 @@ class RefreshConfig(Section):
     reset_every: PositiveInt | None = Field(
         None, description="every this many rounds, regenerate the refreshed attacks from a fresh random start "
                           "against the current model, with their full settings (none: never)")
+    start: Literal["pool", "random"] = Field(
+        "pool", description="version 0 of each refreshed attack: the stored training pool (pool), or a uniform "
+                            "random point of its ε-ball made without attack steps, as published ATTA starts "
+                            "(random: the rows then pay no attack steps before their first round)")
+    epochs: PositiveInt | None = Field(
+        None, description="the refreshed rows' epochs (none: mid.epochs for MID-R, models.at.epochs for ATTA); "
+                          "a moving pool is not overfitted as MID overfits a fixed one, so it may train longer")
+    eps_warmup_epochs: NonNegativeInt | None = Field(
+        None, description="at staleness zero, continue the views inside a ball ramped from ε/W to ε over the "
+                          "first W epochs, as AT ramps its attack (none: models.at.eps_warmup_epochs for ATTA, "
+                          "0 for MID-R)")
+
+    @model_validator(mode="after")
+    def _warmup_at_staleness_zero(self):
+        if self.eps_warmup_epochs and self.every != 0:
+            raise ValueError(f"pool.refresh.eps_warmup_epochs: a warm-up ramps the ball of the views continued in "
+                             f"the step, at staleness zero only (pool.refresh.every: 0, not {self.every})")
+        return self
 
 
 class PoolConfig(Section):
@@ -566,11 +584,22 @@ class RunConfig(Section):
         """(epochs, batch size, learning rate, workers) of a row trained on a refreshed pool:
         the mid section for MID's step (MID-R), AT's for cross-entropy (ATTA is AT at equal
         training steps, with transferred instead of fresh attacks)."""
+        epochs = self.pool.refresh.epochs
         if objective == "mid":
             m = self.mid
-            return m.epochs, m.batch_size, m.lr, m.num_workers
+            return epochs or m.epochs, m.batch_size, m.lr, m.num_workers
         at = self.models.at
-        return at.epochs, at.batch_size, at.lr, self.models.num_workers
+        return epochs or at.epochs, at.batch_size, at.lr, self.models.num_workers
+
+    def refreshed_eps_warmup(self, objective: str) -> int:
+        """The ε warm-up (epochs) of a row refreshed at staleness zero; none at a longer staleness,
+        where the views are continued between rounds at full ε."""
+        if self.pool.refresh.every != 0:
+            return 0
+        chosen = self.pool.refresh.eps_warmup_epochs
+        if chosen is not None:
+            return chosen
+        return self.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
 
     def refreshed_attacks(self) -> list[str]:
         """The pool attacks a refresh continues (``pool.refresh.attacks`` or every L∞ one)."""

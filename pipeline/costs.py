@@ -5,7 +5,8 @@ on real passes of the model (``workers.flops``) for the dataset the run read.
 
 A row's own stages are those its model needs: a classifier row's training; MID's teacher,
 pool and student; a refreshed row's starting model (the teacher or the baseline), pool 0
-and its rounds with their refreshes. A stage reused from the store cost this run nothing:
+(the stored pool, unless it starts from random points: ``pool.refresh.start``) and its
+rounds with their refreshes. A stage reused from the store cost this run nothing:
 its seconds are 0 here and the row lists it under ``cached``; its MACs are counted all the
 same (they are what the row costs to build).
 """
@@ -20,12 +21,17 @@ from storage.datasets import DatasetReader
 from workers.defenses import STUDENT_ROW, classifier_rows, defense_class
 
 
-def row_stages(row: str) -> list[str]:
+def row_stages(cfg: RunConfig, row: str) -> list[str]:
     defense = defense_class(row)
     if row in classifier_rows():
         return [defense.kind]
     if row == STUDENT_ROW:
         return ["teacher", "pool", defense.kind]
+    # A refreshed row starting from random points of the ε-ball (its own stage makes them) reads
+    # the stored pool only for the attacks it does not refresh.
+    random_start = cfg.pool.refresh.start == "random"
+    if random_start and set(cfg.refreshed_attacks()) == set(cfg.pool.attacks):
+        return [defense.init_from, defense.kind]
     return [defense.init_from, "pool", defense.kind]
 
 
@@ -42,7 +48,7 @@ def row_costs(cfg: RunConfig, dataset: DatasetReader, stages: dict[str, dict[str
     counted = {s.name: s for s in plan.stage_costs(cfg, shape, plan.unit_costs(cfg, shape))[0]}
     costs = {}
     for row in cfg.eval.defenses:
-        names = row_stages(row)
+        names = row_stages(cfg, row)
         attack = sum(counted[n].attack_macs for n in names if n in counted)
         total = sum(counted[n].total_macs for n in names if n in counted)
         costs[row] = {"seconds": round(sum(stages[n]["seconds"] for n in names if n in stages), 1),

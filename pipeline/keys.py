@@ -141,6 +141,7 @@ def pool_payload(cfg: RunConfig, dataset_fingerprint: str, source_sha256: str, s
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
         **({"bf16": True} if p.bf16 and spec.split == "train" else {}),
         **({"batch_size": p.batch_size} if p.batch_size != UNKEYED_POOL_BATCH_SIZE else {}),
+        **({"random_start": True} if getattr(spec, "random_start", False) else {}),
     }
 
 
@@ -207,14 +208,19 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     the pool it starts on, its training settings and how the pool is refreshed. Each
     round's checkpoint is keyed by this and its round's pools (``refreshed_round_payload``)."""
     r = cfg.pool.refresh
+    objective = "mid" if teacher_sha256 is not None else "cross_entropy"
+    epochs = cfg.refreshed_training(objective)[0]
     if teacher_sha256 is not None:  # MID's step, the mid section
         train: dict[str, Any] = {"mid": mid_settings(cfg), "teacher_sha256": teacher_sha256,
                                  "num_workers": cfg.mid.num_workers}
+        if epochs != cfg.mid.epochs:  # pool.refresh.epochs
+            train["epochs"] = epochs
     else:  # cross-entropy with AT's epochs, batch size and learning rate
         at = cfg.models.at
-        train = {"epochs": at.epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
-        if r.every == 0 and at.eps_warmup_epochs:  # AT's ε warm-up, taken at staleness zero only
-            train["eps_warmup_epochs"] = at.eps_warmup_epochs
+        train = {"epochs": epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
+    warmup = cfg.refreshed_eps_warmup(objective)
+    if warmup:  # at staleness zero only
+        train["eps_warmup_epochs"] = warmup
     return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,
             "train": train, "every": r.every, "reset_every": r.reset_every,
             "refreshed": {a: refresh_settings(cfg, a) for a in cfg.refreshed_attacks()},

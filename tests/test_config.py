@@ -236,6 +236,17 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     with pytest.raises(ConfigError, match="pool.refresh: unknown key 'evry'"):
         load_config(DIGITS, ["pool.refresh.evry=2"])
     assert load_config(DIGITS, ["pool.refresh.every=0"]).pool.refresh.every == 0  # staleness zero
+    with pytest.raises(ConfigError, match=r"pool.refresh.eps_warmup_epochs: .* at staleness zero only"):
+        load_config(DIGITS, ["pool.refresh.every=2", "pool.refresh.eps_warmup_epochs=3"])
+    in_step = load_config(DIGITS, ["pool.refresh.every=0", "models.at.eps_warmup_epochs=4"])
+    assert (in_step.refreshed_eps_warmup("cross_entropy"), in_step.refreshed_eps_warmup("mid")) == (4, 0)  # AT's
+    chosen = load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.eps_warmup_epochs=2"])
+    assert (chosen.refreshed_eps_warmup("cross_entropy"), chosen.refreshed_eps_warmup("mid")) == (2, 2)
+    longer = load_config(DIGITS, ["pool.refresh.epochs=33"])
+    assert longer.refreshed_training("mid")[0] == longer.refreshed_training("cross_entropy")[0] == 33
+    assert longer.mid.epochs != 33  # MID itself keeps its epochs
+    with pytest.raises(ConfigError, match=r"pool.refresh.start.*'pool' or 'random'"):
+        load_config(DIGITS, ["pool.refresh.start=noise"])
     with pytest.raises(ConfigError, match="pool.refresh.every"):
         load_config(DIGITS, ["pool.refresh.every=-1"])
     rows = load_config(DIGITS, ["eval.defenses=[MID-R, None, ATTA]"])

@@ -96,7 +96,7 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
     """{entry: (kind, payload)} of every entry a ``mid run`` of ``cfg`` makes, through
     ``pipeline/keys.py`` alone (the pool and model specs from the stages' own helpers),
     wired as the driver wires the stages; upstream keys are computed, digests faked."""
-    from pipeline.stages import models, pool
+    from pipeline.stages import models, pool, refresh
 
     ctx = RunContext(cfg, Path("unused"))  # the spec helpers read ctx.cfg only
     dataset = fake_dataset()
@@ -121,14 +121,20 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
             defense = defense_class(row)
             mid = defense.objective == "mid"
             start = trained[defense.init_from]["sha256"]
+            first_pools = dict(pool_keys)
+            if cfg.pool.refresh.start == "random":  # version 0: random starts against the starting model
+                for attack in cfg.refreshed_attacks():
+                    out[f"{defense.kind}/pool-0/{attack}"] = ("pool", keys.pool_payload(
+                        cfg, FINGERPRINT, start, refresh.random_start_spec(ctx, attack)))
+                    first_pools[attack] = content_key(*out[f"{defense.kind}/pool-0/{attack}"])
             out[f"{defense.kind}/run"] = (f"{defense.kind}-run", keys.refreshed_run_payload(
-                cfg, row, FINGERPRINT, start, trained["teacher"]["sha256"] if mid else None, pool_keys))
+                cfg, row, FINGERPRINT, start, trained["teacher"]["sha256"] if mid else None, first_pools))
             run_key = content_key(*out[f"{defense.kind}/run"])
-            out[f"{defense.kind}/round-0"] = (defense.kind, keys.refreshed_round_payload(run_key, 0, pool_keys))
+            out[f"{defense.kind}/round-0"] = (defense.kind, keys.refreshed_round_payload(run_key, 0, first_pools))
             reset = cfg.pool.refresh.reset_every == 1
             for attack in cfg.refreshed_attacks():
                 out[f"{defense.kind}/pool-1/{attack}"] = ("pool", keys.refreshed_pool_payload(
-                    cfg, pool_keys[attack], "r" * 63 + "0", attack, reset))
+                    cfg, first_pools[attack], "r" * 63 + "0", attack, reset))
             trained[defense.kind] = {"key": content_key(*out[f"{defense.kind}/round-0"]), "sha256": "r" * 64}
         defenses[row] = driver.row_models(row, trained)
     stored = {}
@@ -449,6 +455,7 @@ PERTURBATIONS: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "eval.adaptive_attacks": [(["PGD_N"], {}), (None, {})],
     "attacks.target": [(0, {}), (1, {}), ("random", {})],
     "pool.refresh.attacks": [(["PGD_N", "MIM_N"], {})],
+    "pool.refresh.eps_warmup_epochs": [(3, {"pool.refresh.every": 0})],
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from storage import pools
+from storage.datasets import DatasetReader
 
 pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
@@ -163,9 +164,11 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     assert manifest["sha256"] == expected["sha256"]
 
 
-# MID-R here also trains its own classifier (mid.classifier: trainable), which this run checks too.
+# MID-R here also trains its own classifier (mid.classifier: trainable), and both rows start
+# from random points of the ε-ball instead of the stored pool (published ATTA's start), which
+# this run checks too.
 STALENESS_ZERO = ["pool.refresh.every=0", "pool.refresh.steps=2", "pool.refresh.step_size=0.05",
-                  "mid.classifier=trainable"]
+                  "mid.classifier=trainable", "pool.refresh.start=random"]
 
 
 def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepared, tmp_path):
@@ -180,8 +183,19 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
     report = results(store)
     assert "continued by 2 steps against the live MID-R model" in first.stderr + first.stdout
     reach = int(np.ceil(2 * 0.05 * 255))  # two steps of 0.05, rounded onto the uint8 grid
+    first_version = pools.PoolReader.open(str(store), report["stages"]["atta"]["rounds"][0]["pools"]["PGD_N"])
+    clean = DatasetReader.open(str(store), first_version.group.attrs["dataset_key"]).load("train", 0, 512)[0]
+    clean = clean.astype(int)
     for kind in ("mid-r", "atta"):
         rounds = report["stages"][kind]["rounds"]
+        for attack, key in rounds[0]["pools"].items():  # version 0: uniform in the ε-ball, no attack steps
+            reader = pools.PoolReader.open(str(store), key)
+            assert reader.group.attrs["random_start"] is True
+            problems, _ = pools.verify_pool(str(store), key)
+            assert problems == []  # ε-ball, range and hashes of every shard
+            delta = reader.adv(0, 0, 512).astype(int) - clean
+            assert np.abs(delta).max() <= round(0.3 * 255) and (delta != 0).mean() > 0.5
+            assert (delta > 0).mean() > 0.2 and (delta < 0).mean() > 0.2  # both signs: not an attack's direction
         assert all(r["epochs"][1] - r["epochs"][0] == 1 for r in rounds)  # a round is one epoch
         for before, now in zip(rounds, rounds[1:]):
             for attack, key in now["pools"].items():
@@ -195,6 +209,8 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
                 moved = np.abs(pools.PoolReader.open(str(store), key).adv(0, 0, 512).astype(int) - was)
                 assert 0 < moved.max() <= reach
                 assert (moved.reshape(512, -1).max(1) > 0).mean() > 0.5  # the trained samples moved on
+    for row in ("MID-R", "ATTA"):  # no stored pool in their cost: every pool attack is refreshed
+        assert "pool" not in report["costs"][row]["stages"]
     rerun = subprocess.run(cli_args(store, "run", *STALENESS_ZERO), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     again = results(store)

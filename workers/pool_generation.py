@@ -56,9 +56,10 @@ class PoolGenerator:
     def generate(self, pool_key: str, attack_name: str, split: str, variants: int, shard: int, start: int,
                  stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int, seed: int,
                  delta_step: int = 1, indices: list[int] | None = None,
-                 target: str | int = "random") -> dict[str, Any]:
+                 target: str | int = "random", random_start: bool = False) -> dict[str, Any]:
         """Shard ``shard``: the pool's samples [start, stop), which are the split's samples
-        ``indices`` when the pool holds a subset of it."""
+        ``indices`` when the pool holds a subset of it. ``random_start``: a uniform random
+        point of the attack's ε-ball instead of the attack (a refreshed row's version 0)."""
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
         if indices is None:
@@ -77,7 +78,8 @@ class PoolGenerator:
             for lo in range(0, len(labels), batch_size):
                 hi = min(lo + batch_size, len(labels))
                 with bf16_autocast(self.bf16, self.device):
-                    adv = attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi]).float()
+                    adv = (uniform_start(clean[lo:hi], attack.eps) if random_start else
+                           attack.perturb(self.model, clean[lo:hi], labels[lo:hi], targets[lo:hi]).float())
                 stored = quantize(adv.cpu().numpy(), clean_u8[lo:hi], attack.eps, delta_step)
                 adv_u8[variant, lo:hi] = stored
                 hits_float += success(self.model, adv, labels[lo:hi], targets[lo:hi], attack.targeted)
@@ -155,6 +157,13 @@ class PoolGenerator:
                  "carried_samples": int(inside.sum()), "seconds": time.perf_counter() - started}
         return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
                            adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)
+
+
+def uniform_start(clean: torch.Tensor, eps: float) -> torch.Tensor:
+    """A uniform random point of the L∞ ε-ball around ``clean``, clipped to [0, 1]: the random
+    start of PGD, without its steps (torch's generator, seeded per shard and variant)."""
+    noise = torch.rand(clean.shape).to(clean.device) * 2 - 1
+    return (clean + eps * noise).clamp(0.0, 1.0)
 
 
 def continue_attack(model: torch.nn.Module, clean: torch.Tensor, start: torch.Tensor, goal: torch.Tensor,

@@ -42,6 +42,9 @@ class PoolSpec:
     # At staleness zero (pool.refresh.every 0): the views carried by the training workers
     # through the round checkpoint ``carried_from`` instead of continued here.
     carried_from: str | None = None
+    # ``pool.refresh.start: random``: version 0 of a refreshed row, a uniform random point of the
+    # ε-ball per sample (with the attack's targets), made without attack steps.
+    random_start: bool = False
 
     def num_samples(self, dataset: DatasetReader) -> int:
         return dataset.num_samples(self.split) if self.indices is None else len(self.indices)
@@ -136,7 +139,8 @@ def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dic
                                                  "step_size": spec.step_size, "reset": spec.reset,
                                                  **({"carried_from": spec.carried_from} if spec.carried_from
                                                     else {})}}
-                                    if spec.refresh_of else {})})
+                                    if spec.refresh_of else {}),
+                                 **({"random_start": True} if spec.random_start else {})})
         done = pools.committed_shards(ctx.root, key)
         todo += [(key, spec, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
         if done:
@@ -212,7 +216,8 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
         return actor.generate.remote(key, spec.attack, spec.split, spec.variants, shard, lo, hi,
                                      indices=spec.indices and spec.indices[lo:hi], family_settings=family_settings,
                                      batch_size=p.batch_size, seed=ctx.cfg.seed if spec.seed is None else spec.seed,
-                                     delta_step=spec.delta_step, target=ctx.cfg.attacks.target)
+                                     delta_step=spec.delta_step, target=ctx.cfg.attacks.target,
+                                     random_start=spec.random_start)
 
     work = ActorPool(actors).map_unordered(submit, todo)
     done = 0

@@ -55,6 +55,12 @@ def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool,
                          carried_from=None if reset else carried_from)
 
 
+def random_start_spec(ctx: RunContext, attack: str) -> pool.PoolSpec:
+    """Version 0 of ``attack``'s refreshed pool under ``pool.refresh.start: random``."""
+    p = ctx.cfg.pool
+    return pool.PoolSpec(attack, "train", 1, p.encoding, p.delta_step, None, random_start=True)
+
+
 def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
     """What the workers continue in the step, and how (each attack's ε and step size; ATTA's
     ε warm-up, AT's)."""
@@ -64,8 +70,8 @@ def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
         attack = make_attack(name, family_settings)
         attacks.append(RefreshedAttack(name, attack.eps, key_rules.refresh_settings(ctx.cfg, name)["step_size"],
                                        attack.targeted))
-    warmup = ctx.cfg.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
-    return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step, warmup)
+    return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step,
+                         ctx.cfg.refreshed_eps_warmup(objective))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -89,6 +95,12 @@ class RefreshedRow:
         self.kind, self.objective, self.mid = defense.kind, defense.objective, defense.objective == "mid"
         self.teacher = trained["teacher"]
         self.start = trained["teacher" if defense.init_from == "teacher" else "baseline"]
+        # pool.refresh.start: random: version 0 of each refreshed attack is a random point of its
+        # ε-ball, (success) measured against the row's starting model, instead of the stored pool.
+        self.random_starts = ({a: random_start_spec(ctx, a) for a in ctx.cfg.refreshed_attacks()}
+                              if ctx.cfg.pool.refresh.start == "random" else {})
+        first_pools = {**first_pools, **{a: pool.pool_key(ctx, dataset, self.start, spec)
+                                         for a, spec in self.random_starts.items()}}
         self.run_key = content_key(f"{self.kind}-run", key_rules.refreshed_run_payload(
             ctx.cfg, row, dataset.fingerprint, self.start["sha256"], self.teacher["sha256"] if self.mid else None,
             first_pools))
@@ -106,6 +118,7 @@ class RefreshedRow:
             else:
                 ctx.say(f"{self.kind}: {len(self.plan)} rounds of {r.every} epochs, the pool refreshed against "
                         f"the {self.row} model between rounds ({r.steps} steps per refresh)")
+            self.make_random_starts()
             first = self.walk_committed()
             if first < len(self.plan):
                 self.train_from(first)
@@ -114,6 +127,25 @@ class RefreshedRow:
             record["details"] = {"sha256": self.model["sha256"], "rounds": self.summary,
                                  "final_epoch": self.model["history"][-1]}
         return self.model
+
+    def make_random_starts(self) -> None:
+        """Version 0 of the refreshed attacks, when it is a random start (reused if stored)."""
+        if not self.random_starts:
+            return
+        ctx, keys = self.ctx, {a: self.pool_keys[a] for a in self.random_starts}
+
+        def build(attacks: list[str]) -> dict[str, bool]:
+            ctx.say(f"{self.kind}: round 0: random starts in the ε-ball for {', '.join(attacks)} (no attack steps)")
+            pool.build(ctx, self.dataset, self.init_kind(), self.start,
+                       [(self.random_starts[a], keys[a]) for a in attacks])
+            return {attack: True for attack in attacks}
+
+        ctx.reuse_or_build_many({f"{self.kind}-pools-0": keys}, keys,
+                                lambda key: True if pool.is_complete(ctx, key) else None, build)
+
+    def init_kind(self) -> str:
+        """The kind of model the row starts from (the teacher or the baseline)."""
+        return defense_class(self.row).init_from
 
     def round_key(self, index: int) -> str:
         """Round ``index``'s checkpoint key, trained on the newest pool version."""
@@ -191,7 +223,7 @@ class RefreshedRow:
 
         # The refreshing actors live as long as the group. They take no CPU of their own: in
         # this mode they work only while the workers wait for the next pool version.
-        source_kind = "teacher" if self.mid and self.model is None else self.kind
+        source_kind = self.init_kind() if self.model is None else self.kind
         actors = pool.start_actors(ctx, self.dataset, source_kind, self.model or self.start,
                                    ctx.cfg.pool.num_actors, ctx.cfg.pool.bf16, num_cpus=0)
         thread = threading.Thread(target=fit, name=f"{self.kind}-rounds", daemon=True)

@@ -232,6 +232,17 @@ class RefreshConfig(Section):
                           "first W epochs, as AT ramps its attack (none: models.at.eps_warmup_epochs for ATTA, "
                           "0 for MID-R)")
 
+    overlap: bool = Field(
+        False, description="make pool version r+1 against round r-1's model while round r trains (one round "
+                           "staler, the pool actors working beside the Train workers) instead of after it")
+
+    @model_validator(mode="after")
+    def _overlap_between_rounds(self):
+        if self.overlap and self.every == 0:
+            raise ValueError("pool.refresh.overlap: at staleness zero (every: 0) the views are continued in the "
+                             "training step itself, so there is no refresh to overlap; set every ≥ 1")
+        return self
+
     @model_validator(mode="after")
     def _warmup_at_staleness_zero(self):
         if self.eps_warmup_epochs and self.every != 0:

@@ -103,8 +103,8 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
         metrics.write_history(out_dir, stage, manifest["history"])
     tables = evaluate.run(ctx, dataset, defenses, stored)
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
-    printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown,
-                           costs.row_costs(cfg, dataset, stages))
+    row_costs = costs.row_costs(cfg, dataset, stages)
+    printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown, row_costs)
     print(printed, flush=True)
     ctx.say(f"wrote {out_dir / 'report.md'}, report.html, results.json and the charts")
-    return {"protocols": tables, "stages": stages}
+    return {"protocols": tables, "stages": stages, "costs": row_costs}

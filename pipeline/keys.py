@@ -222,7 +222,7 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     if warmup:  # at staleness zero only
         train["eps_warmup_epochs"] = warmup
     return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,
-            "train": train, "every": r.every, "reset_every": r.reset_every,
+            "train": train, "every": r.every, "reset_every": r.reset_every, **({"overlap": True} if r.overlap else {}),
             "refreshed": {a: refresh_settings(cfg, a) for a in cfg.refreshed_attacks()},
             "seed": cfg.seed, "batch_order": BATCH_ORDER, **augmentation_settings(cfg)}
 

@@ -131,7 +131,7 @@ def _html_table(defenses: dict[str, Any], known: list[str], unknown: list[str]) 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _macs(value: float) -> str:
+def format_macs(value: float) -> str:
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if value >= factor:
             return f"{value / factor:.3g} {prefix}"
@@ -146,7 +146,7 @@ def cost_lines(costs: dict[str, Any], summary: dict[str, dict[str, Any]]) -> tup
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row, c in costs.items():
         avgs = [_cell(summary[p].get(row, {}).get("avg")) for p in protocols]
-        lines.append(f"| {row} | {c['seconds']:.1f} | {_macs(c['attack_macs'])}MAC | {_macs(c['training_macs'])}MAC | "
+        lines.append(f"| {row} | {c['seconds']:.1f} | {format_macs(c['attack_macs'])}MAC | {format_macs(c['training_macs'])}MAC | "
                      + " | ".join(avgs) + " |")
     notes = ["Seconds: wall time this run spent in the row's own stages (a stage shared by rows, such as the "
              "pool, counts in each); MACs: multiply-accumulates of its attack steps and training steps, counted "

@@ -48,7 +48,7 @@ def run_trial(params: dict[str, Any], configs: dict[str, Any], out_dir: str) -> 
         ctx.label = f"trial {variant}: "  # its stage lines reach the sweep's console (pipeline.console)
         result = driver.run_stages(ctx)
     tune.report({"trial": json.dumps({"protocols": result["protocols"], "stages": result["stages"],
-                                      "seconds": time.perf_counter() - start})})
+                                      "costs": result["costs"], "seconds": time.perf_counter() - start})})
 
 
 def finished_trial(sweep: Sweep, out_dir: Path, variant: str) -> dict[str, Any] | None:

@@ -3,7 +3,10 @@ row per variant (the sweep's ``row`` of each trial, MID by default) under the re
 rows (the other defenses, shared by every trial); the trials with their status; and what
 each stage output was built by, so a reader sees every shared stage built once.
 
-Writes ``sweep.md``, ``sweep.json`` and ``sweep-<protocol>.png``.
+Each row's training cost (seconds, attack and training MACs) beside its average, and a chart of
+one against the other (``sweep-cost.png``): a sweep of ``pool.refresh`` draws its frontier.
+
+Writes ``sweep.md``, ``sweep.json``, ``sweep-<protocol>.png`` and ``sweep-cost.png``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,29 @@ def trials_table(sweep: Sweep, records: dict[str, Any], reused: set[str]) -> lis
     return lines
 
 
+def cost_points(sweep: Sweep, records: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{row label: its cost (``pipeline.costs``)}: the reference rows as the first finished
+    trial counted them, then each finished variant's ``sweep.row``; trials recorded before
+    costs were have none."""
+    finished = {v: r for v, r in records.items() if "error" not in r and r.get("costs")}
+    points: dict[str, dict[str, Any]] = {}
+    for record in list(finished.values())[:1]:
+        points.update({row: c for row, c in record["costs"].items() if row != sweep.row})
+    points.update({v: r["costs"][sweep.row] for v, r in finished.items() if sweep.row in r["costs"]})
+    return points
+
+
+def cost_table(points: dict[str, dict[str, Any]], rows: dict[str, Any], protocol: str) -> list[str]:
+    """Each row's cost beside its average under ``protocol``: the frontier a sweep of staleness
+    or steps draws."""
+    lines = [f"| row | {protocol} average | seconds | attack MACs | training MACs |", "|---|---:|---:|---:|---:|"]
+    for label, c in points.items():
+        if label in rows:
+            lines.append(f"| {label} | {rows[label]['avg']:.1f} | {c['seconds']:.1f} | {report.format_macs(c['attack_macs'])}MAC "
+                         f"| {report.format_macs(c['training_macs'])}MAC |")
+    return lines
+
+
 def write(out_dir: Path, sweep: Sweep, records: dict[str, Any], reused: set[str]) -> str:
     """Returns what the console shows."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +127,14 @@ def write(out_dir: Path, sweep: Sweep, records: dict[str, Any], reused: set[str]
                     unknown)
         md += [f"## {report.TITLES[protocol]}", "", table, "", f"![{protocol}](sweep-{protocol}.png)", ""]
         console += [f"{report.TITLES[protocol]}, sweep {sweep.name}:", table, ""]
+    points = cost_points(sweep, records)
+    if points and tables:  # against the adaptive table when there is one: what a refreshed pool buys
+        protocol = "adaptive" if "adaptive" in tables else next(iter(tables))
+        report.plot_cost(out_dir / "sweep-cost.png", points, tables[protocol], protocol)
+        costs = cost_table(points, tables[protocol], protocol)
+        md += ["## Cost", "", "Seconds: this trial's own stages (0 where reused from the store); MACs: counted "
+               "as `mid plan` counts them.", "", *costs, "", "![cost](sweep-cost.png)", ""]
+        console += [f"Cost against the {protocol} average:", *costs, ""]
     trials = trials_table(sweep, records, reused)
     sharing = sharing_lines(found, len(records))
     md += ["## Trials", "", *trials, "", *sharing, ""]
@@ -111,7 +145,7 @@ def write(out_dir: Path, sweep: Sweep, records: dict[str, Any], reused: set[str]
                "trials": {v: {"overrides": sweep.overrides[v], "digest": sweep.digest(v),
                               "status": "failed" if "error" in r else ("reused" if v in reused else "finished"),
                               **({"error": r["error"]} if "error" in r else
-                                 {"seconds": r["seconds"], "stages": r["stages"]})}
+                                 {"seconds": r["seconds"], "stages": r["stages"], "costs": r.get("costs")})}
                           for v, r in records.items()},
                "builds": found}
     (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -245,6 +245,8 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     longer = load_config(DIGITS, ["pool.refresh.epochs=33"])
     assert longer.refreshed_training("mid")[0] == longer.refreshed_training("cross_entropy")[0] == 33
     assert longer.mid.epochs != 33  # MID itself keeps its epochs
+    with pytest.raises(ConfigError, match=r"pool.refresh.overlap: at staleness zero .* set every ≥ 1"):
+        load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.overlap=true"])
     with pytest.raises(ConfigError, match=r"pool.refresh.start.*'pool' or 'random'"):
         load_config(DIGITS, ["pool.refresh.start=noise"])
     with pytest.raises(ConfigError, match="pool.refresh.every"):

@@ -233,3 +233,30 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
     assert exported.returncode == 0, exported.stderr
     card = json.loads((tmp_path / "export" / "card.json").read_text())
     assert card["check"]["largest_logit_difference"] < 1e-4
+
+
+def test_overlapped_refreshes_are_made_one_round_staler_while_the_rounds_train(prepared, tmp_path):
+    """pool.refresh.overlap: version r+1 is made against round r-1's model (version 1 against
+    the start model, the baseline for ATTA) while round r trains; every version is still a
+    keyed pool, the rounds train on them in order, and a rerun reuses it all."""
+    store = tmp_path / "store"
+    shutil.copytree(prepared, store)
+    overlap = ["eval.defenses=[ATTA]", "models.at.epochs=3", "pool.refresh.steps=3", "pool.refresh.overlap=true"]
+    first = subprocess.run(cli_args(store, "run", *overlap), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = results(store)
+    rounds = report["stages"]["atta"]["rounds"]
+    assert [r["epochs"] for r in rounds] == [[0, 1], [1, 2], [2, 3]]
+    baseline = report["stages"]["baseline"]["key"]
+    for index, now in enumerate(rounds[1:], start=1):
+        made_on = rounds[index - 2]["checkpoint"] if index >= 2 else baseline
+        for attack, key in now["pools"].items():
+            manifest = pools.read_manifest(str(store), key)
+            assert manifest["complete"] and manifest["attrs"]["refresh"]["of"] == rounds[index - 1]["pools"][attack]
+            assert manifest["attrs"]["source_model"]["key"] == made_on
+    assert "pool version 2: refreshing PGD_N, PGD_T against round 0's model" in first.stdout + first.stderr
+    rerun = subprocess.run(cli_args(store, "run", *overlap), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    again = results(store)["stages"]["atta"]
+    assert again["cache_hit"] and again["key"] == report["stages"]["atta"]["key"]
+    assert [r["pools"] for r in again["rounds"]] == [r["pools"] for r in rounds]

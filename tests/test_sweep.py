@@ -67,6 +67,15 @@ def test_variants_are_real_trainer_variants_with_one_combined_table(sweep):
         assert (out / f"sweep-{protocol}.png").read_bytes().startswith(b"\x89PNG")
     md = (out / "sweep.md").read_text()
     assert "| full |" in md and "| no-meta |" in md and "Source protocol" in md and "Adaptive protocol" in md
+    # Each row's cost beside its adaptive average, as the trial's own results.json counted it.
+    assert (out / "sweep-cost.png").read_bytes().startswith(b"\x89PNG")
+    for variant in ("full", "fgsm"):
+        own = trial_results(out, variant)
+        cost = own["costs"]["MID"]
+        assert summary["trials"][variant]["costs"]["MID"] == cost and cost["attack_macs"] > 0
+        avg = own["protocols"]["adaptive"]["defenses"]["MID"]["avg"]
+        assert f"| {variant} | {avg:.1f} | {cost['seconds']:.1f} |" in md
+    assert "Cost against the adaptive average:" in result.stdout
     assert "Source protocol (the paper's Table 2), sweep" in result.stdout
 
 

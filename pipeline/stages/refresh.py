@@ -6,8 +6,10 @@ pool r continued by ``pool.refresh.steps`` attack steps against round r's model 
 own model: C_t ∘ E_s for MID-R, the classifier for ATTA), by the pool actors. Each round's
 checkpoint and each pool version is a content-keyed entry of the store, claimed by the run,
 so a rerun reuses them and an interrupted run resumes at the round (and the shard) it
-reached. Rounds alternate: this is the deterministic mode, and a pool is at most ``every``
-epochs stale.
+reached. Rounds alternate with refreshes, and a pool is at most ``every`` epochs stale; or,
+with ``pool.refresh.overlap``, version r+1 is made against round r-1's model while round r
+trains (the start model for version 1): the actors work beside the workers, a pool is one
+round staler, and both modes are deterministic.
 
 ``every: 0`` is staleness zero: a round is one epoch, the workers continue each batch's
 views against the live model just before its step (workers/refresh_in_step.py) and carry
@@ -85,7 +87,8 @@ class RefreshedRow:
 
     The committed rounds are walked first (each round's key needs the last one's weights);
     the rest train in one Ray Train worker group, which the driver feeds: once round r's
-    checkpoint is committed, it makes pool version r+1 with the pool actors and writes the
+    checkpoint is committed, it makes pool version r+1 with the pool actors (with
+    ``pool.refresh.overlap``: while round r trains, against round r-1's model) and writes the
     round's file, which the waiting workers read on (docs/design.md §4.1)."""
 
     def __init__(self, ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -105,8 +108,9 @@ class RefreshedRow:
             ctx.cfg, row, dataset.fingerprint, self.start["sha256"], self.teacher["sha256"] if self.mid else None,
             first_pools))
         self.plan = rounds(ctx, self.objective)
-        self.pool_keys = dict(first_pools)  # the newest pool version
+        self.versions = [dict(first_pools)]  # every pool version's {attack: key}, by index
         self.model: dict[str, Any] | None = None  # the newest committed round's manifest
+        self.round_models: list[dict[str, Any]] = []  # every committed round's manifest, by index
         self.summary: list[dict[str, Any]] = []  # per round, for results.json
 
     def run(self) -> dict[str, Any]:
@@ -132,7 +136,7 @@ class RefreshedRow:
         """Version 0 of the refreshed attacks, when it is a random start (reused if stored)."""
         if not self.random_starts:
             return
-        ctx, keys = self.ctx, {a: self.pool_keys[a] for a in self.random_starts}
+        ctx, keys = self.ctx, {a: self.versions[0][a] for a in self.random_starts}
 
         def build(attacks: list[str]) -> dict[str, bool]:
             ctx.say(f"{self.kind}: round 0: random starts in the ε-ball for {', '.join(attacks)} (no attack steps)")
@@ -149,13 +153,13 @@ class RefreshedRow:
 
     def round_key(self, index: int) -> str:
         """Round ``index``'s checkpoint key, trained on the newest pool version."""
-        return content_key(self.kind, key_rules.refreshed_round_payload(self.run_key, index, self.pool_keys))
+        return content_key(self.kind, key_rules.refreshed_round_payload(self.run_key, index, self.versions[index]))
 
     def record_round(self, index: int, cached: bool, seconds: dict[str, float]) -> None:
         self.summary.append({"round": index, "epochs": list(self.plan[index]), "checkpoint": self.model["key"],
-                             "pools": dict(self.pool_keys), "cache_hit": cached, **seconds,
+                             "pools": dict(self.versions[index]), "cache_hit": cached, **seconds,
                              "pool_success": {a: pool.success_summary(self.ctx.root, k)["success_rate_stored"]
-                                              for a, k in self.pool_keys.items()}})
+                                              for a, k in self.versions[index].items()}})
 
     def walk_committed(self) -> int:
         """Follow the rounds already in the store (making a missing pool version on the way);
@@ -170,31 +174,43 @@ class RefreshedRow:
             if found is None:
                 return index
             self.model = found
+            self.round_models.append(found)
             self.record_round(index, True, {"refresh_seconds": round(time.perf_counter() - started, 3)})
         return len(self.plan)
 
+    def source_of(self, index: int) -> tuple[int, str, dict[str, Any]]:
+        """(round, kind, manifest) of the model pool version ``index`` is made against: round
+        index-1's, or with ``pool.refresh.overlap`` round index-2's (round -1: the start model)."""
+        made_on = index - (2 if self.ctx.cfg.pool.refresh.overlap else 1)
+        if made_on < 0:
+            return made_on, self.init_kind(), self.start
+        return made_on, self.kind, self.round_models[made_on]
+
     def refresh(self, index: int, actors: list | None = None) -> None:
-        """Make pool version ``index`` (the refreshed attacks of the newest version against the
-        newest round's model, on ``actors`` if given; the other attacks carried as they are)
-        and make it the newest."""
+        """Make pool version ``index`` (the refreshed attacks of the newest version against
+        ``source_of(index)``'s model, on ``actors`` if given; the other attacks carried as they
+        are) and make it the newest."""
         ctx, r = self.ctx, self.ctx.cfg.pool.refresh
         reset = r.reset_every is not None and index % r.reset_every == 0
-        carried_from = self.model["key"] if in_step(ctx) else None
-        specs = [refreshed_spec(ctx, attack, self.pool_keys[attack], reset, index, carried_from)
+        made_on, source_kind, source = self.source_of(index)
+        carried_from = source["key"] if in_step(ctx) else None
+        previous = self.versions[index - 1]
+        specs = [refreshed_spec(ctx, attack, previous[attack], reset, index, carried_from)
                  for attack in ctx.cfg.refreshed_attacks()]
         keys = {s.attack: content_key("pool", key_rules.refreshed_pool_payload(
-            ctx.cfg, self.pool_keys[s.attack], self.model["sha256"], s.attack, reset)) for s in specs}
+            ctx.cfg, previous[s.attack], source["sha256"], s.attack, reset)) for s in specs}
 
         def build(attacks: list[str]) -> dict[str, bool]:
             verb = "regenerating" if reset else "storing the carried views of" if carried_from else "refreshing"
-            ctx.say(f"{self.kind}: round {index}: {verb} {', '.join(attacks)} against round {index - 1}'s model")
-            pool.build(ctx, self.dataset, self.kind, self.model,
+            model = f"round {made_on}'s model" if made_on >= 0 else f"the {source_kind}"
+            ctx.say(f"{self.kind}: pool version {index}: {verb} {', '.join(attacks)} against {model}")
+            pool.build(ctx, self.dataset, source_kind, source,
                        [(s, keys[s.attack]) for s in specs if s.attack in attacks], actors)
             return {attack: True for attack in attacks}
 
         ctx.reuse_or_build_many({f"{self.kind}-pools-{index}": keys}, keys,
                                 lambda key: True if pool.is_complete(ctx, key) else None, build)
-        self.pool_keys = {**self.pool_keys, **keys}
+        self.versions.append({**previous, **keys})
 
     def train_from(self, first: int) -> None:
         """Rounds ``first``, ... in one worker group, the driver refreshing between them."""
@@ -221,8 +237,10 @@ class RefreshedRow:
             except BaseException as e:  # handed to the driver's thread as is
                 outcome["error"] = e
 
-        # The refreshing actors live as long as the group. They take no CPU of their own: in
-        # this mode they work only while the workers wait for the next pool version.
+        # The refreshing actors live as long as the group. They reserve no CPU (a reservation
+        # could wait forever behind the workers' on a small machine): alternating, they work
+        # only while the workers wait for the next pool version; with pool.refresh.overlap
+        # they share the CPUs of the node they run on with whatever trains there.
         source_kind = self.init_kind() if self.model is None else self.kind
         actors = pool.start_actors(ctx, self.dataset, source_kind, self.model or self.start,
                                    ctx.cfg.pool.num_actors, ctx.cfg.pool.bf16, num_cpus=0)
@@ -242,45 +260,61 @@ class RefreshedRow:
     def feed(self, first: int, key: str, thread: threading.Thread, actors: list, rounds_url: str) -> None:
         """The driver's side of the group: wait for each round's commit, make the next pool
         version, tell the workers."""
+        overlap = self.ctx.cfg.pool.refresh.overlap
         index, round_started, refresh_seconds = first, time.perf_counter(), 0.0
         while index < len(self.plan):
-            manifest = checkpoints.verify_checkpoint(self.ctx.root, key)
+            if overlap and index + 1 < len(self.plan):  # the next version, while round ``index`` trains
+                refresh_started = time.perf_counter()
+                self.refresh(index + 1, actors)
+                refresh_seconds = time.perf_counter() - refresh_started
+            manifest = self.wait_for_round(key, thread)
             if manifest is None:
-                if not thread.is_alive():
-                    thread.join()
-                    return  # the group stopped without committing the round: train_from raises its error
-                time.sleep(0.2)
-                continue
+                return  # the group stopped without committing the round: train_from raises its error
             self.model, trained_at = manifest, time.perf_counter()
+            self.round_models.append(manifest)
             self.record_round(index, False, {"refresh_seconds": round(refresh_seconds, 3),
                                              "train_seconds": round(trained_at - round_started, 3)})
             index += 1
             if index < len(self.plan):
-                self.refresh(index, actors)
+                if not overlap:
+                    self.refresh(index, actors)
                 key = self.round_key(index)
                 self.ctx.claim(f"{self.kind}-round-{index}", key)
                 self.write_round(rounds_url, index, key)
             round_started = time.perf_counter()
-            refresh_seconds = round_started - trained_at
+            if not overlap:
+                refresh_seconds = round_started - trained_at
+
+    def wait_for_round(self, key: str, thread: threading.Thread) -> dict[str, Any] | None:
+        """The round ``key``'s manifest once committed; None if the worker group stopped first."""
+        while True:
+            manifest = checkpoints.verify_checkpoint(self.ctx.root, key)
+            if manifest is not None:
+                return manifest
+            if not thread.is_alive():
+                thread.join()
+                return checkpoints.verify_checkpoint(self.ctx.root, key)
+            time.sleep(0.2)
 
     def write_round(self, rounds_url: str, index: int, key: str) -> None:
         """Tell the workers round ``index`` may start: its pool version is complete."""
         from workers.jobs import round_file
 
         fs.write_json_atomic(round_file(rounds_url, index), {
-            "round": index, "pools": self.pool_keys, "checkpoint": key, "variants": self.variants(),
+            "round": index, "pools": self.versions[index], "checkpoint": key, "variants": self.variants(index),
             "samples": self.dataset.num_samples("train")})
 
-    def variants(self) -> int:
-        return max(pools.read_manifest(self.ctx.root, k)["attrs"]["variants"] for k in self.pool_keys.values())
+    def variants(self, index: int) -> int:
+        """The most variants a pool of version ``index`` holds."""
+        return max(pools.read_manifest(self.ctx.root, k)["attrs"]["variants"] for k in self.versions[index].values())
 
-    def rows_fit(self, workers: int) -> bool:
+    def rows_fit(self, workers: int, index: int) -> bool:
         """Whether a worker may keep its rows of a round in memory (as ``read_views`` decides for MID)."""
         from pipeline.ray_runtime import WORKER_ROWS_BYTES
         from storage.datasource import AlignedViewsDatasource
 
         size = AlignedViewsDatasource(self.ctx.root, self.dataset.key, "train",
-                                      pools=self.pool_keys).estimate_inmemory_data_size()
+                                      pools=self.versions[index]).estimate_inmemory_data_size()
         return size / workers <= WORKER_ROWS_BYTES
 
     def group_job(self, first: int, key: str, rounds_url: str, workers: int) -> MIDJob:
@@ -293,11 +327,11 @@ class RefreshedRow:
         init = self.model["key"] if self.model is not None else (None if self.mid else self.start["key"])
         return MIDJob(root=ctx.root, checkpoint_key=key, teacher_key=self.teacher["key"] if self.mid else None,
                       spec=model_spec(ctx, self.dataset).as_dict(), seed=ctx.cfg.seed,
-                      attacks=tuple(ctx.cfg.pool.attacks), variants=self.variants(), epochs=epochs,
+                      attacks=tuple(ctx.cfg.pool.attacks), variants=self.variants(first), epochs=epochs,
                       batch_size=batch_size, lr=lr, init_student=m.init_student, bf16=m.bf16,
                       step=m.step(on_gpu=ctx.cfg.ray.use_gpu), augmentation=worker_augmentation(ctx),
                       first_epoch=self.plan[first][0], init_checkpoint=init, objective=self.objective,
                       commit_kind="mid_student" if self.mid else self.kind, row=self.row,
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), rounds_url,
-                                                self.rows_fit(workers),
+                                                self.rows_fit(workers, first),
                                                 in_step_settings(ctx, self.objective) if in_step(ctx) else None))

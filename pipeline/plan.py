@@ -160,8 +160,8 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
         refresh = epochs * len(attacks) * r.steps * units["attack_step"] + (rounds - 1) * len(attacks) * units["forward"]
     else:  # a refresh continues one view per attack by `steps` steps (+ its success, before and after rounding)
         refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
-    if r.start == "random":  # version 0: random points, their success measured before and after rounding
-        refresh += len(attacks) * 2 * units["forward"]
+    if r.start == "random":  # version 0: random points, their success measured once (on the stored views)
+        refresh += len(attacks) * units["forward"]
     if r.reset_every is not None:
         resets = (rounds - 1) // r.reset_every
         refresh += resets * sum(((_steps(cfg, a) or 0) - r.steps) * units["attack_step"] for a in attacks)

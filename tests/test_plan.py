@@ -120,10 +120,10 @@ def test_refreshed_rows_cost_their_rounds_and_the_refreshes_between_them():
     assert by_name["mid-r"].total_macs == 1000 * (6 * 50 + 6 * 2 * 3 * 2 + 5 * 2 * 1)
     assert "2 attacks × 3 steps in every step" in by_name["mid-r"].note
     # Starting from random points of the ε-ball: no attack steps for version 0, its success
-    # checked before and after rounding.
+    # checked once, on the stored views.
     random = load_config(REPO / "configs/digits.yaml", [*base, "pool.refresh.every=0", "pool.refresh.start=random"])
     by_name = {s.name: s for s in stage_costs(random, shape, units)[0]}
-    assert by_name["mid-r"].attack_macs == 1000 * (6 * 2 * 3 * 2 + 5 * 2 * 1 + 2 * 2 * 1)
+    assert by_name["mid-r"].attack_macs == 1000 * (6 * 2 * 3 * 2 + 5 * 2 * 1 + 2 * 1)
 
 
 def test_the_plan_counts_only_what_a_run_trains():

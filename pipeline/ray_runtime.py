@@ -240,14 +240,15 @@ def rows_fit_in_workers(datasets: dict[str, Any], num_workers: int) -> bool:
     return sum(d.size_bytes() for d in datasets.values()) / num_workers <= WORKER_ROWS_BYTES
 
 
-def fit_off_the_main_thread(trainer) -> Any:
+def fit_off_the_main_thread(trainer, on_interrupt: Callable[[], None] | None = None) -> Any:
     """``trainer.fit()``, with Ctrl-C left to the pipeline.
 
     On the main thread, Ray Train replaces the SIGINT handler with its own, which aborts the
     run and then exits the process with a status that says nothing (and is never restored).
     Off the main thread it registers none, so Ctrl-C reaches this thread as
     KeyboardInterrupt: the run records itself as interrupted, keeps its last epoch
-    checkpoint for the next run to resume from, and stops Ray.
+    checkpoint for the next run to resume from, and stops Ray. ``on_interrupt`` runs first
+    (a Tune sweep parks its controller thread there, see ``pipeline.sweep.TuneThreadPark``).
     """
     outcome: dict[str, Any] = {}
 
@@ -259,8 +260,13 @@ def fit_off_the_main_thread(trainer) -> Any:
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt()
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

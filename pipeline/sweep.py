@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,50 @@ def write_finished(sweep: Sweep, out_dir: Path, variant: str, outcome: dict[str,
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _tune_callback(ctx: RunContext, sweep: Sweep, out_dir: Path):
+class TuneThreadPark:
+    """Ctrl-C of a sweep: Tune's controller thread is stopped in a safe place before Ray is.
+
+    That thread calls into Ray's core worker every 0.1 s. One such call during or after
+    ``ray.shutdown`` ends the whole process at once with status 1 ("The core worker has
+    already been shutdown ... The process will exit"), before the sweep marks its trials
+    interrupted or exits 130 (CI saw it once, in the Ctrl-C test). Tune's own
+    graceful stop waits up to 10 s per trial actor, too slow for Ctrl-C; so at the end of
+    its next step (``park_here``, from a Tune callback) the thread waits for ever, in Python,
+    and the sweep shuts Ray down once it is parked. The thread is a daemon: it goes with
+    the process."""
+
+    WAIT_S = 5.0  # a Tune step takes ~0.1 s; past this, Ray is stopped anyway
+
+    def __init__(self) -> None:
+        self.requested, self.parked = threading.Event(), threading.Event()
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks into the experiment's state
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def park_here(self) -> None:
+        if self.requested.is_set():
+            self.parked.set()
+            while True:
+                self.requested.wait(3600)
+
+    def park(self) -> None:
+        self.requested.set()
+        self.parked.wait(self.WAIT_S)
+
+
+def _tune_callback(ctx: RunContext, sweep: Sweep, out_dir: Path, park: TuneThreadPark):
     """Stage-like console lines as trials start, finish and fail (Tune's own status tables
-    go to the log with the rest of Ray's output); a finished trial's record."""
+    go to the log with the rest of Ray's output); a finished trial's record; the place
+    where Ctrl-C parks Tune's thread."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
+        def on_step_end(self, iteration, trials, **info):
+            park.park_here()
+
         def on_trial_start(self, iteration, trials, trial, **info):
             ctx.say(f"sweep: trial {trial.config['variant']} started "
                     f"({describe_overrides(sweep.overrides[trial.config['variant']])})")
@@ -117,13 +156,14 @@ def run_on_tune(ctx: RunContext, sweep: Sweep, variants: list[str], out_dir: Pat
     # CPU for it would leave the pool actors of a 2-core laptop one CPU, so it asks for
     # memory alone (Tune refuses a request of nothing).
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    park = TuneThreadPark()
     tuner = tune.Tuner(trainable, param_space={"variant": tune.grid_search(variants)},
                        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
                        run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  storage_path=str((out_dir / "tune").resolve()), verbose=0,
-                                                 callbacks=[_tune_callback(ctx, sweep, out_dir)],
+                                                 callbacks=[_tune_callback(ctx, sweep, out_dir, park)],
                                                  failure_config=tune.FailureConfig(max_failures=0)))
-    grid = fit_off_the_main_thread(tuner)
+    grid = fit_off_the_main_thread(tuner, on_interrupt=park.park)
     outcomes: dict[str, Any] = {}
     for result in grid:
         variant = result.config["variant"]

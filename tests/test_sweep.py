@@ -199,3 +199,34 @@ def test_a_grid_over_list_or_path_values_names_its_trials_safely(tmp_path):
     assert all("/" not in name and len(name) <= 40 for name in names) and len(set(names)) == 2
     assert [sweep.trials[n].pool.attacks for n in names] == [["PGD_N", "MIM_N"], ["PGD_N", "PGD_T", "MIM_N"]]
     assert all(SAFE_NAME.fullmatch(cfg.name) for cfg in sweep.trials.values())
+
+
+def test_ctrl_c_parks_tunes_thread_before_ray_stops_and_the_park_pickles():
+    """The place Ctrl-C stops Tune's controller thread (pipeline.sweep.TuneThreadPark): the
+    thread, calling ``park_here`` once per step as Tune's callback does, stops there for good,
+    and ``park`` returns only once it has; Tune pickles its callbacks, so the park must
+    pickle (it failed to, with its events, before ``__getstate__``)."""
+    import pickle
+    import threading
+    import time
+
+    from pipeline.sweep import TuneThreadPark
+
+    park, steps = TuneThreadPark(), []
+
+    def tune_loop():
+        while True:
+            steps.append(time.monotonic())
+            time.sleep(0.05)
+            park.park_here()
+
+    thread = threading.Thread(target=tune_loop, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    park.park()
+    assert park.parked.is_set()
+    parked_at = len(steps)
+    time.sleep(0.3)
+    assert len(steps) == parked_at and thread.is_alive()  # parked: no further step, never returns
+    copy = pickle.loads(pickle.dumps(park))
+    assert not copy.requested.is_set() and not copy.parked.is_set()

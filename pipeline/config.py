@@ -280,6 +280,8 @@ class LossWeightsConfig(Section):
     ac: float = Field(LossWeights.ac, ge=0.0)
     cc: float = Field(LossWeights.cc, ge=0.0)
     lc: float = Field(LossWeights.lc, ge=0.0)
+    rc: float = Field(LossWeights.rc, ge=0.0, description="TRADES' robustness term KL(clean prediction || view's "
+                      "prediction), not the paper's: an option for MID on a refreshed pool (docs/design.md §4.1)")
 
 
 # MID's step defaults live with the step (workers/mid.py); the config shows and validates them.

@@ -158,6 +158,9 @@ def mid_settings(cfg: RunConfig) -> dict[str, Any]:
             settings.pop(switch)  # on, as every student made before the switches existed
     if settings["classifier"] == "teacher":
         settings.pop("classifier")  # the frozen C_t, as every student made before the option existed
+    for phase in ("meta_train_weights", "meta_test_weights"):
+        if settings[phase]["rc"] == 0:
+            settings[phase].pop("rc")  # off, as in every student made before the term existed
     return settings
 
 

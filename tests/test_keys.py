@@ -326,6 +326,12 @@ VARIANTS = {
         {
             'mid': 'mid-92783ce45c5d424575c8',
         }),
+    'robustness term': (
+        ['mid.meta_train_weights.rc=1', 'mid.meta_test_weights.rc=1'],
+        '15c788c92e5e01da46a352a570ecab3c6a7b1161d8e627ee96b1009f3ecaa6b4',
+        {
+            'mid': 'mid-3cfaea1cc29b408d6b83',
+        }),
 }
 
 

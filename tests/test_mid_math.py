@@ -167,6 +167,7 @@ def test_bf16_autocast_keeps_the_second_order_meta_gradient():
 def reference_objective(student, teacher, clean, views, labels, weights, temperature):
     """J(θ; views) written out with plain modules, independently of ``view_objective``."""
     p_t = torch.softmax(teacher.encoder(clean) / temperature, 1)
+    p_clean = torch.softmax(teacher.classifier(student(clean)), 1)  # RC's target, moved by θ too
     total = 0.0
     for x in views:
         z = student(x)
@@ -175,8 +176,43 @@ def reference_objective(student, teacher, clean, views, labels, weights, tempera
         log_c = torch.log_softmax(teacher.encoder(teacher.decoder(z)) / temperature, 1)
         cc = (p_t * (p_t.log() - log_c)).sum(1).mean()
         lc = nn.functional.cross_entropy(teacher.classifier(z), labels)
-        total = total + weights.ac * ac + weights.cc * cc + weights.lc * lc
+        rc = (p_clean * (p_clean.log() - torch.log_softmax(teacher.classifier(z), 1))).sum(1).mean()
+        total = total + weights.ac * ac + weights.cc * cc + weights.lc * lc + weights.rc * rc
     return total
+
+
+def test_the_robustness_term_is_trades_kl_and_its_meta_gradient_matches_finite_differences():
+    """ω_RC (TRADES' KL, an option for MID-R): without meta-learning the objective equals the
+    written-out reference, the clean view adding nothing; with it, the second-order meta
+    gradient (RC in both phases, the held-out view against the fast weights' clean
+    prediction) matches central differences, and RC changes the loss."""
+    weights = LossWeights(1.5, 0.8, 1.0, rc=2.0)
+    with_rc = MetaSettings(**{**SETTINGS.__dict__, "meta_train": weights,
+                              "meta_test": LossWeights(1.0, 1.0, 1.0, rc=3.0)})
+    student, teacher, clean, views, labels = tiny_problem()
+    flat_settings = MetaSettings(**{**with_rc.__dict__, "meta": False})
+    loss, metrics = meta_objective(student, teacher, clean, views, labels, "PGD_T", flat_settings)
+    reference = reference_objective(student, teacher, clean, [clean, *views.values()], labels, weights,
+                                    with_rc.temperature)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-10) and metrics["rc"] > 0
+    assert torch.allclose(flat(meta_gradients(student, loss)), flat(meta_gradients(student, reference)),
+                          rtol=1e-10, atol=1e-12)
+    loss, metrics = meta_objective(student, teacher, clean, views, labels, "MIM_N", with_rc)
+    analytic = flat(meta_gradients(student, loss))
+    fd = flat(finite_difference_gradient(student, teacher, clean, views, labels, "MIM_N", with_rc))
+    assert (analytic - fd).norm() / fd.norm() < 1e-4
+    without, _ = meta_objective(student, teacher, clean, views, labels, "MIM_N", SETTINGS)
+    assert loss.item() > without.item() + 1e-6
+    # The meta-test phase: the held-out view's RC against the fast weights' clean prediction.
+    only_train = MetaSettings(**{**with_rc.__dict__, "beta": 0.0})
+    g_train = meta_gradients(student, meta_objective(student, teacher, clean, views, labels, "MIM_N", only_train)[0])
+    fast_student = copy.deepcopy(student)
+    with torch.no_grad():
+        for p, g in zip(fast_student.parameters(), g_train):
+            p -= with_rc.inner_lr * g
+    j_test = reference_objective(fast_student, teacher, clean, [views["MIM_N"]], labels, with_rc.meta_test,
+                                 with_rc.temperature)
+    assert metrics["meta_test"] == pytest.approx(j_test.item(), rel=1e-10)
 
 
 def test_without_meta_learning_the_step_is_the_multi_view_objective():

@@ -7,7 +7,13 @@ the channels at each location of a feature map). For a view x̃_v of a clean bat
     AC_v = KL(p(E_t(x)) || p(E_s(x̃_v)))                 adversarial consistency
     CC_v = KL(p(E_t(x)) || p(E_t(D_t(E_s(x̃_v)))))        cyclic consistency (through frozen D_t, E_t)
     LC_v = CE(C_t(E_s(x̃_v)), y)                          label consistency
-    J(θ; V) = Σ_v ω_AC·AC_v + ω_CC·CC_v + ω_LC·LC_v
+    RC_v = KL(softmax(C_t(E_s(x))) || softmax(C_t(E_s(x̃_v))))   robustness consistency
+    J(θ; V) = Σ_v ω_AC·AC_v + ω_CC·CC_v + ω_LC·LC_v + ω_RC·RC_v
+
+RC is not the paper's: it is TRADES' robustness term (the defended model's clean prediction
+against its prediction on an adversarial view, both moved by the gradient), an option for
+MID on a refreshed pool (docs/design.md §4.1); its weight is 0 by default, and the clean
+view's own RC is 0.
 
 One step holds out a* ∈ A: g = ∇θ J(θ; V), θ' = θ − α·g, L = J(θ; V) + β·J(θ'; {a*}).
 Fast weights are a dict of tensors evaluated with ``torch.func.functional_call``, never
@@ -90,11 +96,22 @@ class StudentWithClassifier(nn.Module):
         return z, self.classifier(z)
 
 
+def defended_logits(student: nn.Module, params: dict[str, torch.Tensor], teacher: FrozenTeacher,
+                    x: torch.Tensor) -> torch.Tensor:
+    """The defended model's logits at ``params``: C_t(E_s(x)), or C_s(E_s(x)) for a student
+    with its own classifier."""
+    z = functional_call(student, params, (x,))
+    return z[1] if isinstance(z, tuple) else teacher.classifier(z)
+
+
 def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher: FrozenTeacher,
                    views: list[torch.Tensor], labels: torch.Tensor, p_teacher: torch.Tensor,
-                   weights: LossWeights, temperature: float,
-                   batch_views: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """J(params; views) and its AC / CC / LC parts (each summed over views, mean over batch).
+                   weights: LossWeights, temperature: float, batch_views: bool = True,
+                   clean_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """J(params; views) and its AC / CC / LC / RC parts (each summed over views, mean over batch).
+
+    RC compares each view's prediction with the clean one: ``clean_logits`` when given (the
+    meta-test phase, whose one view is adversarial), else the first view is the clean batch.
 
     ``batch_views`` sends all views through the networks in one forward pass (fewer, larger
     kernels: faster on a GPU); otherwise one pass per view (faster on CPU, where the larger
@@ -104,7 +121,8 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
     """
     batch = labels.shape[0]
     chunks = [torch.cat(views)] if batch_views else views
-    ac = cc = lc = torch.zeros((), device=labels.device)
+    ac = cc = lc = rc = torch.zeros((), device=labels.device)
+    view_logits = []
     for chunk in chunks:
         n = chunk.shape[0] // batch
         z = functional_call(student, params, (chunk,))
@@ -115,11 +133,21 @@ def view_objective(student: nn.Module, params: dict[str, torch.Tensor], teacher:
             ac = ac + _kl_per_sample(p_rep, z, temperature).view(n, batch).mean(1).sum()
         if weights.cc and teacher.decoder is not None:
             cc = cc + _kl_per_sample(p_rep, teacher.encoder(teacher.decoder(z)), temperature).view(n, batch).mean(1).sum()
-        if weights.lc:
+        if weights.lc or weights.rc:
             logits = teacher.classifier(z) if logits is None else logits
+        if weights.lc:
             lc = lc + F.cross_entropy(logits, labels.repeat(n), reduction="none").view(n, batch).mean(1).sum()
-    total = weights.ac * ac + weights.cc * cc + weights.lc * lc
-    return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item()}
+        if weights.rc:
+            view_logits.append(logits)
+    if weights.rc:
+        logits = torch.cat(view_logits)
+        if clean_logits is None:
+            clean_logits, logits = logits[:batch], logits[batch:]
+        n = logits.shape[0] // batch
+        p_clean = F.softmax(clean_logits, dim=1).repeat(n, 1)
+        rc = _kl_per_sample(p_clean, logits, 1.0).view(n, batch).mean(1).sum()
+    total = weights.ac * ac + weights.cc * cc + weights.lc * lc + weights.rc * rc
+    return total, {"ac": ac.item(), "cc": cc.item(), "lc": lc.item(), "rc": rc.item()}
 
 
 def draw_held_out(attacks: list[str], seed: int, step: int) -> str:
@@ -156,11 +184,14 @@ def meta_objective(student: nn.Module, teacher: FrozenTeacher, clean: torch.Tens
             for (name, p), g in zip(params.items(), grads)}
     if batch_norm:  # the meta-test pass must not move the running statistics (module docstring)
         fast.update({name: b.clone() for name, b in student.named_buffers()})
+    test_weights = settings.weights(settings.meta_test)
+    # RC of the held-out view compares it with the clean prediction of the fast weights.
+    clean_logits = defended_logits(student, fast, teacher, clean) if test_weights.rc else None
     j_test, test_parts = view_objective(student, fast, teacher, [adversarial[held_out]], labels,
-                                        p_teacher, settings.weights(settings.meta_test), settings.temperature)
+                                        p_teacher, test_weights, settings.temperature, clean_logits=clean_logits)
     total = j_train + settings.beta * j_test
     metrics = {"meta_train": j_train.item(), "meta_test": j_test.item(), "loss": total.item(),
-               **{f"{k}": train_parts[k] + test_parts[k] for k in ("ac", "cc", "lc")}}
+               **{f"{k}": train_parts[k] + test_parts[k] for k in ("ac", "cc", "lc", "rc")}}
     return total, metrics
 
 

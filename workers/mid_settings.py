@@ -12,6 +12,7 @@ class LossWeights:
     ac: float = 1.0
     cc: float = 1.0
     lc: float = 1.0
+    rc: float = 0.0     # TRADES' robustness term, not the paper's (workers/mid.py)
 
 
 @dataclass(frozen=True)
@@ -34,4 +35,4 @@ class MetaSettings:
 
     def weights(self, phase: LossWeights) -> LossWeights:
         """A phase's weights as the step uses them: without distillation no teacher-feature term."""
-        return phase if self.distill else LossWeights(ac=0.0, cc=0.0, lc=phase.lc)
+        return phase if self.distill else LossWeights(ac=0.0, cc=0.0, lc=phase.lc, rc=phase.rc)

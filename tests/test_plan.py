@@ -74,6 +74,19 @@ def test_second_order_mid_is_counted_through_the_double_backward():
     assert first["mid_step"] > 10 * first["forward"]
 
 
+def test_a_trainable_classifier_and_the_robustness_term_are_counted_in_mids_step():
+    """mid.classifier: trainable adds the classifier's weight gradients (and their second
+    order); RC adds the meta-test phase's clean pass of the fast weights."""
+    from pipeline.plan import unit_costs
+
+    shape = DataShape(100, 20, 1, 16, 10, "test")
+    base = unit_costs(load_config(REPO / "configs/digits.yaml"), shape)["mid_step"]
+    trainable = unit_costs(load_config(REPO / "configs/digits.yaml", ["mid.classifier=trainable"]), shape)["mid_step"]
+    with_rc = unit_costs(load_config(REPO / "configs/digits.yaml", ["mid.meta_test_weights.rc=1"]), shape)
+    assert trainable > base
+    assert with_rc["mid_step"] > base + 0.9 * with_rc["forward"]
+
+
 def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
     units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
     shape = DataShape(1000, 100, 1, 16, 10, "test")

@@ -19,13 +19,14 @@ Units, per sample:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from workers.mid import FrozenTeacher, meta_gradients, meta_objective
+from workers.mid import FrozenTeacher, StudentWithClassifier, meta_gradients, meta_objective
 from workers.models import ModelSpec, build_classifier_model, build_encoder, build_teacher
 from workers.models.build import LAYOUT
 from workers.train_classifier import objective
@@ -105,6 +106,8 @@ def mid_step_macs(spec: ModelSpec, settings: MetaSettings, attacks: list[str], b
     teacher_model = build_teacher(spec)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)
     student = build_encoder(spec).train().requires_grad_(True)
+    if settings.trainable_classifier:  # the gradient reaches a classifier of the student's own too
+        student = StudentWithClassifier(student, copy.deepcopy(teacher_model.classifier).requires_grad_(True))
     clean = _images(spec, batch, generator)
     views = {a: (clean + 0.03 * torch.randn(clean.shape, generator=generator)).clamp(0, 1) for a in attacks}
     labels = torch.randint(spec.num_classes, (batch,), generator=generator)

@@ -4,13 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/digits
 
-.PHONY: install demo lint test test-fast clean help
+.PHONY: install demo lint test test-fast gpu-check image-check clean help
 
 help:
 	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
 	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
 	@echo "make test-fast  the suite without the whole-CLI-run files (end_to_end) and the few 20 s tests (slow): the edit loop"
 	@echo "make lint   ruff (the rules in pyproject.toml)"
+	@echo "make gpu-check  on a GPU machine: every GPU path checked and measured in <= 8 min (GPU_CHECK_OUT, default gpu-check.json)"
+	@echo "make image-check  build docker/'s images with podman and run mid inside them (not in make test: it downloads torch's dependencies)"
 	@echo "make clean  remove runs/ and the local store (keeps $(VENV))"
 
 # A torch wheel that pip's own configuration provides locally (e.g. a CPU build in a
@@ -41,6 +43,15 @@ test: $(VENV)/.test-extra
 
 test-fast: $(VENV)/.test-extra
 	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 -m "not end_to_end and not slow" tests
+
+# One prepared command for a GPU machine (benchmarks/gpu_check.py); `mid plan --calibrate` reads its file.
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Needs podman (and debootstrap where registry images cannot be pulled); docker/image_check.sh.
+image-check:
+	bash docker/image_check.sh
 
 clean:
 	rm -rf runs store

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="peak TFLOP/s of one GPU at the run's precision (default: an H100's dense bf16, 989)")
     plan.add_argument("--utilisation", type=number(float, 0, 1, low_allowed=False), default=None, metavar="U",
                       help="share of the peak the stages sustain, 0 to 1 (default: 0.35, an assumption)")
+    plan.add_argument("--calibrate", metavar="FILE", default=None,
+                      help="the hours at the rates a GPU sustained in `make gpu-check` (its JSON record), each stage "
+                           "at its own unit's rate, instead of --gpu-tflops x --utilisation")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     with_config("validate", "check a config (and overrides) and what it points to: data files, store; "
                             "runs nothing")
@@ -269,14 +272,23 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
             return 2
     tflops = args.gpu_tflops or plan.DEFAULT_GPU_TFLOPS
     gpu_name = plan.DEFAULT_GPU if args.gpu_tflops is None else f"{tflops:g} TFLOP/s given"
-    if not args.json:
-        print(f"plan: counting MACs on real passes of {cfg.models.arch} (a minute for ViT-B on a CPU) ...",
-              file=sys.stderr)
     from pipeline.context import PipelineError
     from storage.readers.base import DataFileError
 
+    if args.calibrate and (args.gpu_tflops or args.utilisation):
+        print("error: --calibrate takes the measured rates; leave out --gpu-tflops and --utilisation", file=sys.stderr)
+        return 2
     try:
-        result = plan.plan(cfg, args.gpus, tflops, args.utilisation or plan.DEFAULT_UTILISATION, gpu_name)
+        calibration = plan.read_calibration(args.calibrate) if args.calibrate else None
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"plan: counting MACs on real passes of {cfg.models.arch} (a minute for ViT-B on a CPU) ...",
+              file=sys.stderr)
+    try:
+        result = plan.plan(cfg, args.gpus, tflops, args.utilisation or plan.DEFAULT_UTILISATION, gpu_name,
+                           calibration)
     except (PipelineError, DataFileError) as e:  # what the plan cannot size: bad input, one line
         print(f"error: {e}", file=sys.stderr)
         return 2

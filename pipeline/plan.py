@@ -4,7 +4,9 @@ Per-sample costs are counted on real passes of the config's models (``workers.fl
 torch's FlopCounterMode, MID's second-order step included) and multiplied out by the config:
 samples, attacks, steps, random-start variants, epochs. Bytes come from the image shape
 and the bytes one stored value takes (``BYTES_PER_VALUE``: a measured ratio or a stated
-assumption). Hours assume N GPUs, each at ``--gpu-tflops`` peak and ``--utilisation`` of it.
+assumption). Hours assume N GPUs, each at ``--gpu-tflops`` peak and ``--utilisation`` of it, or,
+with ``--calibrate FILE``, at the rates `benchmarks/gpu_check.py` measured for each unit of work
+(forward, attack step, training step, MID's step) on a real GPU.
 
 Counts are in multiply-accumulates (MACs), the unit papers call FLOPs (ViT-B/16: 17.6 G);
 hours use 2 FLOPs per MAC against the peak, which counts the same way.
@@ -217,14 +219,56 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
     return stages, uncounted
 
 
-def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_name: str) -> dict[str, Any]:
+RATE_UNITS = ("forward", "attack_step", "train_step", "mid_step")
+
+
+def read_calibration(path: str) -> dict[str, Any]:
+    """The ``throughput`` part of a `benchmarks/gpu_check.py` record: the TFLOP/s one GPU
+    sustained in each unit of work, and the bf16 matmul peak measured beside them."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"--calibrate {path}: not a readable JSON file ({e})") from None
+    part = record.get("parts", {}).get("throughput", {}) if isinstance(record, dict) else {}
+    units = part.get("units", {})
+    missing = [u for u in RATE_UNITS if "tflops" not in units.get(u, {})]
+    if part.get("status") != "ok" or missing:
+        raise PipelineError(f"--calibrate {path}: no complete throughput measurement (a gpu-check record whose "
+                            f"throughput part ran: `make gpu-check`); missing: {', '.join(missing) or 'its status'}")
+    return {"file": path, "device": record.get("device", "?"), "smoke": bool(record.get("smoke")),
+            "arch": part.get("arch"), "side": part.get("side"), "batch": part.get("batch"),
+            "matmul_peak_tflops": part.get("matmul_peak_tflops"),
+            "unit_tflops": {u: units[u]["tflops"] for u in RATE_UNITS}}
+
+
+def stage_unit(cfg: RunConfig, stage: str) -> str:
+    """The unit of work whose measured rate a stage runs at: attacks for the pool and the
+    evaluation, MID's step for MID's rows, a training step for the classifiers (AT's attack
+    steps and the teacher's decoder run at about that rate too)."""
+    if stage in ("pool", "test attacks", "adaptive eval"):
+        return "attack_step"
+    mid_rows = ["mid", *(defense_class(r).kind for r in cfg.refreshed_rows() if defense_class(r).objective == "mid")]
+    return "mid_step" if stage in mid_rows else "train_step"
+
+
+def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_name: str,
+         calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``calibration`` (``read_calibration``): each stage at the rate measured for its unit
+    of work, instead of every stage at ``gpu_tflops`` × ``utilisation``."""
     shape = data_shape(cfg)
     units = unit_costs(cfg, shape)
     stages, uncounted = stage_costs(cfg, shape, units)
-    rate = gpus * gpu_tflops * 1e12 * utilisation  # FLOP/s the cluster sustains
+    if calibration is None:
+        rates = dict.fromkeys(RATE_UNITS, gpus * gpu_tflops * 1e12 * utilisation)  # FLOP/s the cluster sustains
+        gpu = {"name": gpu_name, "peak_tflops": gpu_tflops, "utilisation": utilisation}
+    else:
+        rates = {u: gpus * t * 1e12 for u, t in calibration["unit_tflops"].items()}
+        gpu = {"name": calibration["device"], "peak_tflops": calibration["matmul_peak_tflops"], "utilisation": None,
+               "calibration": calibration}
 
-    def hours(macs: float) -> float:
-        return 2 * macs / rate / 3600
+    def hours(macs: float, unit: str = "mid_step") -> float:
+        return 2 * macs / rates[unit] / 3600
 
     bpv = {k: v for k, (v, _) in BYTES_PER_VALUE.items()}
     linf = {a: cfg.attacks.linf_eps(a) is not None for a in cfg.pool.attacks}
@@ -233,27 +277,29 @@ def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_n
     dataset_bytes = (shape.train + shape.test) * shape.values * bpv["dataset"]
     # MID reads, per sample, the clean image and one variant of every pool attack.
     read_per_sample = shape.values * (bpv["dataset"] + sum(pool_bpv.values()))
-    mid_samples_per_second = rate / (2 * units["mid_step"])
+    mid_samples_per_second = rates["mid_step"] / (2 * units["mid_step"])
     online_attack_macs = sum((_steps(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
-    online_epoch = shape.train * (units["mid_step"] + online_attack_macs)
     cached_epoch = shape.train * units["mid_step"]
     at_epoch = classifier_cost(cfg, "at", units, 1).per_sample_macs * shape.train  # whether or not AT is a row
+    cached_hours = hours(cached_epoch)
+    online_hours = cached_hours + hours(shape.train * online_attack_macs, "attack_step")
+    stage_hours = [hours(s.total_macs, stage_unit(cfg, s.name)) for s in stages]
     return {
         "config": cfg.name, "arch": cfg.models.arch, "data": asdict(shape),
-        "gpus": gpus, "gpu": {"name": gpu_name, "peak_tflops": gpu_tflops, "utilisation": utilisation},
+        "gpus": gpus, "gpu": gpu,
         "macs_per_sample": units,
         "stages": [{"name": s.name, "per_sample_macs": s.per_sample_macs, "samples": s.samples,
-                    "total_macs": s.total_macs, "hours": hours(s.total_macs), "note": s.note} for s in stages],
-        "total_hours": hours(sum(s.total_macs for s in stages)),
+                    "total_macs": s.total_macs, "hours": h, "note": s.note} for s, h in zip(stages, stage_hours)],
+        "total_hours": sum(stage_hours),
         "storage": {"dataset_bytes": dataset_bytes, "pool_bytes": pool_bytes,
                     "bytes_per_value": {k: {"bytes": v, "why": why} for k, (v, why) in BYTES_PER_VALUE.items()}},
         "mid_reads": {"samples_per_second": mid_samples_per_second,
                       "bytes_per_second": mid_samples_per_second * read_per_sample},
-        "per_epoch": {"mid_cached_hours": hours(cached_epoch), "mid_online_hours": hours(online_epoch),
-                      "saved_hours": hours(online_epoch - cached_epoch),
-                      "saved_fraction": 1 - cached_epoch / online_epoch,
-                      "at_hours": hours(at_epoch), "online_over_at": online_epoch / at_epoch,
-                      "cached_over_at": cached_epoch / at_epoch},
+        "per_epoch": {"mid_cached_hours": cached_hours, "mid_online_hours": online_hours,
+                      "saved_hours": online_hours - cached_hours,
+                      "saved_fraction": 1 - cached_hours / online_hours,
+                      "at_hours": hours(at_epoch, "train_step"), "online_over_at": online_hours / hours(at_epoch, "train_step"),
+                      "cached_over_at": cached_hours / hours(at_epoch, "train_step")},
         "not_counted": uncounted,
     }
 
@@ -271,14 +317,31 @@ def _hours(h: float) -> str:
     return f"{h * 60:.1f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
 
 
+def rates_line(result: dict[str, Any]) -> str:
+    """Which rates the hours use: measured ones (--calibrate) or spec-sheet peak × utilisation."""
+    g = result["gpu"]
+    c = g.get("calibration")
+    if c is None:
+        return (f"on {result['gpus']} GPUs x {g['peak_tflops']:g} TFLOP/s peak ({g['name']}) at "
+                f"{g['utilisation']:.0%} utilisation (assumed; `--calibrate` takes measured rates)")
+    line = (f"on {result['gpus']} GPUs at the rates measured on {c['device']} by benchmarks/gpu_check.py "
+            f"({c['file']}: {c['arch']} at {c['side']} px, batch {c['batch']}): "
+            + ", ".join(f"{u.replace('_', ' ')} {t:.3g}" for u, t in c["unit_tflops"].items())
+            + f" TFLOP/s per GPU, bf16 matmul peak {c['matmul_peak_tflops']:.3g}")
+    if c["smoke"]:
+        line += "; SMOKE-sized record: these rates say nothing about a GPU"
+    if c["arch"] != result["arch"]:
+        line += f"; this config runs {result['arch']}, whose rates may differ"
+    return line
+
+
 def render(result: dict[str, Any]) -> str:
-    d, g = result["data"], result["gpu"]
+    d = result["data"]
     lines = [f"plan: {result['config']} ({result['arch']}, {d['channels']}x{d['side']}x{d['side']}, "
              f"{d['train']:,} train / {d['test']:,} test images, {d['num_classes']} classes; "
              f"sizes from {d['sizes_from']})",
-             f"on {result['gpus']} GPUs x {g['peak_tflops']:g} TFLOP/s peak ({g['name']}) at "
-             f"{g['utilisation']:.0%} utilisation; MACs = multiply-adds (papers' 'FLOPs'), counted on real "
-             f"passes by torch's FlopCounterMode", ""]
+             rates_line(result),
+             "MACs = multiply-adds (papers' 'FLOPs'), counted on real passes by torch's FlopCounterMode", ""]
     units = result["macs_per_sample"]
     lines.append("per sample: " + ", ".join(f"{k.replace('_', ' ')} {_si(v, 'MAC')}" for k, v in units.items()))
     lines.append("")

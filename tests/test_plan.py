@@ -197,3 +197,43 @@ def test_mid_plan_refuses_non_finite_numbers(option, value):
     assert result.returncode == 2
     assert f"mid plan: error: argument {option}: {value} is not a finite number" in result.stderr
     assert "days" not in result.stdout
+
+
+def gpu_check_record(path, units: dict[str, float], status: str = "ok"):
+    """A record in `benchmarks/gpu_check.py`'s format (tests/test_gpu_check.py runs the
+    script itself), with chosen rates so the plan's arithmetic can be checked by hand."""
+    path.write_text(json.dumps({"device": "Test GPU", "smoke": False, "parts": {"throughput": {
+        "status": status, "arch": "vit_b16", "side": 224, "batch": 32, "matmul_peak_tflops": 800.0,
+        "units": {u: {"tflops": t} for u, t in units.items()}}}}))
+    return path
+
+
+def test_mid_plan_calibrated_puts_each_stage_at_its_own_units_measured_rate(tmp_path):
+    """--calibrate: the pool and evaluation at the attack step's measured rate, MID at MID's
+    step's, the classifiers at a training step's; and the output says which rates it used."""
+    from pipeline.plan import plan, read_calibration
+
+    cfg = load_config(REPO / "configs/digits.yaml")
+    rates = {"forward": 400.0, "attack_step": 300.0, "train_step": 200.0, "mid_step": 100.0}
+    calibration = read_calibration(str(gpu_check_record(tmp_path / "gpu.json", rates)))
+    result = plan(cfg, 4, 989.0, 0.35, "unused", calibration)
+    unit_of = {"pool": "attack_step", "test attacks": "attack_step", "adaptive eval": "attack_step",
+               "mid": "mid_step", "baseline": "train_step", "teacher": "train_step", "at": "train_step",
+               "substitute": "train_step"}
+    for stage in result["stages"]:
+        expected = 2 * stage["total_macs"] / (4 * rates[unit_of[stage["name"]]] * 1e12) / 3600
+        assert stage["hours"] == pytest.approx(expected, rel=1e-12), stage["name"]
+    assert result["total_hours"] == pytest.approx(sum(s["hours"] for s in result["stages"]))
+    table = render(result)
+    assert "rates measured on Test GPU" in table and "gpu.json" in table
+    assert "mid step 100" in table and "this config runs lenet" in table
+    uncalibrated = plan(cfg, 4, 989.0, 0.35, "H100")
+    assert "35% utilisation (assumed" in render(uncalibrated)
+
+
+def test_mid_plan_calibrate_refuses_a_record_without_throughput(tmp_path):
+    partial = gpu_check_record(tmp_path / "partial.json", {"forward": 1.0}, status="failed")
+    result = mid("plan", "configs/digits.yaml", "--calibrate", str(partial))
+    assert result.returncode == 2 and "no complete throughput measurement" in result.stderr, result.stderr
+    both = mid("plan", "configs/digits.yaml", "--calibrate", str(partial), "--utilisation", "0.5")
+    assert both.returncode == 2 and "leave out --gpu-tflops and --utilisation" in both.stderr

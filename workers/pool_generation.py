@@ -37,11 +37,12 @@ def success(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, targe
 
 class PoolGenerator:
     def __init__(self, root: str, dataset_key: str, source_kind: str, source_key: str,
-                 num_classes: int, threads: int = 1, bf16: bool = False):
+                 num_classes: int, threads: int = 1, bf16: bool = False, device: torch.device | None = None):
         torch.set_num_threads(threads)
         self.root = root
         self.dataset = DatasetReader.open(root, dataset_key)
-        self.device = actor_device()
+        # A pool actor computes where Ray put it; the GPU check compares both on one machine.
+        self.device = device or actor_device()
         self.model = load_source_model(root, source_kind, source_key).to(self.device)
         self.model.requires_grad_(False)
         self.num_classes = num_classes

@@ -59,10 +59,10 @@ if ! "$PODMAN" image exists "$BASE" && ! "$PODMAN" pull -q "$BASE" > /dev/null 2
 fi
 
 TORCH_WHEELS=${TORCH_WHEELS:-$(ls /opt/wheels/torch-*.whl > /dev/null 2>&1 && echo /opt/wheels || true)}
-torch_args=()
+build_args=()
 if [ -n "$TORCH_WHEELS" ]; then
     # torch from the folder (its +cpu build outranks the index's same version), its dependencies from the index.
-    torch_args=(--volume "$TORCH_WHEELS:/wheels:ro" --build-arg "TORCH_SOURCE=--find-links /wheels")
+    build_args=(--volume "$TORCH_WHEELS:/wheels:ro" --build-arg "TORCH_SOURCE=--find-links /wheels")
     say "torch: from the wheels in $TORCH_WHEELS"
 fi
 
@@ -70,7 +70,7 @@ fi
 # builds' RUN steps see the same bundle in place of the base's (Debian's pip reads that file).
 HOST_CA=${HOST_CA:-${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}}
 if [ -n "$HOST_CA" ] && [ -f "$HOST_CA" ]; then
-    torch_args+=(--volume "$HOST_CA:/etc/ssl/certs/ca-certificates.crt:ro")
+    build_args+=(--volume "$HOST_CA:/etc/ssl/certs/ca-certificates.crt:ro")
     say "TLS: RUN steps trust $HOST_CA (pip's cert setting here)"
 fi
 
@@ -105,7 +105,7 @@ build_image() {  # $1: flavour (cpu, gpu); $2: tag
     local t0
     t0=$(date +%s)
     say "building $2 from docker/Dockerfile.$1 on $BASE"
-    "${BUILD[@]}" -f "docker/Dockerfile.$1" --build-arg "BASE=$BASE" "${torch_args[@]}" -t "$2" . \
+    "${BUILD[@]}" -f "docker/Dockerfile.$1" --build-arg "BASE=$BASE" "${build_args[@]}" -t "$2" . \
         > "/tmp/mid-image-check-$1.log" 2>&1 || { tail -30 "/tmp/mid-image-check-$1.log"; exit 1; }
     say "$2: built in $(elapsed "$t0"), $("$PODMAN" image inspect --format '{{.Size}}' "$2" \
         | awk '{printf "%.2f GB", $1 / 1e9}')"

@@ -104,8 +104,8 @@ class TuneThreadPark:
     def park_here(self) -> None:
         if self.requested.is_set():
             self.parked.set()
-            while True:
-                self.requested.wait(3600)
+            while True:  # asleep, not spinning: ``requested`` is set, so waiting on it returns at once
+                time.sleep(3600)
 
     def park(self) -> None:
         self.requested.set()

@@ -4,6 +4,7 @@ killed, after Ray has been idle for a few seconds. Prints JSON: seconds per roun
 
     .venv/bin/python benchmarks/actor_start.py                 # Ray's defaults
     .venv/bin/python benchmarks/actor_start.py --preload torch
+    .venv/bin/python benchmarks/actor_start.py --smoke          # tests: 1 s idle, 0.5 s pauses
 
 Ray starts (and preloads) idle workers only when it starts, so only the first round can
 find them ready (docs/results.md, "Where a worker group's start goes").
@@ -20,8 +21,13 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preload", nargs="*", default=[], help="modules Ray imports in every worker it starts")
-    parser.add_argument("--idle", type=float, default=8.0, help="seconds to wait after Ray's start")
+    parser.add_argument("--idle", type=float, default=None, help="seconds to wait after Ray's start (default 8)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same rounds with shorter waits (idle 1 s unless --idle, 0.5 s between rounds "
+                             "instead of 3 s), so tests can run it; its figures mean little")
     args = parser.parse_args()
+    idle = args.idle if args.idle is not None else (1.0 if args.smoke else 8.0)
+    pause = 0.5 if args.smoke else 3.0
 
     import ray
 
@@ -37,7 +43,7 @@ def main() -> None:
         def pid(self) -> int:
             return os.getpid()
 
-    time.sleep(args.idle)
+    time.sleep(idle)
     rounds = []
     for _ in range(3):
         began = time.time()
@@ -46,7 +52,7 @@ def main() -> None:
         rounds.append(round(time.time() - began, 2))
         for actor in actors:
             ray.kill(actor)
-        time.sleep(3)
+        time.sleep(pause)
     ray.shutdown()
     print(json.dumps({"preload": args.preload, "seconds_per_round": rounds}))
 

@@ -18,6 +18,10 @@ attack, avg over benign and all attacks) and the gap defense avg − None avg; a
 
     python benchmarks/digits_sweep.py --eps 0.1 --epochs 40 --lr 1e-4 --variants 4
     python benchmarks/digits_sweep.py --eps 0.2 --mode madry --init random --epochs 30
+    python benchmarks/digits_sweep.py --smoke --epochs 1 --steps 2   # tests: the same code, toy sizes
+
+``--smoke`` trains the baseline and the teacher 2 epochs instead of 30 and 40 (give small
+``--epochs`` and ``--steps`` too); nothing else changes, and its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -25,18 +29,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage.pools import quantize
-from storage.readers.base import resize_images
-from storage.readers.digits import load_digits
-from workers.attacks import make_attack, random_targets
-from workers.mid import FrozenTeacher, LossWeights, MetaSettings, draw_held_out, meta_gradients, meta_objective
-from workers.models import EncoderClassifier, ModelSpec, build_classifier_model, build_encoder, build_teacher, to_float
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.pools import quantize  # noqa: E402
+from storage.readers.base import resize_images  # noqa: E402
+from storage.readers.digits import load_digits  # noqa: E402
+from workers.attacks import make_attack, random_targets  # noqa: E402
+from workers.mid import FrozenTeacher, LossWeights, MetaSettings, draw_held_out, meta_gradients, meta_objective  # noqa: E402
+from workers.models import EncoderClassifier, ModelSpec, build_classifier_model, build_encoder, build_teacher, to_float  # noqa: E402
 
 POOL = ["PGD_N", "PGD_T", "MIM_N", "MIM_T"]
 EVAL = POOL + ["FGSM_N", "FGSM_T", "BIM_N", "BIM_T"]
@@ -58,6 +66,8 @@ def parse_args():
                    help="comma-separated evaluation protocols: source (attacks crafted once against --source), "
                         "adaptive (white-box, against each model)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true",
+                   help="baseline and teacher trained 2 epochs instead of 30 and 40 (toy size, for tests)")
     return p.parse_args()
 
 
@@ -193,8 +203,9 @@ def main():
     test_x = to_float(test_u8)
     spec = ModelSpec("lenet", 1, args.size, 10)
     torch.manual_seed(0)
-    baseline = train_plain(build_classifier_model(spec), images, labels, 30)
-    teacher_model = train_plain(build_teacher(spec), images, labels, 40, teacher=True)
+    baseline_epochs, teacher_epochs = (2, 2) if args.smoke else (30, 40)
+    baseline = train_plain(build_classifier_model(spec), images, labels, baseline_epochs)
+    teacher_model = train_plain(build_teacher(spec), images, labels, teacher_epochs, teacher=True)
     source = source_model(args, baseline, teacher_model)
     start = time.perf_counter()
     train = madry if args.mode == "madry" else lambda *a: mid(args, spec, source, *a[2:])

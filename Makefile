@@ -8,7 +8,7 @@ OUT ?= runs/digits
 
 help:
 	@echo "make demo   create $(VENV), install everything, run configs/digits.yaml into $(OUT)"
-	@echo "make test   install (if needed, with the test extra) and run the test suite on a local Ray instance"
+	@echo "make test   install (if needed, with the test extra) and run the test suite, two pytest workers (PYTEST_WORKERS=0: one process)"
 	@echo "make test-fast  the suite without the whole-CLI-run files (end_to_end) and the few 20 s tests (slow): the edit loop"
 	@echo "make lint   ruff (the rules in pyproject.toml)"
 	@echo "make gpu-check  on a GPU machine: every GPU path checked and measured in <= 8 min (GPU_CHECK_OUT, default gpu-check.json)"
@@ -38,11 +38,19 @@ demo: install
 lint: $(VENV)/.test-extra
 	$(BIN)/ruff check .
 
+# Two pytest processes on 2 cores (docs/testing.md: how much that saves), one xdist group
+# per module (tests/conftest.py's scheduler); then, alone, the few tests that measure a time limit.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider -q
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --no-loadscope-reorder)
+
 test: $(VENV)/.test-extra
-	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 tests
+	$(PYTEST) --durations=15 $(XDIST) -m "not serial" tests
+	$(PYTEST) --durations=5 -m serial tests
 
 test-fast: $(VENV)/.test-extra
-	$(BIN)/python -m pytest -p no:cacheprovider -q --durations=10 -m "not end_to_end and not slow" tests
+	$(PYTEST) --durations=10 $(XDIST) -m "not end_to_end and not slow" tests
 
 # One prepared command for a GPU machine (benchmarks/gpu_check.py); `mid plan --calibrate` reads its file.
 GPU_CHECK_OUT ?= gpu-check.json

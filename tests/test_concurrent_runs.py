@@ -102,6 +102,7 @@ def session_processes(pgid: int) -> list[str]:
     return [row for row in rows if row.split(None, 1)[0] == str(pgid)]
 
 
+@pytest.mark.serial  # a 10 s limit: measured with nothing beside it
 def test_ctrl_c_stops_a_run_within_ten_seconds_and_keeps_resumable_state(tmp_path):
     store, out = tmp_path / "store", tmp_path / "out"
     log = tmp_path / "log.txt"
@@ -132,6 +133,7 @@ def test_ctrl_c_stops_a_run_within_ten_seconds_and_keeps_resumable_state(tmp_pat
     assert "would remove 0 items" in dry.stdout, dry.stdout  # the interrupted run keeps everything
 
 
+@pytest.mark.serial  # a 10 s limit: measured with nothing beside it
 def test_ctrl_c_stops_a_sweep_and_its_trials_refs_say_interrupted(tmp_path):
     """Ctrl-C of a sweep while a trial trains: the sweep exits 130 within 10 s, none of its
     processes (Ray's agents included) outlives it by more than 10 s, and the trial's ref says

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.context import RunContext
 from pipeline.keys import eval_cell_payload
+from pipeline.stages.work_order import attack_cost, longest_first
 from storage import fs
 from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
@@ -95,9 +96,19 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
                            (defense, attack, lo, min(lo + e.batch_size, size),
                             None if indices is None else indices[lo:lo + e.batch_size]))
                           for lo in range(0, size, e.batch_size)]
+    family_settings = ctx.cfg.attacks.family_settings()
+
+    def cost(task: tuple) -> tuple[float, int]:
+        _, _, attack, method, args = task
+        if method == "adaptive":  # (defense, attack, lo, hi, indices): an attack crafted here
+            return attack_cost(attack, args[3] - args[2], family_settings), args[3] - args[2]
+        lo, hi = args[-2:]  # benign or stored images: one forward pass each
+        return 0.0, hi - lo
+
+    tasks = longest_first(tasks, cost)
     actor_cls = ray.remote(**ctx.actor_options())(Evaluator)
     model_refs = {name: {k: v for k, v in d.items() if k != "sha256"} for name, d in defenses.items()}
-    actors = [actor_cls.remote(ctx.root, dataset.key, model_refs, ctx.cfg.attacks.family_settings(),
+    actors = [actor_cls.remote(ctx.root, dataset.key, model_refs, family_settings,
                                dataset.num_classes, ctx.cfg.seed, ctx.cfg.attacks.target)
               for _ in range(min(e.num_actors, len(tasks)))]
     protocols = sorted({p for p, _ in cells})

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.context import PipelineError, RunContext
 from pipeline.keys import pool_payload
+from pipeline.stages.work_order import attack_cost, longest_first
 from storage import pools
 from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
@@ -219,7 +220,11 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
                                      delta_step=spec.delta_step, target=ctx.cfg.attacks.target,
                                      random_start=spec.random_start)
 
-    work = ActorPool(actors).map_unordered(submit, todo)
+    def cost(task: tuple) -> tuple[float, int]:
+        _, spec, _, lo, hi = task
+        return attack_cost(spec.attack, hi - lo, family_settings), hi - lo
+
+    work = ActorPool(actors).map_unordered(submit, longest_first(todo, cost))
     done = 0
     try:
         for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):

@@ -1,0 +1,35 @@
+"""The order in which a stage hands its attack tasks to its actor pool.
+
+An actor pool takes tasks in the order given, and a stage ends when its last task does. Given
+in the config's order, the slow attacks (CW's thousands of steps, AutoAttack's ensemble,
+JSMA's per-pixel search) came last, and one actor worked through them while the others idled.
+Handed out longest first (the classic longest-processing-time rule), the short tasks fill
+the gaps at the end instead. Every task is seeded by its own attack and samples
+(``workers.evaluation.batch_seed``, the pool shards' seeds), so the order changes no result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, TypeVar
+
+from workers.attacks import attack_class, parse_attack_name
+
+Task = TypeVar("Task")
+
+
+def attack_cost(attack: str | None, samples: int, family_settings: dict[str, dict[str, Any]]) -> float:
+    """Gradient steps of ``attack`` on ``samples`` images, as the attack's class counts them;
+    an attack with no fixed count (an ensemble, a search that stops per sample) is taken as the
+    longest, and no attack (a clean forward pass) as the shortest."""
+    if attack is None:
+        return 0.0
+    family, _ = parse_attack_name(attack)
+    steps = attack_class(family).steps(family_settings[family])
+    return math.inf if steps is None else float(steps * samples)
+
+
+def longest_first(tasks: list[Task], cost: Callable[[Task], tuple[float, int]]) -> list[Task]:
+    """``tasks`` by decreasing ``cost`` (a (cost, samples) pair, so the unbounded attacks go
+    largest first too); equal costs keep their order."""
+    return sorted(tasks, key=cost, reverse=True)

@@ -24,3 +24,23 @@ def test_attack_cost_counts_the_attacks_own_steps():
     assert attack_cost("CW_N", 10, settings) == 500 * 4 * 10
     assert attack_cost("FGSM_N", 10, settings) == 10
     assert attack_cost(None, 10, settings) == 0
+
+
+def test_a_free_actor_takes_the_next_task_while_the_other_works_on_a_slow_one(ray_local):
+    """``as_completed`` on two real actors: the five short tasks all finish, on the free
+    actor, before the long one; Ray's ordered ActorPool.map would hold them behind it."""
+    import time
+
+    from pipeline.stages.work_order import as_completed
+
+    @ray_local.remote(num_cpus=0)
+    class Sleeper:
+        def sleep(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    actors = [Sleeper.remote() for _ in range(2)]
+    tasks = [("long", 3.0)] + [(f"short-{i}", 0.05) for i in range(5)]
+    done = list(as_completed(actors, tasks, lambda actor, task: actor.sleep.remote(task[1])))
+    assert [task for task, _ in done][-1] == ("long", 3.0)
+    assert sorted(done) == sorted((task, task[1]) for task in tasks)  # each result with its own task

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.context import RunContext
 from pipeline.keys import eval_cell_payload
-from pipeline.stages.work_order import attack_cost, longest_first
+from pipeline.stages.work_order import as_completed, attack_cost, longest_first
 from storage import fs
 from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
@@ -71,7 +71,6 @@ def in_table_order(row: dict[str, Any], attacks: list[str]) -> dict[str, Any]:
 def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
              stored: dict[str, dict[str, str]], cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     import ray
-    from ray.util import ActorPool
 
     from workers.evaluation import Evaluator
 
@@ -114,9 +113,9 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
     protocols = sorted({p for p, _ in cells})
     ctx.say(f"eval: {len(tasks)} batches ({', '.join(protocols)}) on {len(actors)} actors")
     counts: dict[tuple, list[int]] = {}
-    work = ActorPool(actors).map(lambda actor, t: getattr(actor, t[3]).remote(*t[4]), tasks)
+    work = as_completed(actors, tasks, lambda actor, t: getattr(actor, t[3]).remote(*t[4]))
     try:
-        for task, result in tqdm(zip(tasks, work), total=len(tasks), desc="eval batches", unit="batch"):
+        for task, result in tqdm(work, total=len(tasks), desc="eval batches", unit="batch"):
             c = counts.setdefault(task[:3], [0, 0])
             c[0] += result["correct"]
             c[1] += result["total"]

@@ -44,13 +44,17 @@ def ray_head():
     with open(token, "w") as f:
         f.write(uuid.uuid4().hex * 2)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     ray = os.path.join(bin_dir, "ray")
     # The short temp dir also matters: Ray's Unix socket paths must stay under ~107 characters.
+    # Every Ray instance's job agent listens on 52365 unless told otherwise: with another
+    # instance on the machine (the other pytest worker's, a user's) this head's agent could
+    # not bind it and every submit answered "No available agent" (CI, 2026-12-06).
     # --block keeps the head in this process, so stopping it stops only this cluster
     # (`ray stop` would stop every Ray instance on the machine).
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
                              "--include-dashboard=true", f"--temp-dir={temp_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

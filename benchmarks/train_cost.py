@@ -60,8 +60,12 @@ def cost(history: list[dict], batch_size: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     store = args.store or tempfile.mkdtemp(prefix="train-cost-")
+    # The baseline and teacher only make the pool: the config's batch, or one batch per worker
+    # when --samples is smaller (a toy run), since a worker needs at least one batch.
+    prepare_batch = min(256, args.samples // args.workers)
     base = [f"data.path={os.path.abspath(args.mnist)}", f"data.train_limit={args.samples}", "data.test_limit=256",
             "models.baseline.epochs=2", "models.teacher.epochs=2", "pool.variants=1",
+            f"models.baseline.batch_size={prepare_batch}", f"models.teacher.batch_size={prepare_batch}",
             f"models.num_workers={args.workers}", f"mid.num_workers={args.workers}",
             f"mid.epochs={args.epochs}", f"mid.batch_size={args.batch_size}",
             f"models.at.epochs={args.epochs}", f"models.at.batch_size={args.batch_size}"]

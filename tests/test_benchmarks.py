@@ -237,13 +237,13 @@ def write_digits_as_mnist(folder: Path, train: int, test: int) -> None:
 
 @pytest.mark.slow
 def test_train_cost(tmp_path):
-    # 512 images: the baseline and teacher keep the MNIST config's batch of 256, one per worker.
-    write_digits_as_mnist(tmp_path, train=512, test=32)
-    report = run_json("train_cost.py", "--mnist", str(tmp_path), "--samples", "512", "--epochs", "2",
-                      "--batch-size", "16")
+    # 256 images: 4 steps of 32 per worker and epoch; the baseline and teacher take one batch of 128 per worker.
+    write_digits_as_mnist(tmp_path, train=256, test=32)
+    report = run_json("train_cost.py", "--mnist", str(tmp_path), "--samples", "256", "--epochs", "2",
+                      "--batch-size", "32")
     setting = report["setting"]
-    assert setting["dataset"] == "MNIST" and setting["train_samples"] == 512 and setting["epochs"] == 2
-    assert setting["batch_size"] == 16 and setting["workers"] == 2
+    assert setting["dataset"] == "MNIST" and setting["train_samples"] == 256 and setting["epochs"] == 2
+    assert setting["batch_size"] == 32 and setting["workers"] == 2
     assert setting["pool"] == ["PGD_N", "PGD_T", "MIM_N", "MIM_T"] and setting["pool_attack_steps"] == 40
     assert positive(report["prepare_seconds"])
     trainers = report["trainers"]

@@ -19,10 +19,11 @@ help:
 # find-links folder) is installed first, so the project's `torch` requirement is already
 # met and pip never reaches for a CUDA build. Elsewhere this finds nothing and the
 # ordinary torch from the index is installed with the project.
-# --no-compile: pip byte-compiles every file of every package (ray, torch, scipy...), most of
-# which a run never imports; Python compiles what it imports on first use instead
-# (install 64 s -> 36 s on the 2-core CI machine, docs/testing.md).
-PIP_INSTALL = $(BIN)/pip install --quiet --no-compile
+# pip byte-compiles what it installs, and must: CI and this machine set
+# PYTHONDONTWRITEBYTECODE=1, so a package installed with --no-compile is compiled from source
+# by every process that imports it, every Ray worker included (the suite took 2,691 s
+# instead of 1,427 s, docs/testing.md).
+PIP_INSTALL = $(BIN)/pip install --quiet
 $(BIN)/mid: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	-$(PIP_INSTALL) --no-index --no-deps torch 2>/dev/null

@@ -101,7 +101,8 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])
-    tables = evaluate.run(ctx, dataset, defenses, stored)
+    crafted_on = {p: m["source_model"]["key"] for p, m in meta.items() if "source_model" in m}
+    tables = evaluate.run(ctx, dataset, defenses, stored, crafted_on)
     stages = {name: rec.as_dict() for name, rec in ctx.stages.items()}
     row_costs = costs.row_costs(cfg, dataset, stages)
     printed = report.write(out_dir, cfg.name, tables, meta, stages, cfg.eval.known, cfg.eval.unknown, row_costs)

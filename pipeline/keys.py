@@ -56,7 +56,6 @@ KEY_NEUTRAL: dict[str, str] = {
     "pool.num_actors": "how many actors share the shards; each shard is seeded by its own index",
     "eval.num_actors": "how many actors share the batches; each batch is seeded by its own first index",
     "eval.defenses": "which rows (cells, and the AT / TRADES / MID models) exist, not what one holds",
-    "eval.protocols": "which protocols (cells, stored test attacks, the substitute) exist, not what one holds",
     "plan.train_samples": "read by `mid plan` only",
     "plan.test_samples": "read by `mid plan` only",
     "plan.num_classes": "read by `mid plan` only",

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import keys as key_rules
 from pipeline.config import RunConfig
 from pipeline.context import PipelineError
-from workers.defenses import classifier_defense, defense_class
+from workers.defenses import classifier_defense, classifier_rows, defense_class
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
 # project to measure one; `--gpu-tflops` / `--utilisation` replace these.
@@ -199,7 +199,12 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
             stages.append(refreshed_cost(cfg, row, units, n))
     # The stored test attacks (attacks-source, attacks-transfer) and the adaptive part of eval.
     test_attack_macs, adaptive_macs = 0.0, 0.0
-    defenses = len(cfg.eval.defenses)
+    # The row that is the source protocol's own model reads its stored attacks as its adaptive
+    # ones (pipeline/stages/evaluate.py:adaptive_from_stored): no crafting in eval.
+    source_stored = "attacks-source" in names
+    source_kind = cfg.pool.source_model if cfg.eval.source_model == "pool" else cfg.eval.source_model
+    defenses = sum(1 for row in cfg.eval.defenses
+                   if not (source_stored and row in classifier_rows() and defense_class(row).kind == source_kind))
     for attack in cfg.eval.attacks:
         steps = _steps(cfg, attack)
         samples = _limited(shape.test, cfg.eval.subset.get(attack))
@@ -213,7 +218,7 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
     if stored:
         stages.append(StageCost("test attacks", test_attack_macs * len(stored) / shape.test, shape.test,
                                 f"stored once, {' + '.join(stored)}"))
-    if "adaptive" in cfg.eval.protocols:
+    if "adaptive" in cfg.eval.protocols and defenses:
         stages.append(StageCost("adaptive eval", adaptive_macs / shape.test, shape.test,
                                 f"against each of {defenses} defenses"))
     return stages, uncounted

@@ -85,8 +85,11 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     assert substitute["kind"] == "substitute" and substitute["sha256"] != source["source_model"]["sha256"]
     none = results["protocols"]["adaptive"]["defenses"]["None"]
     assert none["benign"] > 30  # a few epochs already learn something
-    # Crafted against None itself, the source attacks break it as the adaptive ones do.
+    # Crafted against None itself, the source attacks break it as the adaptive ones do: they
+    # are its adaptive attacks (read from the store, not crafted again), so the rows agree.
     assert source["defenses"]["None"]["attacks"]["PGD_N"] < none["benign"] - 10
+    assert {k: none[k] for k in ("benign", "attacks", "samples")} == \
+        {k: source["defenses"]["None"][k] for k in ("benign", "attacks", "samples")}
     report = (tmp_path / "run1" / "report.md").read_text()
     for title in ("Source protocol", "Transfer protocol", "Adaptive protocol"):
         assert title in report and title in first.stdout

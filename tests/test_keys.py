@@ -86,9 +86,12 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
                 stored[protocol] = {a: pool.pool_key(ctx, dataset, trained[kind], pool.eval_pool_spec(ctx, dataset, a))
                                     for a in cfg.eval.attacks}
                 found.update({f"pool/{protocol}/{a}": k for a, k in stored[protocol].items()})
+        crafted_on = {p: trained[kind]["key"] for p, kind in source_kinds(cfg).items() if p in stored}
         for p in cfg.eval.protocols:
             for d, row in defenses.items():
-                found[f"eval/{p}/{d}"] = evaluate.cell_key(ctx, dataset, p, row, stored.get(p))
+                feed = stored[p] if p in stored else evaluate.adaptive_from_stored(
+                    evaluate.adaptive_attacks(ctx), row, stored, crafted_on)
+                found[f"eval/{p}/{d}"] = evaluate.cell_key(ctx, dataset, p, row, feed)
     return found
 
 
@@ -97,6 +100,7 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
     ``pipeline/keys.py`` alone (the pool and model specs from the stages' own helpers),
     wired as the driver wires the stages; upstream keys are computed, digests faked."""
     from pipeline.stages import models, pool, refresh
+    from pipeline.stages.evaluate import adaptive_from_stored
 
     ctx = RunContext(cfg, Path("unused"))  # the spec helpers read ctx.cfg only
     dataset = fake_dataset()
@@ -146,9 +150,12 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
                 out[label] = ("pool", keys.pool_payload(cfg, FINGERPRINT, trained[kind]["sha256"],
                                                         pool.eval_pool_spec(ctx, dataset, attack)))
                 stored[protocol][attack] = content_key(*out[label])
+    # The row the source attacks were crafted on reads them as its adaptive ones.
+    crafted_on = {p: trained[kind]["key"] for p, kind in source_kinds(cfg).items() if p in stored}
     for p in cfg.eval.protocols:
         for d, row in defenses.items():
-            out[f"eval/{p}/{d}"] = ("eval", keys.eval_cell_payload(cfg, FINGERPRINT, p, row, stored.get(p)))
+            feed = stored[p] if p in stored else adaptive_from_stored(keys.adaptive_attacks(cfg), row, stored, crafted_on)
+            out[f"eval/{p}/{d}"] = ("eval", keys.eval_cell_payload(cfg, FINGERPRINT, p, row, feed))
     return out
 
 
@@ -203,58 +210,58 @@ BASE_KEYS = {
     'eval/transfer/None': 'eval-9c0b10e23097d327a344',
     'eval/transfer/AT': 'eval-0766c9817bee04116097',
     'eval/transfer/MID': 'eval-2860f5e85d70baebde73',
-    'eval/adaptive/None': 'eval-dd5a3bbb36612fa67608',
+    'eval/adaptive/None': 'eval-72d4381489c781b4a685',
     'eval/adaptive/AT': 'eval-1180f3771bbb2821b108',
     'eval/adaptive/MID': 'eval-c1ad62b2fcd002ca0d6d',
 }
-BASE_DIGEST = '204b05515ca2587752ecf6e97e29f1f626d17f7a21cabb66863ef53e723077d0'
+BASE_DIGEST = '978153aea1ac02069bd9915c9ad6f14c96b1626dcc59b0f1550751a2373ebbb9'
 # name: (overrides, digest of every key of the run, the keys of the entries the variant is about)
 VARIANTS = {
     'meta off': (
         ['mid.meta=false'],
-        '0fffe7af7a705d1027f960a228b9108c564aeb32574303f2de7a3ce6c93c0423',
+        '3da8efc3e95cdb68752d03f7e9a3cff1993710bcc23319d70b5f199c2d860acb',
         {
             'mid': 'mid-b6591ef9a34194cbaa6b',
         }),
     'distill off': (
         ['mid.distill=false', 'mid.init_student=random'],
-        '3325e57a296db406b45a5ae82b06210c26c31d9b092c5b9e46e2eb45676cf78e',
+        '5f4a2c5cb319e961aa4db2470a42f47b184af940609ff9618906fcb08bc54dba',
         {
             'mid': 'mid-24d618685f888a74d457',
         }),
     'AT warm-up': (
         ['models.at.eps_warmup_epochs=3'],
-        '0aca4316c8b744bf4e0a8c565167d384b1e6de364af15df8ba087ed510e0f45f',
+        '0750cdf8ab1a79e827f6475618b952e968e9a5110548447b6a8717d8b11f2ab6',
         {
             'model/at': 'at-246b4e83657e349ce19f',
         }),
     'AT warm-up of 1': (
         ['models.at.eps_warmup_epochs=1'],
-        'b930f80d082704998ebe474ab280316291afe651493e14238b71ee69f821ab28',
+        '1a7fc8187332aea4d8de34d5582d8d883aab7c88b88271269cda10c95b02e0ec',
         {
             'model/at': 'at-c8d63cf5f2f23f5df1cb',
         }),
     'TRADES': (
         ['eval.defenses=[None, AT, TRADES, MID]', 'models.trades.eps_warmup_epochs=2'],
-        '70a8ba978b8c19e3d0f62bcc2785a215668cf0a3ad54518b9eecbb99c16f71e7',
+        '9eafd6ebc6b0c85eae730b93478103fa96fc35ef64855e5ce61e5840fa318482',
         {
             'model/trades': 'trades-810580e6042f316ef3c3',
         }),
     'pretrained': (
         ['models.pretrained=/weights/lenet.pth'],
-        '90ccbb1992725c7e267460dbc99e92c5b86fa8cff17c889f1b3a123f80484acb',
+        'd1d85e015dee4a30dccca6e85cdebdac6294398f6d6e4b062a922260a309d4ba',
         {
             'model/baseline': 'baseline-2332f89b6c22c94cc483',
             'model/teacher': 'teacher-85ced92a4edb752a0d4d',
         }),
     'subsets': (
         ['eval.subset={PGD_N: 50, CW_N: 100}', 'eval.adaptive_attacks=[PGD_N, CW_N, FGSM_T]'],
-        'f3bc584fa234f58fce94cfd2162c5bc6bf3a5c9e9ca4be54720cc0b5f32ae3c3',
+        '5d86c9dcadc198b4c0f8c684f42f2539e18a77ec2e59250955cb05dba682f5ef',
         {
         }),
     'augmentation': (
         ['data.augment=crop', 'data.crop_padding=2'],
-        '60450a53fab43dcf7617d74ab9256ae5d24eee76b5be7851ab35db80ad7ab977',
+        'a998038e024aabe8c77e156ec0ce2d0dd8a877527833eed91d23bb90e526ecd2',
         {
             'mid': 'mid-5458b685063e13129d2f',
             'model/at': 'at-c273a99cc3cd87775f4d',
@@ -264,7 +271,7 @@ VARIANTS = {
         }),
     'bf16 pool': (
         ['pool.bf16=true'],
-        '555532438b2edb989a88a781c74ef6835f830ee846a49bd4349e0f546428dfa7',
+        '190b192d4690fe2887be9d76d72cf276ac1eb7d41896eda6c90a492028e2ba79',
         {
             'mid': 'mid-0ce822099e18d5c03140',
             'pool/train/MIM_N': 'pool-2d0ee3f6123660722ff2',
@@ -274,7 +281,7 @@ VARIANTS = {
         }),
     'normalised': (
         ['models.mean=[0.5]', 'models.std=[0.25]'],
-        'dab738be48287bf44aad9d0f4814cb856948afe2e33664d6425b49c4902bcc0f',
+        '591140e0a733d5d64a41663b857f1f30ca871d65467e2ed4a79a70061f1d0a42',
         {
             'model/at': 'at-a8890627617771d088aa',
             'model/baseline': 'baseline-010a02d89820940effe1',
@@ -283,7 +290,7 @@ VARIANTS = {
         }),
     'fixed target': (
         ['attacks.target=0'],
-        '9df9ac7a5d9792a539588ab82f2be8df24af1e12a8c479bdc0d5ae1da94f1d5c',
+        '2dfd489df588db970b1477bc521b4dc83ecfb9a753ea214d218f3a7a6444809d',
         {
             'mid': 'mid-219569e316ef2a5bc9d8',
             'pool/train/MIM_T': 'pool-7ffec99ed14310675b1d',
@@ -291,7 +298,7 @@ VARIANTS = {
         }),
     'limits': (
         ['seed=3', 'data.train_limit=500', 'data.test_limit=200'],
-        '9c480cd08ef981e9a5575ca4a891c4350c8606601f478748ccb4c3c5c7936ac0',
+        '6496aefe2fdc95695d235d43cbb9d07ea181f4cd50ad7a4fde5660fc1061e609',
         {
             'dataset': 'dataset-0dffb7e2a36ac1ee6e8e',
             'mid': 'mid-faa21c445e9380b010c9',
@@ -306,7 +313,7 @@ VARIANTS = {
         }),
     'sources': (
         ['pool.source_model=teacher', 'eval.source_model=baseline'],
-        '328e29d29d5a3427e4ccc7aeef59149f0d2e9c3c1ea77c9cad485accd7f3ce6a',
+        '5c961db4304e9fa8ab90f4ee288bf15fef70221c4290f31baafdb53badd02559',
         {
             'mid': 'mid-4d38def11b0b157159af',
             'pool/train/MIM_N': 'pool-d4b40dd4c3bb0c94325f',
@@ -316,19 +323,19 @@ VARIANTS = {
         }),
     'training attack': (
         ['models.at.attack={nb_iter: 5}'],
-        'f268ea14d47db97c2f74eb39a6d4bb98928dd7003db6f785b753674efa858e96',
+        'd84dd97ebf50d148d39c2d44701f1fcc67d19f62562752bee18b8faa59bf3914',
         {
             'model/at': 'at-17855277a07cc5b5a6ca',
         }),
     'bf16 mid': (
         ['mid.bf16=true', 'mid.batch_views=true'],
-        'd47d7a4d4e3e801514ec90300d597bc549547ac627ec67c068cf7c3f8b38c2b7',
+        'c7d6d43091e28c4a7d7f45c3a334e24c866f2bb6487c1da43a1a98f6e463a90c',
         {
             'mid': 'mid-92783ce45c5d424575c8',
         }),
     'robustness term': (
         ['mid.meta_train_weights.rc=1', 'mid.meta_test_weights.rc=1'],
-        '15c788c92e5e01da46a352a570ecab3c6a7b1161d8e627ee96b1009f3ecaa6b4',
+        '7205965c941c5d9c7afc8fcecd7e489a72ad57cd3048cd7e55bb740e53a95fff',
         {
             'mid': 'mid-3cfaea1cc29b408d6b83',
         }),
@@ -392,10 +399,27 @@ def changed_entries(overrides: list[str]) -> set[str]:
     return {label for label in base if base[label] != other[label]}
 
 
+def test_only_the_model_the_stored_attacks_were_crafted_on_reads_them_as_its_adaptive_ones():
+    from pipeline.stages.evaluate import adaptive_from_stored
+
+    stored = {"source": {"PGD_N": "pool-s1", "FGSM_N": "pool-s2"}, "transfer": {"PGD_N": "pool-t1"}}
+    crafted_on = {"source": "baseline-k", "transfer": "substitute-k"}
+    none = {"kind": "classifier", "key": "baseline-k", "sha256": "b"}
+    at = {"kind": "classifier", "key": "at-k", "sha256": "a"}
+    mid = {"kind": "defended", "student_key": "baseline-k", "teacher_key": "teacher-k"}
+    assert adaptive_from_stored(["PGD_N", "FGSM_N"], none, stored, crafted_on) == stored["source"]
+    assert adaptive_from_stored(["PGD_N"], none, stored, crafted_on) == {"PGD_N": "pool-s1"}
+    assert adaptive_from_stored(["PGD_N", "CW_N"], none, stored, crafted_on) is None  # CW_N is not stored
+    assert adaptive_from_stored(["PGD_N"], at, stored, crafted_on) is None
+    assert adaptive_from_stored(["PGD_N"], mid, stored, crafted_on) is None
+    assert adaptive_from_stored(["PGD_N"], none, {"transfer": stored["transfer"]}, crafted_on) is None
+
+
 def test_eval_batch_size_enters_the_adaptive_cells_when_not_256():
     assert changed_entries(["eval.batch_size=256"]) == set()
+    # None's adaptive cell reads the stored source attacks, made in the pool's batches.
     assert changed_entries(["eval.batch_size=128"]) == {label for label in BASE_KEYS
-                                                        if label.startswith("eval/adaptive/")}
+                                                        if label.startswith("eval/adaptive/")} - {"eval/adaptive/None"}
 
 
 def test_pool_batch_size_enters_every_pool_when_not_256():

@@ -105,6 +105,26 @@ def test_stages_multiply_out_by_epochs_samples_variants_and_steps():
     assert uncounted == ["AA_N (evaluation)"]
 
 
+def test_the_row_that_is_the_source_model_crafts_no_adaptive_attacks():
+    """With the source protocol stored, None's adaptive attacks are the stored source attacks
+    (pipeline/stages/evaluate.py:adaptive_from_stored): eval crafts for the other rows only."""
+    units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
+    shape = DataShape(1000, 100, 1, 16, 10, "test")
+    base = ["eval.subset={}", "eval.known=[PGD_N]", "eval.unknown=[FGSM_N]", "attacks.PGD.nb_iter=10"]
+    per_row = 100 * ((10 * 2 + 1) + (1 * 2 + 1))  # each attack's steps and one forward, per test image
+
+    def adaptive(*overrides: str) -> float | None:
+        stages, _ = stage_costs(load_config(REPO / "configs/digits.yaml", [*base, *overrides]), shape, units)
+        return next((s.total_macs for s in stages if s.name == "adaptive eval"), None)
+
+    both = ["eval.protocols=[source, adaptive]"]
+    assert adaptive(*both, "eval.defenses=[None, AT, MID]") == pytest.approx(2 * per_row)
+    assert adaptive("eval.protocols=[adaptive]", "eval.defenses=[None, AT, MID]") == pytest.approx(3 * per_row)
+    assert adaptive(*both, "eval.defenses=[None]") is None  # nothing left to craft
+    # Attacks from the teacher are not None's own: its adaptive row is crafted.
+    assert adaptive(*both, "eval.defenses=[None, AT]", "eval.source_model=teacher") == pytest.approx(2 * per_row)
+
+
 def test_refreshed_rows_cost_their_rounds_and_the_refreshes_between_them():
     units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
     shape = DataShape(1000, 100, 1, 16, 10, "test")

@@ -2,7 +2,11 @@
 
 - ``source`` / ``transfer``: the stored test attacks (pools of the test split crafted once
   against the source model or the substitute) are fed to every defense;
-- ``adaptive``: each attack is crafted against each defense itself, end to end.
+- ``adaptive``: each attack is crafted against each defense itself, end to end. A row that
+  is itself the model the source protocol's attacks were crafted on (the plain classifier,
+  None) reads those stored attacks instead: they are exactly its white-box attacks, same
+  attacks, settings, subsets and seed, so crafting them again against it was the demo's
+  largest waste (docs/design.md §6).
 
 Each (protocol, defense) cell is cached on its own, so a new row or protocol computes only
 its own cells.
@@ -36,18 +40,36 @@ def cell_key(ctx: RunContext, dataset: DatasetReader, protocol: str, defense: di
     return content_key("eval", eval_cell_payload(ctx.cfg, dataset.fingerprint, protocol, defense, stored))
 
 
+def adaptive_from_stored(names: list[str], defense: dict[str, Any], stored: dict[str, dict[str, str]],
+                         crafted_on: dict[str, str]) -> dict[str, str] | None:
+    """The stored test attacks ({attack: pool key}) that are this row's adaptive attacks
+    ``names``: those of a protocol crafted against this very classifier (``crafted_on``:
+    {protocol: model key}), when they hold every one; None when the row's must be crafted."""
+    if defense.get("kind") != "classifier":
+        return None
+    for protocol, model_key in crafted_on.items():
+        pools = stored.get(protocol, {})
+        if model_key == defense["key"] and all(name in pools for name in names):
+            return {name: pools[name] for name in names}
+    return None
+
+
 def run(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
-        stored: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+        stored: dict[str, dict[str, str]], crafted_on: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """``defenses`` maps a row name to its models (with their sha256); ``stored`` maps the
-    source / transfer protocol to its test pools ({attack: key}). Returns, per protocol of
-    the config, {defense: {"benign", "attacks": {attack: accuracy or None}, "samples": ..}}."""
+    source / transfer protocol to its test pools ({attack: key}), ``crafted_on`` to the key
+    of the model they were crafted against. Returns, per protocol of the config,
+    {defense: {"benign", "attacks": {attack: accuracy or None}, "samples": ..}}."""
     with ctx.stage("eval") as record:
-        keys = {(p, d): cell_key(ctx, dataset, p, spec, stored.get(p))
-                for p in ctx.cfg.eval.protocols for d, spec in defenses.items()}
+        # What each cell feeds its row: stored test attacks, or None (crafted here, adaptive).
+        names, crafted_on = adaptive_attacks(ctx), crafted_on or {}
+        feeds = {(p, d): stored[p] if p in stored else adaptive_from_stored(names, spec, stored, crafted_on)
+                 for p in ctx.cfg.eval.protocols for d, spec in defenses.items()}
+        keys = {(p, d): cell_key(ctx, dataset, p, defenses[d], feed) for (p, d), feed in feeds.items()}
         record["key"] = content_key("eval-set", {"cells": sorted(keys.values())})
 
         def compute(cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-            results = evaluate(ctx, dataset, defenses, stored, cells)
+            results = evaluate(ctx, dataset, defenses, feeds, cells)
             for cell in cells:
                 fs.write_json_atomic(results_url(ctx.root, keys[cell]), results[cell])
             return results
@@ -69,7 +91,8 @@ def in_table_order(row: dict[str, Any], attacks: list[str]) -> dict[str, Any]:
 
 
 def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[str, Any]],
-             stored: dict[str, dict[str, str]], cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+             feeds: dict[tuple[str, str], dict[str, str] | None],
+             cells: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     import ray
 
     from workers.evaluation import Evaluator
@@ -82,8 +105,8 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
     for defense in dict.fromkeys(d for _, d in cells):
         tasks += [(None, defense, None, "benign", (defense, lo, hi)) for lo, hi in batches]
     for protocol, defense in cells:
-        if protocol in stored:
-            for attack, key in stored[protocol].items():
+        if feeds[(protocol, defense)] is not None:
+            for attack, key in feeds[(protocol, defense)].items():
                 size = PoolReader.open(ctx.root, key).attrs["num_samples"]
                 tasks += [(protocol, defense, attack, "stored", (defense, key, lo, min(lo + e.batch_size, size)))
                           for lo in range(0, size, e.batch_size)]

@@ -17,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRESS_BAR = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # a tqdm line, e.g. "decoding train images:  40%|██  | 4/10 [...]"
 
 
+def signal_session(session: int, sig: int) -> int:
+    """Send ``sig`` to every process of ``session`` (a run started with ``start_new_session``);
+    returns how many. Not ``os.killpg``: Ray puts each worker it starts (Ray Train workers,
+    pool actors) in a process group of its own, inside the driver's session, so a group
+    signal stops the driver and the head but leaves the workers training on (a "frozen" MID
+    run finished and committed while the test ran gc beside it)."""
+    hit = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session
+            if int(fields[3]) == session:
+                os.kill(int(stat.parent.name), sig)
+                hit += 1
+        except (OSError, IndexError, ValueError):  # a process that exited meanwhile
+            continue
+    return hit
+
+
 def mid(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
         without_root_override: bool = False) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` with no terminal on stdin, as CI and scripts run it.

@@ -6,7 +6,6 @@ being made resumes there and ends with the same pools and checkpoint as an unint
 run."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clihelpers import signal_session
 from storage import pools
 from storage.datasets import DatasetReader
 
@@ -126,7 +126,7 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     store = tmp_path / "store"
     shutil.copytree(prepared, store)
     log = open(tmp_path / "log.txt", "w")
-    # Its own session: killing the group takes the driver and the Ray head it started.
+    # Its own session: killing the session takes the driver, the Ray head it started and its workers.
     only = "eval.defenses=[MID-R]"  # ATTA's rounds are the same code; MID-R's keys do not depend on it
     proc = subprocess.Popen(cli_args(store, "run", only), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -137,7 +137,7 @@ def test_killed_during_the_second_pool_version_resumes_to_the_same_pools_and_che
     while proc.poll() is None and time.time() < deadline and committed() == 0:
         time.sleep(0.02)
     assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
+    signal_session(proc.pid, signal.SIGKILL)  # its Ray workers too, so no shard commits after the count
     proc.wait(timeout=60)
     done = committed()
     assert 0 < done < 64, f"the kill should land inside pool version 1 ({done} of 64 shards committed)"

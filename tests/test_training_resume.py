@@ -8,7 +8,6 @@ A Ray Train worker lost during MID (its node killed) is `tests/test_s3_store.py`
 worker group restarts and resumes from the epoch checkpoint on the store."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clihelpers import is_loopback, run_watching_listeners, the_error_line
+from clihelpers import is_loopback, run_watching_listeners, signal_session, the_error_line
 
 pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
 
@@ -108,16 +107,16 @@ def collect_during_the_run(store: Path) -> None:
 def test_rerun_after_driver_and_head_died_resumes_mid(tmp_path, prepared):
     store, out = copy_of(prepared, tmp_path), tmp_path / "run"
     log = open(tmp_path / "log1.txt", "w")
-    # Its own session: killing the group takes the driver and the Ray head it started.
+    # Its own session: signalling the session reaches the driver, the Ray head it started and its workers.
     proc = subprocess.Popen(cli_args(store, out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and not mid_checkpoint_registered(store):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before MID checkpointed an epoch"
     # Frozen mid-MID (driver, head and workers alive, the lease held), gc takes nothing of it.
-    os.killpg(proc.pid, signal.SIGSTOP)
+    assert signal_session(proc.pid, signal.SIGSTOP) > 1  # the driver, the head and the Ray workers
     collect_during_the_run(store)
-    os.killpg(proc.pid, signal.SIGKILL)
+    signal_session(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert mid_checkpoint_registered(store)  # the resume state survived in the store
     # The driver is gone (its lease with it); the ref it wrote when it started keeps its

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_loader import load_config  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.stages import ingest, pool  # noqa: E402
 from pipeline.stages.models import model_spec  # noqa: E402

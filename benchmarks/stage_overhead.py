@@ -43,7 +43,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline import run_plan  # noqa: E402
+from pipeline.config_loader import load_config  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.stages import ingest, mid, models, pool  # noqa: E402
 from storage.pools import PoolReader  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv=None) -> dict[str, Any]:
     cfg = load_config(Path(args.config), args.set, store=root)
     ctx = RunContext(cfg, Path(tmp.name) / "run").open()
     dataset = ingest.run(ctx)
-    kinds = cfg.trained_classifiers()
+    kinds = run_plan.trained_classifiers(cfg)
     spec = models.model_spec(ctx, dataset)
     jobs = {kind: models.model_job(ctx, dataset, spec, kind) for kind in kinds}
     images_u8, labels_np = dataset.load("train")

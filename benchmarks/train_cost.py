@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_loader import load_config  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.driver import prepare_pool  # noqa: E402
 from pipeline.stages import mid, models  # noqa: E402

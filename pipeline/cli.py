@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return run_sweep(args)
         # Validation first: a bad config must fail before anything heavy is imported or started.
-        from pipeline.config import ConfigError, load_config
+        from pipeline.config_loader import ConfigError, load_config
 
         try:
             cfg = load_config(args.config, args.overrides, args.store, args.profile)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     """``mid sweep``: every trial's config and inputs are checked before Ray starts."""
     from pipeline import preflight, sweep
-    from pipeline.config import ConfigError
+    from pipeline.config_loader import ConfigError
     from pipeline.sweep_config import load_sweep
 
     try:
@@ -261,7 +261,7 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
     """``mid plan``: a plan needs no data files when the config's ``plan:`` section gives the
     dataset's size, so a missing data.path is filled with a marker instead of refused."""
     from pipeline import plan
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config_loader import ConfigError, load_config
 
     if cfg is None:
         try:
@@ -272,7 +272,7 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
             return 2
     tflops = args.gpu_tflops or plan.DEFAULT_GPU_TFLOPS
     gpu_name = plan.DEFAULT_GPU if args.gpu_tflops is None else f"{tflops:g} TFLOP/s given"
-    from pipeline.context import PipelineError
+    from pipeline.errors import PipelineError
     from storage.readers.base import DataFileError
 
     if args.calibrate and (args.gpu_tflops or args.utilisation):

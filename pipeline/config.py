@@ -1,7 +1,9 @@
-"""The typed run configuration: one pydantic tree loaded from YAML.
+"""The run configuration's schema: one pydantic tree, every section and its checks.
 
 Everything is validated before Ray starts. Unknown keys are errors (a typo must not
 silently fall back to a default), and every error names the field and what is allowed.
+Reading a file into this tree is ``pipeline.config_loader``; what a run of it trains, in
+what order, is ``pipeline.run_plan``.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       ValidationInfo, create_model, field_validator, model_validator)
 
@@ -20,7 +20,7 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import IMAGE_SHAPES, SOURCES
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
-from workers.defenses import DEFENSES, STUDENT_ROW, classifier_rows, defense_class, refreshed_rows
+from workers.defenses import DEFENSES, classifier_rows, defense_class
 from workers.defenses.base import TrainSettings
 from workers.mid_settings import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
@@ -38,22 +38,33 @@ def _types_in(annotation: Any) -> set[Any]:
     return set().union(*(_types_in(a) for a in typing.get_args(annotation))) | {origin}
 
 
+def unknown_key(section: type[BaseModel] | None, key: str) -> str:
+    """The one wording of an unknown key: with the keys ``section`` allows, when it is known."""
+    allowed = f" (allowed: {', '.join(section.model_fields)})" if section is not None else ""
+    return f"unknown key {key!r}{allowed}"
+
+
+def section_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section ``loc`` (a pydantic error's location) names inside ``model``; None where
+    it leads into something that is not a section (a mapping's key, a list's index)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        sections = [t for t in _types_in(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if len(sections) != 1:
+            return None
+        model = sections[0]
+    return model
+
+
 class Section(BaseModel):
-    """A config section: unknown keys are rejected with the list of allowed ones."""
+    """A config section: unknown keys are rejected (``extra="forbid"``; the loader's message
+    lists the allowed ones, ``unknown_key``)."""
 
     # allow_inf_nan: YAML reads .inf and .nan as floats; a learning rate or loss weight of
     # either trains a model of NaN weights that would still be committed.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields), key=str)
-            if unknown:
-                allowed = ", ".join(cls.model_fields)
-                raise ValueError(f"unknown key {unknown[0]!r} (allowed: {allowed})")
-        return data
 
     @field_validator("*", mode="before")
     @classmethod
@@ -508,8 +519,10 @@ class RunConfig(Section):
                 self.training_attack(kind)
             except ValidationError as e:
                 first = e.errors()[0]
-                where = ".".join(["models", kind, "attack", *(str(p) for p in first["loc"])])
-                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+                loc, message = ["models", kind, "attack", *(str(p) for p in first["loc"])], first["msg"]
+                if first["type"] == "extra_forbidden":
+                    loc, message = loc[:-1], unknown_key(PGDSettings, loc[-1])
+                raise ValueError(f"{'.'.join(loc)}: {message.removeprefix('Value error, ')}") from None
         return self
 
     @model_validator(mode="after")
@@ -565,61 +578,6 @@ class RunConfig(Section):
                                  f"{MAX_BATCH_BYTES // (pixels * 4):,}")
         return self
 
-    def trained_classifiers(self, command: str = "run") -> list[str]:
-        """The classifiers a ``run`` trains, in order (``pool`` trains the baseline and the
-        teacher only). One list for the driver, the pre-run checks and ``mid plan``, so the
-        plan counts what a run builds."""
-        kinds = ["baseline", "teacher"]
-        if command == "run":
-            kinds += [kind for kind in (defense_class(row).kind for row in self.eval.defenses
-                                        if row in classifier_rows()) if kind not in kinds]
-            if "transfer" in self.eval.protocols:
-                kinds.append("substitute")
-        return kinds
-
-    def run_stages(self, command: str = "run") -> list[str]:
-        """The stages ``command`` (run or pool) goes through, in order, named as a run records
-        them (results.json's ``stages``). The driver decides by this list and ``mid plan``
-        costs it, so the plan counts what a run builds."""
-        stages = ["ingest", *self.trained_classifiers(command), "pool"]
-        if command == "run":
-            stages += [defense_class(row).kind for row in self.eval.defenses  # the table's order, as the driver
-                       if row == STUDENT_ROW or row in refreshed_rows()]
-            stages += [f"attacks-{p}" for p in ("source", "transfer") if p in self.eval.protocols]
-            stages.append("eval")
-        return stages
-
-    def refreshed_rows(self) -> list[str]:
-        """The rows of the table trained on a refreshed pool, in the table's order."""
-        return [row for row in self.eval.defenses if row in refreshed_rows()]
-
-    def refreshed_training(self, objective: str) -> tuple[int, int, float, int]:
-        """(epochs, batch size, learning rate, workers) of a row trained on a refreshed pool:
-        the mid section for MID's step (MID-R), AT's for cross-entropy (ATTA is AT at equal
-        training steps, with transferred instead of fresh attacks)."""
-        epochs = self.pool.refresh.epochs
-        if objective == "mid":
-            m = self.mid
-            return epochs or m.epochs, m.batch_size, m.lr, m.num_workers
-        at = self.models.at
-        return epochs or at.epochs, at.batch_size, at.lr, self.models.num_workers
-
-    def refreshed_eps_warmup(self, objective: str) -> int:
-        """The ε warm-up (epochs) of a row refreshed at staleness zero; none at a longer staleness,
-        where the views are continued between rounds at full ε."""
-        if self.pool.refresh.every != 0:
-            return 0
-        chosen = self.pool.refresh.eps_warmup_epochs
-        if chosen is not None:
-            return chosen
-        return self.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
-
-    def refreshed_attacks(self) -> list[str]:
-        """The pool attacks a refresh continues (``pool.refresh.attacks`` or every L∞ one)."""
-        chosen = self.pool.refresh.attacks
-        return list(chosen) if chosen is not None else [a for a in self.pool.attacks
-                                                        if self.attacks.linf_eps(a) is not None]
-
     @staticmethod
     def classifier_kinds() -> list[str]:
         """Every classifier the config has a section for (``models.<kind>``)."""
@@ -635,191 +593,3 @@ class RunConfig(Section):
         """The PGD settings of ``models.<kind>``: attacks.PGD with that section's overrides."""
         overrides = getattr(self.models, kind).attack
         return PGDSettings.model_validate({**self.attacks.PGD.model_dump(), **overrides})
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line per problem."""
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        allowed = (e.get("ctx") or {}).get("expected")
-        if allowed and e["type"] == "literal_error":
-            msg = f"{e['input']!r} is not allowed (allowed: {allowed})"
-        elif not isinstance(e.get("input"), (dict, list)) and e["type"] != "value_error":
-            msg = f"{e['input']!r}: {msg}"
-        lines.append(f"config error: {loc}: {msg}" if loc else f"config error: {msg}")
-    return "\n".join(lines)
-
-
-def set_path(tree: dict[str, Any], dotted: str, value: Any, where: str = "--set") -> None:
-    """``where``: what gave the override, for the error (``--set``, a sweep file's variant)."""
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config error: {where} {dotted}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-# Bounds on what a config or sweep file may make the loader build. A config is a few KiB
-# and a few hundred values; without bounds a 570-byte file of nested aliases ("billion
-# laughs") expands into gigabytes once anything walks or copies it.
-MAX_FILE_BYTES = 1 << 20
-MAX_YAML_VALUES = 100_000
-
-
-def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """Values under ``node`` counting each alias once per use, as the constructed tree
-    holds them; linear in the file (each node is sized once)."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_nodes:
-        raise ConfigError(f"line {node.start_mark.line + 1}: an alias refers to a node that contains it "
-                          f"(a cycle); a config is a tree")
-    open_nodes.add(key)
-    children: list[yaml.Node] = []
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [part for pair in node.value for part in pair]
-    total = 1 + sum(_expanded_values(child, sizes, open_nodes) for child in children)
-    open_nodes.discard(key)
-    sizes[key] = total
-    return total
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses what plain YAML silently accepts: a key given twice (the last
-    one would win), keys that are not strings, and aliases that expand past
-    ``MAX_YAML_VALUES`` values."""
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        if node is not None:
-            total = _expanded_values(node, {}, set())
-            if total > MAX_YAML_VALUES:
-                raise ConfigError(f"{total:,} values once its aliases (*name) are expanded, above the "
-                                  f"{MAX_YAML_VALUES:,} a config or sweep file may hold")
-        return node
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, str):
-                raise ConfigError(f"line {line}: key {key!r} is not a string (quote it, or fix the indentation)")
-            if key in seen:
-                raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
-            seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def parse_yaml(text: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError("collections nested too deeply (thousands of levels); a config is a few levels "
-                          "deep") from None
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return where + " ".join(str(getattr(e, "problem", None) or e).split())
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"config error: --set {text!r}: expected key.path=value")
-    try:
-        return key.strip(), parse_yaml(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config error: --set {text}: the value is not valid YAML ({_yaml_problem(e)}); "
-                          f"quote it, e.g. --set '{key.strip()}=[A, B]'") from None
-    except ConfigError as e:
-        raise ConfigError(f"config error: --set {text}: {e}") from None
-
-
-def merge_profile(tree: dict[str, Any], profile: dict[str, Any]) -> None:
-    """Nested mappings merge key by key; anything else replaces the config's value."""
-    for key, value in profile.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            merge_profile(tree[key], value)
-        else:
-            tree[key] = value
-
-
-def read_tree(path: Path) -> dict[str, Any]:
-    """The config file as a mapping; every problem is one ConfigError line naming the file."""
-    if not path.is_file():
-        raise ConfigError(f"config error: {path}: no such file")
-    with path.open("rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)  # not the whole file: it may be a 65 MB mistake
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"config error: {path}: {path.stat().st_size:,} bytes, above the {MAX_FILE_BYTES:,} "
-                          f"bytes (1 MiB) a config or sweep file may hold; a config is a few KiB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config error: {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                          f"{e.start}); save it as UTF-8") from None
-    try:
-        tree = parse_yaml(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path}: not valid YAML ({_yaml_problem(e)})") from None
-    except ConfigError as e:
-        raise ConfigError(f"config error: {path}: {e}") from None
-    if tree is None or tree == {}:
-        raise ConfigError(f"config error: {path}: the config is empty; start from configs/digits.yaml")
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config error: {path}: the top level must be a mapping of sections, "
-                          f"got {type(tree).__name__}")
-    return tree
-
-
-def read_profiles(tree: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    profiles = tree.pop("profiles", None)
-    if profiles is None:
-        return {}
-    if not isinstance(profiles, dict):
-        raise ConfigError(f"config error: {path}: profiles: must be a mapping of profile name to overrides, "
-                          f"got {type(profiles).__name__}")
-    for name, overrides in profiles.items():
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"config error: {path}: profiles.{name}: must be a mapping of overrides "
-                              f"(e.g. {{mid: {{epochs: 5}}}}), got {type(overrides).__name__}")
-    return profiles
-
-
-def load_config(path: str | Path, overrides: list[str] = (), store: str | None = None,
-                profile: str | None = None) -> RunConfig:
-    """The config at ``path``; then the named profile of its ``profiles:`` section, the
-    ``--set`` overrides and the store, in that order."""
-    path = Path(path)
-    tree = read_tree(path)
-    profiles = read_profiles(tree, path)
-    if profile is not None:
-        if profile not in profiles:
-            available = ", ".join(profiles) or "none"
-            raise ConfigError(f"config error: --profile {profile!r}: {path} defines no such profile "
-                              f"(available: {available})")
-        merge_profile(tree, profiles[profile])
-    for text in overrides:
-        set_path(tree, *parse_override(text))
-    if store is not None:
-        set_path(tree, "store.url", store)
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None

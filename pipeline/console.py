@@ -29,16 +29,12 @@ def route_worker_lines() -> None:
     stream = _log_stream
     if stream is None:
         return
-    # Ray has no public switch that drops the workers' lines but keeps tqdm_ray's bars (both
-    # travel on worker stdout), so its driver-side print handler is replaced. If a Ray
-    # release renames these internals, its own printing stays: louder, never broken.
-    try:
-        from ray._private import worker as ray_worker
-        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
-        dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        process_bar = ray_worker.process_tqdm
-    except (ImportError, AttributeError):
+    from workers.ray_compat import replace_worker_print_handler, worker_bar_drawer
+
+    process_bar = worker_bar_drawer()
+    if process_bar is None:  # Ray's own printing stays: louder, never broken
         return
 
     def handle(data: dict) -> None:
@@ -51,8 +47,7 @@ def route_worker_lines() -> None:
             else:
                 stream.write(f"({source} pid={data.get('pid')}) {line}\n")
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("mid_console", handle)
+    replace_worker_print_handler(handle)
 
 
 def quiet_driver_loggers(stream=None) -> None:

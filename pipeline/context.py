@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
 from storage import locks, runs
 from storage import store as store_location
 
 T = TypeVar("T")
 N = TypeVar("N")  # what names an entry within a stage: a model kind, an attack, a table cell
-
-
-class PipelineError(RuntimeError):
-    """A failure the user can act on; the CLI prints its message without a traceback."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import plan
+from pipeline import plan, run_plan
 from pipeline.config import RunConfig
 from storage.datasets import DatasetReader
 from workers.defenses import STUDENT_ROW, classifier_rows, defense_class
@@ -30,7 +30,7 @@ def row_stages(cfg: RunConfig, row: str) -> list[str]:
     # A refreshed row starting from random points of the ε-ball (its own stage makes them) reads
     # the stored pool only for the attacks it does not refresh.
     random_start = cfg.pool.refresh.start == "random"
-    if random_start and set(cfg.refreshed_attacks()) == set(cfg.pool.attacks):
+    if random_start and set(run_plan.refreshed_attacks(cfg)) == set(cfg.pool.attacks):
         return [defense.init_from, defense.kind]
     return [defense.init_from, "pool", defense.kind]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import costs, metrics, report
+from pipeline import costs, metrics, report, run_plan
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.stages import evaluate, ingest, mid, models, pool, refresh
@@ -64,7 +64,7 @@ def crafted(ctx: RunContext, stage: str) -> dict[str, Any]:
 def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tuple[dict, dict]:
     """The test pools of the source and transfer protocols ({protocol: {attack: key}}) and,
     per protocol, what its attacks were crafted against."""
-    e, stages = ctx.cfg.eval, ctx.cfg.run_stages()
+    e, stages = ctx.cfg.eval, run_plan.run_stages(ctx.cfg)
     stored, meta = {}, {}
     if "attacks-source" in stages:
         kind = ctx.cfg.pool.source_model if e.source_model == "pool" else e.source_model
@@ -87,10 +87,10 @@ def stored_test_attacks(ctx: RunContext, dataset, trained: dict[str, Any]) -> tu
 
 
 def run_stages(ctx: RunContext) -> dict[str, Any]:
-    """The stages of ``RunConfig.run_stages``, in its order (``mid plan`` costs the same list)."""
+    """The stages of ``pipeline.run_plan.run_stages``, in its order (``mid plan`` costs the same list)."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
     # They all read the clean dataset, so they train together before the pool (models.run_many).
-    dataset, trained, pool_keys = prepare_pool(ctx, cfg.trained_classifiers())
+    dataset, trained, pool_keys = prepare_pool(ctx, run_plan.trained_classifiers(cfg))
     defenses = {}
     for row in cfg.eval.defenses:  # the table's rows, in the config's order
         if row == STUDENT_ROW:  # the classifier rows trained before the pool

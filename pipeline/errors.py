@@ -18,11 +18,14 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.context import PipelineError
 from storage.readers.base import DataFileError
 from storage.store import StoreError, one_line
 
 LOG_FOLDER = "logs"
+
+
+class PipelineError(RuntimeError):
+    """A failure the user can act on; the CLI prints its message without a traceback."""
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:

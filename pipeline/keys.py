@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline import run_plan
 from storage import datasets, pools
 from workers.attacks import parse_attack_name
 
@@ -211,7 +212,7 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     round's checkpoint is keyed by this and its round's pools (``refreshed_round_payload``)."""
     r = cfg.pool.refresh
     objective = "mid" if teacher_sha256 is not None else "cross_entropy"
-    epochs = cfg.refreshed_training(objective)[0]
+    epochs = run_plan.refreshed_training(cfg, objective)[0]
     if teacher_sha256 is not None:  # MID's step, the mid section
         train: dict[str, Any] = {"mid": mid_settings(cfg), "teacher_sha256": teacher_sha256,
                                  "num_workers": cfg.mid.num_workers}
@@ -220,12 +221,12 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     else:  # cross-entropy with AT's epochs, batch size and learning rate
         at = cfg.models.at
         train = {"epochs": epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
-    warmup = cfg.refreshed_eps_warmup(objective)
+    warmup = run_plan.refreshed_eps_warmup(cfg, objective)
     if warmup:  # at staleness zero only
         train["eps_warmup_epochs"] = warmup
     return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,
             "train": train, "every": r.every, "reset_every": r.reset_every, **({"overlap": True} if r.overlap else {}),
-            "refreshed": {a: refresh_settings(cfg, a) for a in cfg.refreshed_attacks()},
+            "refreshed": {a: refresh_settings(cfg, a) for a in run_plan.refreshed_attacks(cfg)},
             "seed": cfg.seed, "batch_order": BATCH_ORDER, **augmentation_settings(cfg)}
 
 

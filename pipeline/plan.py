@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline import keys as key_rules
+from pipeline import run_plan
 from pipeline.config import RunConfig
-from pipeline.context import PipelineError
+from pipeline.errors import PipelineError
 from workers.defenses import classifier_defense, classifier_rows, defense_class
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
@@ -155,8 +156,8 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
     """A row trained on a refreshed pool: its rounds' training and the refreshes between
     them, per sample of the training split (pipeline/stages/refresh.py)."""
     defense = defense_class(row)
-    epochs = training_epochs = cfg.refreshed_training(defense.objective)[0]
-    attacks, r = cfg.refreshed_attacks(), cfg.pool.refresh
+    epochs = training_epochs = run_plan.refreshed_training(cfg, defense.objective)[0]
+    attacks, r = run_plan.refreshed_attacks(cfg), cfg.pool.refresh
     rounds = -(-epochs // max(1, r.every))
     if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success)
         refresh = epochs * len(attacks) * r.steps * units["attack_step"] + (rounds - 1) * len(attacks) * units["forward"]
@@ -176,11 +177,11 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
 
 
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
-    """Every stage of a run of ``cfg`` (``RunConfig.run_stages``: the driver's own list, so
+    """Every stage of a run of ``cfg`` (``pipeline.run_plan.run_stages``: the driver's own list, so
     the plan counts what a run builds, no more), and the attacks whose cost is not counted."""
     n, teacher = shape.train, cfg.models.teacher
     attack_step, forward = units["attack_step"], units["forward"]
-    names = cfg.run_stages()
+    names = run_plan.run_stages(cfg)
     stages: list[StageCost] = []
     uncounted: list[str] = []
     for name in names:
@@ -194,8 +195,8 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
             stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
                                     f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} "
                                     f"order, {len(cfg.pool.attacks)} views + clean"))
-        elif name in [defense_class(row).kind for row in cfg.refreshed_rows()]:
-            row = next(row for row in cfg.refreshed_rows() if defense_class(row).kind == name)
+        elif name in [defense_class(row).kind for row in run_plan.refreshed_rows_of(cfg)]:
+            row = next(row for row in run_plan.refreshed_rows_of(cfg) if defense_class(row).kind == name)
             stages.append(refreshed_cost(cfg, row, units, n))
     # The stored test attacks (attacks-source, attacks-transfer) and the adaptive part of eval.
     test_attack_macs, adaptive_macs = 0.0, 0.0
@@ -253,7 +254,7 @@ def stage_unit(cfg: RunConfig, stage: str) -> str:
     steps and the teacher's decoder run at about that rate too)."""
     if stage in ("pool", "test attacks", "adaptive eval"):
         return "attack_step"
-    mid_rows = ["mid", *(defense_class(r).kind for r in cfg.refreshed_rows() if defense_class(r).objective == "mid")]
+    mid_rows = ["mid", *(defense_class(r).kind for r in run_plan.refreshed_rows_of(cfg) if defense_class(r).objective == "mid")]
     return "mid_step" if stage in mid_rows else "train_step"
 
 

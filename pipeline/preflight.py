@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from pipeline import run_plan
 from pipeline.config import RunConfig
 from storage.readers import reader
 from storage.readers.base import DataFileError
@@ -62,10 +63,10 @@ def data_problems(cfg: RunConfig) -> list[str]:
 def training_stages(cfg: RunConfig, command: str = "run") -> dict[str, list[tuple[str, int]]]:
     """The worker-count field of each training worker group that ``command`` runs -> its
     stages' batch-size fields and values (as ``pipeline.driver`` picks the stages)."""
-    kinds = cfg.trained_classifiers(command)
+    kinds = run_plan.trained_classifiers(cfg, command)
     groups = {"models.num_workers": [(f"models.{kind}.batch_size", getattr(cfg.models, kind).batch_size)
                                      for kind in kinds]}
-    if "mid" in cfg.run_stages(command):
+    if "mid" in run_plan.run_stages(cfg, command):
         groups["mid.num_workers"] = [("mid.batch_size", cfg.mid.batch_size)]
     return groups
 

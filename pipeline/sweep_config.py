@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from pipeline.config import (SAFE_NAME, ConfigError, RunConfig, Section, _format_validation_error, merge_profile,
-                             parse_override, read_profiles, read_tree, set_path)
+from pipeline.config import SAFE_NAME, RunConfig, Section
+from pipeline.config_loader import (ConfigError, format_validation_error, merge_profile, parse_override, read_profiles,
+                                    read_tree, set_path)
 from storage.store import check_url
 from workers.defenses import DEFENSES, STUDENT_ROW
 
@@ -150,7 +151,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
     try:
         spec = SweepFile.model_validate(read_tree(path))
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e).replace("config error: ", f"config error: {path}: ")) from None
+        raise ConfigError(format_validation_error(e, SweepFile).replace("config error: ", f"config error: {path}: ")) from None
     # Counted before any trial's config is built: a few grid lines can multiply to millions.
     count = spec.trial_count()
     where = "variants" if spec.variants else "grid"
@@ -193,7 +194,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), store: str | None = 
         try:
             trials[variant] = with_absolute_paths(RunConfig.model_validate(tree))
         except ValidationError as e:
-            lines = _format_validation_error(e).replace("config error: ", f"config error: {path}: variant {variant}: ")
+            lines = format_validation_error(e).replace("config error: ", f"config error: {path}: variant {variant}: ")
             raise ConfigError(lines) from None
         rows = trials[variant].eval.defenses
         if spec.row not in rows:  # the combined table would show an empty row

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline import run_plan
+from pipeline.config import RunConfig
+from pipeline.config_loader import ConfigError, load_config
 
 BAD_CONFIGS = {
     "unknown key": ("mid:\n  epochs: 2\n  epoch_count: 3\n", "mid: unknown key 'epoch_count'"),
@@ -88,7 +90,7 @@ def test_files_need_a_path_and_configs_in_repo_are_valid():
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
 def test_every_shipped_config_and_profile_validates(path):
-    from pipeline.config import read_profiles, read_tree
+    from pipeline.config_loader import read_profiles, read_tree
 
     profiles = read_profiles(read_tree(__import__("pathlib").Path(path)), path)
     for profile in [None, *profiles]:
@@ -190,14 +192,14 @@ def test_image_size_bound_is_per_backbone():
 
 def test_the_zero_step_check_covers_the_stages_the_driver_trains():
     """The pre-run check sizes the batches of the classifiers the driver trains (one list,
-    ``RunConfig.trained_classifiers``) and MID's when MID is a row."""
+    ``pipeline.run_plan.trained_classifiers``) and MID's when MID is a row."""
     from pipeline.preflight import training_stages
 
     for overrides in ([], ["eval.defenses=[None, TRADES]", "eval.protocols=[source]"]):
         cfg = load_config("configs/digits.yaml", overrides)
         groups = training_stages(cfg)
         assert [field for field, _ in groups["models.num_workers"]] == [f"models.{k}.batch_size"
-                                                                       for k in cfg.trained_classifiers()]
+                                                                       for k in run_plan.trained_classifiers(cfg)]
         assert ("mid.num_workers" in groups) == ("MID" in cfg.eval.defenses)
 
 
@@ -215,7 +217,7 @@ def test_the_default_mid_config_builds_the_step_the_step_defaults_to():
 def test_validating_a_config_does_not_load_torch():
     """The config reads every attack family's Settings and MID's step defaults; their files
     load torch only when used, so `mid validate` stays under a second (torch alone takes two)."""
-    probe = subprocess.run([sys.executable, "-c", "import sys; from pipeline.config import load_config; "
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pipeline.config_loader import load_config; "
                             "load_config('configs/digits.yaml'); print(sorted({m.split('.')[0] for m in sys.modules} "
                             "& {'torch', 'advertorch', 'art', 'ray'}))"],
                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
@@ -228,7 +230,7 @@ DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
 def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     cfg = load_config(DIGITS, ["pool.attacks=[PGD_N, MIM_T, CW_N]"])
-    assert cfg.refreshed_attacks() == ["PGD_N", "MIM_T"]  # by default every L∞ pool attack
+    assert run_plan.refreshed_attacks(cfg) == ["PGD_N", "MIM_T"]  # by default every L∞ pool attack
     with pytest.raises(ConfigError, match=r"pool.refresh.attacks: FGSM_N is not a pool attack \(allowed: PGD_N"):
         load_config(DIGITS, ["pool.refresh.attacks=[FGSM_N]"])
     with pytest.raises(ConfigError, match=r"pool.refresh.attacks: CW_N is not an L∞ attack.*allowed: PGD_N, MIM_T\)"):
@@ -239,11 +241,11 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     with pytest.raises(ConfigError, match=r"pool.refresh.eps_warmup_epochs: .* at staleness zero only"):
         load_config(DIGITS, ["pool.refresh.every=2", "pool.refresh.eps_warmup_epochs=3"])
     in_step = load_config(DIGITS, ["pool.refresh.every=0", "models.at.eps_warmup_epochs=4"])
-    assert (in_step.refreshed_eps_warmup("cross_entropy"), in_step.refreshed_eps_warmup("mid")) == (4, 0)  # AT's
+    assert (run_plan.refreshed_eps_warmup(in_step, "cross_entropy"), run_plan.refreshed_eps_warmup(in_step, "mid")) == (4, 0)  # AT's
     chosen = load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.eps_warmup_epochs=2"])
-    assert (chosen.refreshed_eps_warmup("cross_entropy"), chosen.refreshed_eps_warmup("mid")) == (2, 2)
+    assert (run_plan.refreshed_eps_warmup(chosen, "cross_entropy"), run_plan.refreshed_eps_warmup(chosen, "mid")) == (2, 2)
     longer = load_config(DIGITS, ["pool.refresh.epochs=33"])
-    assert longer.refreshed_training("mid")[0] == longer.refreshed_training("cross_entropy")[0] == 33
+    assert run_plan.refreshed_training(longer, "mid")[0] == run_plan.refreshed_training(longer, "cross_entropy")[0] == 33
     assert longer.mid.epochs != 33  # MID itself keeps its epochs
     with pytest.raises(ConfigError, match=r"pool.refresh.overlap: at staleness zero .* set every ≥ 1"):
         load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.overlap=true"])
@@ -252,5 +254,20 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     with pytest.raises(ConfigError, match="pool.refresh.every"):
         load_config(DIGITS, ["pool.refresh.every=-1"])
     rows = load_config(DIGITS, ["eval.defenses=[MID-R, None, ATTA]"])
-    assert rows.run_stages()[-6:] == ["pool", "mid-r", "atta", "attacks-source", "attacks-transfer", "eval"]
-    assert "at" not in rows.trained_classifiers()  # ATTA takes AT's settings, not its model
+    assert run_plan.run_stages(rows)[-6:] == ["pool", "mid-r", "atta", "attacks-source", "attacks-transfer", "eval"]
+    assert "at" not in run_plan.trained_classifiers(rows)  # ATTA takes AT's settings, not its model
+
+
+def test_every_unknown_key_is_named_with_the_keys_its_section_allows():
+    from pydantic import ValidationError
+
+    from pipeline.config_loader import format_validation_error
+
+    with pytest.raises(ValidationError) as caught:
+        RunConfig.model_validate({"mid": {"epoch": 2, "lrr": 0.1}, "pool": {"refresh": {"evry": 1}}})
+    lines = format_validation_error(caught.value).splitlines()
+    allowed_mid = ", ".join(RunConfig.model_fields["mid"].annotation.model_fields)
+    assert lines == ["config error: pool.refresh: unknown key 'evry' (allowed: every, steps, step_size, attacks, "
+                     "reset_every, start, epochs, eps_warmup_epochs, overlap)",  # the sections' order: pool first
+                     f"config error: mid: unknown key 'epoch' (allowed: {allowed_mid})",
+                     f"config error: mid: unknown key 'lrr' (allowed: {allowed_mid})"]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.config import load_config
+from pipeline import run_plan
+from pipeline.config_loader import load_config
 from storage import pools
 
 pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
@@ -114,7 +115,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     stages = results["stages"]
     assert list(stages) == ["ingest", "baseline", "teacher", "at", "substitute", "pool", "mid", "attacks-source",
                             "attacks-transfer", "eval"]
-    assert list(stages) == load_config(Path("configs/digits.yaml"), SMALL).run_stages()  # what `mid plan` costs
+    assert list(stages) == run_plan.run_stages(load_config(Path("configs/digits.yaml"), SMALL))  # what `mid plan` costs
     # The four classifiers trained in one Ray Train worker group, one after another.
     assert stages["baseline"]["worker_group"]["models"] == ["baseline", "teacher", "at", "substitute"]
     assert not any(s["cache_hit"] for s in stages.values())

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.context import PipelineError, RunContext
+from pipeline.config_loader import load_config
+from pipeline.context import RunContext
+from pipeline.errors import PipelineError
 from storage import datasets, pools
 from storage.checkpoints import save_checkpoint
 from storage.readers.base import resize_images

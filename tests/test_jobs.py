@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config_loader import load_config
 from pipeline.context import RunContext
 from pipeline.stages import ingest, mid, models
 from workers.jobs import ClassifierJob, MIDJob

@@ -23,9 +23,11 @@ from unittest import mock
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from pipeline import driver, keys
-from pipeline.config import RunConfig, load_config, set_path
-from pipeline.context import PipelineError, RunContext
+from pipeline import driver, keys, run_plan
+from pipeline.config import RunConfig
+from pipeline.config_loader import load_config, set_path
+from pipeline.context import RunContext
+from pipeline.errors import PipelineError
 from storage.keys import content_key
 from workers.defenses import STUDENT_ROW, defense_class, refreshed_rows
 
@@ -65,7 +67,7 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
         found = {"dataset": ingest.dataset_key(ctx)}
         spec = models.model_spec(ctx, dataset)
         trained = {}
-        for kind in cfg.trained_classifiers():
+        for kind in run_plan.trained_classifiers(cfg):
             found[f"model/{kind}"] = models.model_job(ctx, dataset, spec, kind).checkpoint_key
             trained[kind] = {"key": found[f"model/{kind}"], "sha256": SHA256[kind]}
         source = trained[cfg.pool.source_model]
@@ -107,7 +109,7 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
     out = {"dataset": ("dataset", keys.dataset_payload(cfg, raw_sha256))}
     spec = models.model_spec(ctx, dataset).as_dict()
     trained = {}
-    for kind in cfg.trained_classifiers():
+    for kind in run_plan.trained_classifiers(cfg):
         out[f"model/{kind}"] = (kind, keys.model_payload(cfg, FINGERPRINT, spec, kind, PRETRAINED_SHA256))
         trained[kind] = {"key": content_key(*out[f"model/{kind}"]), "sha256": SHA256[kind]}
     source = trained[cfg.pool.source_model]["sha256"]
@@ -127,7 +129,7 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
             start = trained[defense.init_from]["sha256"]
             first_pools = dict(pool_keys)
             if cfg.pool.refresh.start == "random":  # version 0: random starts against the starting model
-                for attack in cfg.refreshed_attacks():
+                for attack in run_plan.refreshed_attacks(cfg):
                     out[f"{defense.kind}/pool-0/{attack}"] = ("pool", keys.pool_payload(
                         cfg, FINGERPRINT, start, refresh.random_start_spec(ctx, attack)))
                     first_pools[attack] = content_key(*out[f"{defense.kind}/pool-0/{attack}"])
@@ -136,7 +138,7 @@ def key_payloads(cfg: RunConfig, raw_sha256: str = RAW_SHA256) -> dict[str, tupl
             run_key = content_key(*out[f"{defense.kind}/run"])
             out[f"{defense.kind}/round-0"] = (defense.kind, keys.refreshed_round_payload(run_key, 0, first_pools))
             reset = cfg.pool.refresh.reset_every == 1
-            for attack in cfg.refreshed_attacks():
+            for attack in run_plan.refreshed_attacks(cfg):
                 out[f"{defense.kind}/pool-1/{attack}"] = ("pool", keys.refreshed_pool_payload(
                     cfg, first_pools[attack], "r" * 63 + "0", attack, reset))
             trained[defense.kind] = {"key": content_key(*out[f"{defense.kind}/round-0"]), "sha256": "r" * 64}

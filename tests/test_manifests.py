@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pipeline.cli import build_parser
-from pipeline.config import load_config
+from pipeline.config_loader import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline import run_plan
+from pipeline.config_loader import load_config
 from pipeline.plan import DataShape, render, stage_costs
 from workers.flops import attack_step_macs, counted_macs, forward_macs, train_step_macs
 from workers.models import ModelSpec, build_classifier_model
@@ -174,7 +175,7 @@ def test_the_plan_counts_only_what_a_run_trains():
         cfg = load_config(REPO / "configs/digits.yaml", [f"eval.defenses={rows}", f"eval.protocols={protocols}"])
         stages, _ = stage_costs(cfg, shape, units)
         assert [s.name for s in stages] == expected, (rows, protocols)
-        trained = [s for s in cfg.run_stages() if s not in ("ingest", "eval") and not s.startswith("attacks-")]
+        trained = [s for s in run_plan.run_stages(cfg) if s not in ("ingest", "eval") and not s.startswith("attacks-")]
         assert [s.name for s in stages][:len(trained)] == trained
 
 
@@ -190,7 +191,7 @@ def test_mid_plan_json_and_table_for_an_image_folder_config_without_data():
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)
     assert plan["data"]["train"] == 128 and plan["data"]["side"] == 64  # the profile's limit and size
-    # The run's stages in its order (RunConfig.run_stages), the stored test attacks and eval after.
+    # The run's stages in its order (pipeline.run_plan.run_stages), the stored test attacks and eval after.
     assert [s["name"] for s in plan["stages"]][:6] == ["baseline", "teacher", "at", "substitute", "pool", "mid"]
     assert all(s["hours"] > 0 and s["total_macs"] > 0 for s in plan["stages"])
     assert plan["per_epoch"]["mid_online_hours"] > plan["per_epoch"]["mid_cached_hours"]

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config_loader import load_config
 from pipeline.context import RunContext
 from pipeline.stages.pool import pool_key, eval_pool_spec, training_pool_spec
 

@@ -174,7 +174,7 @@ def image_folder_config(tmp_path, data_path, **data):
 
 
 def ingest(config, tmp_path):
-    from pipeline.config import load_config
+    from pipeline.config_loader import load_config
     from pipeline.context import RunContext
     from pipeline.stages import ingest as ingest_stage
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the missing ones slowly enough that the other process arrives while it holds the locks.
 RUN = textwrap.dedent("""
     import json, sys, time
-    from pipeline.config import load_config
+    from pipeline.config_loader import load_config
     from pipeline.context import RunContext
     from storage import fs
 

@@ -362,7 +362,7 @@ def test_each_run_of_a_config_keeps_its_own_ref(tmp_path):
     replaced the first's (both were refs/digits.json), so gc removed the first run's outputs.
     Now each run has a ref of its own, `<name>-<digest of its config>`, listed by `mid cache ls`;
     `gc --ref` takes a ref id, or a name that only one ref has. Refs of older mids still read."""
-    from pipeline.config import load_config
+    from pipeline.config_loader import load_config
     from pipeline.context import RunContext
 
     store = str(tmp_path / "store")

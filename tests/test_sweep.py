@@ -170,7 +170,7 @@ def test_sweep_files_that_misled_or_ran_unbounded_are_refused_before_ray(tmp_pat
 def test_a_grid_past_64_trials_runs_with_yes(tmp_path):
     """`mid sweep big.yaml --yes` takes a 65-trial grid that plain `mid sweep big.yaml` refuses."""
     from pipeline.cli import MAX_TRIALS_UNASKED, build_parser
-    from pipeline.config import ConfigError
+    from pipeline.config_loader import ConfigError
     from pipeline.sweep_config import load_sweep
 
     sweep_file = tmp_path / "big.yaml"

@@ -2,7 +2,7 @@
 longest first, by the attack's own count of gradient steps, so a stage does not end on one
 actor working through CW while the others idle."""
 
-from pipeline.config import load_config
+from pipeline.config_loader import load_config
 from pipeline.stages.work_order import attack_cost, longest_first
 
 

@@ -24,7 +24,7 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """What ``pipeline.ray_runtime.train_with_ray`` tells every loop besides its job."""
+    """What ``pipeline.training.train_with_ray`` tells every loop besides its job."""
 
     rows_in_memory: bool  # each worker keeps its rows across epochs (workers.reproducible.WorkerRows)
     checkpoint_interval_s: float  # an epoch checkpoint at most this often

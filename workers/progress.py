@@ -27,11 +27,12 @@ def epoch_bar(desc: str, total: int, show: bool):
 
 def quiet_ray_train() -> None:
     """Ray Train logs every report() at INFO; the epoch bar already says it."""
-    from ray.train.v2._internal.execution import context
+    from workers.ray_compat import train_context_logger_name
 
-    # That module's logger is named by its file path, outside the "ray.train" hierarchy.
-    for name in ("ray.train", "ray.train.v2", context.__file__):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train's worker context logs under its file's path, outside the "ray.train" hierarchy.
+    for name in ("ray.train", "ray.train.v2", train_context_logger_name()):
+        if name is not None:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def quiet_local_ray_worker() -> None:
@@ -42,4 +43,6 @@ def quiet_local_ray_worker() -> None:
     (hundreds in the digits demo) and can do nothing else. On a local instance the driver's
     exit takes the whole instance down anyway, so its warnings are noise: errors only.
     """
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    from workers.ray_compat import PLACEMENT_GROUP_CLEANER_LOGGER
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import RunContext
-from pipeline.ray_runtime import read_views, train_with_ray
+from pipeline.ray_runtime import read_views
+from pipeline.training import train_with_ray
 from pipeline.keys import mid_payload
 from pipeline.stages.models import model_spec, worker_augmentation
 from storage import checkpoints

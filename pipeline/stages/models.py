@@ -1,6 +1,6 @@
 """Models: the classifiers (the baseline, the teacher, the classifier rows such as AT and
 TRADES, the substitute), trained with Ray Train on the dataset store
-(``pipeline.ray_runtime.train_with_ray``)."""
+(``pipeline.training.train_with_ray``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import time
 from typing import Any
 
 from pipeline import keys as key_rules
-from pipeline.context import PipelineError, RunContext
-from pipeline.ray_runtime import read_views, train_with_ray
+from pipeline.context import RunContext
+from pipeline.errors import PipelineError
+from pipeline.ray_runtime import read_views
+from pipeline.training import train_with_ray
 from storage import checkpoints
 from storage.datasets import DatasetReader
 from storage.keys import content_key
@@ -68,7 +70,7 @@ def model_job(ctx: RunContext, dataset: DatasetReader, spec: ModelSpec, kind: st
 
 
 def run_many(ctx: RunContext, dataset: DatasetReader, kinds: list[str]) -> dict[str, dict[str, Any]]:
-    """Train (or reuse) the classifiers ``kinds`` (``RunConfig.trained_classifiers``);
+    """Train (or reuse) the classifiers ``kinds`` (``pipeline.run_plan.trained_classifiers``);
     returns their checkpoint manifests by kind.
 
     Those not in the store train one after another in ONE Ray Train worker group, on one

@@ -13,7 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.context import PipelineError, RunContext
+from pipeline.context import RunContext
+from pipeline.errors import PipelineError
 from pipeline.keys import pool_payload
 from pipeline.stages.work_order import attack_cost, longest_first
 from storage import pools

@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 from pipeline import keys as key_rules
+from pipeline import run_plan
 from pipeline.context import RunContext
-from pipeline.ray_runtime import train_with_ray
+from pipeline.training import train_with_ray
 from pipeline.stages import pool
 from pipeline.stages.models import model_spec, worker_augmentation
 from storage import checkpoints, fs, pools
@@ -39,7 +40,7 @@ from workers.jobs import InStepRefresh, MIDJob, RefreshedAttack
 
 def rounds(ctx: RunContext, objective: str) -> list[tuple[int, int]]:
     """Each round's epochs [first, stop)."""
-    epochs, every = ctx.cfg.refreshed_training(objective)[0], max(1, ctx.cfg.pool.refresh.every)
+    epochs, every = run_plan.refreshed_training(ctx.cfg, objective)[0], max(1, ctx.cfg.pool.refresh.every)
     return [(r * every, min(epochs, (r + 1) * every)) for r in range(math.ceil(epochs / every))]
 
 
@@ -68,12 +69,12 @@ def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
     ε warm-up, AT's)."""
     family_settings = ctx.cfg.attacks.family_settings()
     attacks = []
-    for name in ctx.cfg.refreshed_attacks():
+    for name in run_plan.refreshed_attacks(ctx.cfg):
         attack = make_attack(name, family_settings)
         attacks.append(RefreshedAttack(name, attack.eps, key_rules.refresh_settings(ctx.cfg, name)["step_size"],
                                        attack.targeted))
     return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step,
-                         ctx.cfg.refreshed_eps_warmup(objective))
+                         run_plan.refreshed_eps_warmup(ctx.cfg, objective))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -100,7 +101,7 @@ class RefreshedRow:
         self.start = trained["teacher" if defense.init_from == "teacher" else "baseline"]
         # pool.refresh.start: random: version 0 of each refreshed attack is a random point of its
         # ε-ball, (success) measured against the row's starting model, instead of the stored pool.
-        self.random_starts = ({a: random_start_spec(ctx, a) for a in ctx.cfg.refreshed_attacks()}
+        self.random_starts = ({a: random_start_spec(ctx, a) for a in run_plan.refreshed_attacks(ctx.cfg)}
                               if ctx.cfg.pool.refresh.start == "random" else {})
         first_pools = {**first_pools, **{a: pool.pool_key(ctx, dataset, self.start, spec)
                                          for a, spec in self.random_starts.items()}}
@@ -196,7 +197,7 @@ class RefreshedRow:
         carried_from = source["key"] if in_step(ctx) else None
         previous = self.versions[index - 1]
         specs = [refreshed_spec(ctx, attack, previous[attack], reset, index, carried_from)
-                 for attack in ctx.cfg.refreshed_attacks()]
+                 for attack in run_plan.refreshed_attacks(ctx.cfg)]
         keys = {s.attack: content_key("pool", key_rules.refreshed_pool_payload(
             ctx.cfg, previous[s.attack], source["sha256"], s.attack, reset)) for s in specs}
 
@@ -221,7 +222,7 @@ class RefreshedRow:
         ctx = self.ctx
         ctx.ensure_ray()
         key = self.round_key(first)
-        workers = ctx.cfg.refreshed_training(self.objective)[3]
+        workers = run_plan.refreshed_training(ctx.cfg, self.objective)[3]
         # Ray Train's run folder is "<section>-<first round's key>": the section whose num_workers
         # the group has (mid, or models for ATTA), and a key the run's ref names (mid cache gc).
         section = "mid" if self.mid else "models"
@@ -310,7 +311,7 @@ class RefreshedRow:
 
     def rows_fit(self, workers: int, index: int) -> bool:
         """Whether a worker may keep its rows of a round in memory (as ``read_views`` decides for MID)."""
-        from pipeline.ray_runtime import WORKER_ROWS_BYTES
+        from pipeline.training import WORKER_ROWS_BYTES
         from storage.datasource import AlignedViewsDatasource
 
         size = AlignedViewsDatasource(self.ctx.root, self.dataset.key, "train",
@@ -323,7 +324,7 @@ class RefreshedRow:
         from workers.jobs import RefreshedRounds
 
         ctx, m = self.ctx, self.ctx.cfg.mid
-        epochs, batch_size, lr, _ = ctx.cfg.refreshed_training(self.objective)
+        epochs, batch_size, lr, _ = run_plan.refreshed_training(ctx.cfg, self.objective)
         init = self.model["key"] if self.model is not None else (None if self.mid else self.start["key"])
         return MIDJob(root=ctx.root, checkpoint_key=key, teacher_key=self.teacher["key"] if self.mid else None,
                       spec=model_spec(ctx, self.dataset).as_dict(), seed=ctx.cfg.seed,

@@ -1,0 +1,70 @@
+"""The run plan: what a run of a config trains, in what order, and with what settings,
+derived from the validated config (``pipeline.config``). The driver, the pre-run checks,
+``mid plan``, the cost table and the keys all read it here, so what is planned, checked,
+costed and keyed is what runs."""
+
+from __future__ import annotations
+
+from pipeline.config import RunConfig
+from workers.defenses import STUDENT_ROW, classifier_rows, defense_class, refreshed_rows
+
+
+def trained_classifiers(cfg: RunConfig, command: str = "run") -> list[str]:
+    """The classifiers a ``run`` trains, in order (``pool`` trains the baseline and the
+    teacher only). One list for the driver, the pre-run checks and ``mid plan``, so the
+    plan counts what a run builds."""
+    kinds = ["baseline", "teacher"]
+    if command == "run":
+        kinds += [kind for kind in (defense_class(row).kind for row in cfg.eval.defenses
+                                    if row in classifier_rows()) if kind not in kinds]
+        if "transfer" in cfg.eval.protocols:
+            kinds.append("substitute")
+    return kinds
+
+
+def run_stages(cfg: RunConfig, command: str = "run") -> list[str]:
+    """The stages ``command`` (run or pool) goes through, in order, named as a run records
+    them (results.json's ``stages``). The driver decides by this list and ``mid plan``
+    costs it, so the plan counts what a run builds."""
+    stages = ["ingest", *trained_classifiers(cfg, command), "pool"]
+    if command == "run":
+        stages += [defense_class(row).kind for row in cfg.eval.defenses  # the table's order, as the driver
+                   if row == STUDENT_ROW or row in refreshed_rows()]
+        stages += [f"attacks-{p}" for p in ("source", "transfer") if p in cfg.eval.protocols]
+        stages.append("eval")
+    return stages
+
+
+def refreshed_rows_of(cfg: RunConfig) -> list[str]:
+    """The rows of the table trained on a refreshed pool, in the table's order."""
+    return [row for row in cfg.eval.defenses if row in refreshed_rows()]
+
+
+def refreshed_training(cfg: RunConfig, objective: str) -> tuple[int, int, float, int]:
+    """(epochs, batch size, learning rate, workers) of a row trained on a refreshed pool:
+    the mid section for MID's step (MID-R), AT's for cross-entropy (ATTA is AT at equal
+    training steps, with transferred instead of fresh attacks)."""
+    epochs = cfg.pool.refresh.epochs
+    if objective == "mid":
+        m = cfg.mid
+        return epochs or m.epochs, m.batch_size, m.lr, m.num_workers
+    at = cfg.models.at
+    return epochs or at.epochs, at.batch_size, at.lr, cfg.models.num_workers
+
+
+def refreshed_eps_warmup(cfg: RunConfig, objective: str) -> int:
+    """The ε warm-up (epochs) of a row refreshed at staleness zero; none at a longer staleness,
+    where the views are continued between rounds at full ε."""
+    if cfg.pool.refresh.every != 0:
+        return 0
+    chosen = cfg.pool.refresh.eps_warmup_epochs
+    if chosen is not None:
+        return chosen
+    return cfg.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
+
+
+def refreshed_attacks(cfg: RunConfig) -> list[str]:
+    """The pool attacks a refresh continues (``pool.refresh.attacks`` or every L∞ one)."""
+    chosen = cfg.pool.refresh.attacks
+    return list(chosen) if chosen is not None else [a for a in cfg.pool.attacks
+                                                    if cfg.attacks.linf_eps(a) is not None]

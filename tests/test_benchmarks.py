@@ -4,7 +4,7 @@ tests/test_gpu_check.py).
 
 Each test runs the script as ``python benchmarks/NAME.py`` with no terminal, on its real
 code path (the ones that start Ray start a real local instance of their own), and checks
-the JSON it prints: the fields README.md's benchmark table and the script's docstring
+the JSON it prints: the fields docs/benchmarks.md's table and the script's docstring
 describe, and that they are figures of the right kind (positive, finite, consistent with
 each other). The figures themselves say nothing at these sizes; no test asserts on speed.
 

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from workers.defenses import STUDENT_ROW, exportable_rows
+from workers.defenses import DEFAULT_ROW, exportable_rows
 
 DESCRIPTION = """\
 Meta Invariance Defense, end to end on Ray: ingest a dataset, train a baseline and a
@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "onnx: an ONNX graph (needs the 'export' extra: pip install 'mid-pipeline[export]')")
     export.add_argument("--force", action="store_true",
                         help="replace the model file and card.json if OUT already holds them")
-    export.add_argument("--row", default=STUDENT_ROW, choices=exportable_rows(),
-                        help="which row of the run's tables to export (default: MID)")
+    export.add_argument("--row", choices=exportable_rows(),
+                        help=f"which row of the run's tables to export (default: {DEFAULT_ROW}; a checkpoint key "
+                             f"exports its own model)")
 
     cache = commands.add_parser("cache", help="list, verify or clean what a store holds",
                                 description="list, verify or clean what a store holds; every action refuses a "

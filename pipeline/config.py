@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 
 from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
-from storage.readers import IMAGE_SHAPES, SOURCES
+from storage.readers import READERS
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
 from workers.defenses import DEFENSES, classifier_rows, defense_class
 from workers.defenses.base import TrainSettings
@@ -78,10 +78,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal[tuple(SOURCES)] = Field(
-        "digits", description="digits (bundled), mnist / fashion-mnist (IDX files), cifar10 / cifar100 (python "
-                              "tarball, its folder, or train.npz + test.npz), svhn (train_32x32.mat, test_32x32.mat), "
-                              "image_folder (train/<class>/… and val/<class>/… trees of JPEG / PNG files)")
+    source: Literal[tuple(READERS)] = Field(
+        "digits", description=", ".join(f"{name} ({entry.description})" for name, entry in READERS.items()))
     path: str | None = Field(None, description="the dataset's file or folder (every source but digits)")
     image_size: PositiveInt | None = Field(
         None, description="resize images to this side (bilinear); image_folder: resize the shorter side, then "
@@ -91,14 +89,14 @@ class DataConfig(Section):
     test_limit: PositiveInt | None = Field(None, description="use a seeded subset of the test split")
     augment: Literal["auto", "none", "crop", "crop_flip"] = Field(
         "auto", description="training augmentation on the workers: random crop after zero padding (crop), plus "
-                            "horizontal flips (crop_flip); auto: crop_flip for cifar and image folders, crop for "
-                            "svhn (a flipped digit is another digit), none for the 28-pixel grey sets and digits")
+                            "horizontal flips (crop_flip); auto: the source's own (" +
+                            ", ".join(f"{name}: {entry.augment}" for name, entry in READERS.items()) + ")")
     crop_padding: PositiveInt = Field(4, description="zero padding of the random crop, in pixels")
 
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.source != "digits" and not self.path:
-            raise ValueError(f"data.path is required for source {self.source!r}: {SOURCES[self.source]}, e.g. "
+            raise ValueError(f"data.path is required for source {self.source!r}: {READERS[self.source].path}, e.g. "
                              f"--set data.path=../shared/data/{self.source}")
         if self.source == "image_folder" and not self.image_size:
             raise ValueError("data.image_size is required for source 'image_folder': its images have many sizes "
@@ -109,8 +107,7 @@ class DataConfig(Section):
         """The augmentation actually applied (``auto`` resolved by source)."""
         if self.augment != "auto":
             return self.augment
-        return {"cifar10": "crop_flip", "cifar100": "crop_flip", "image_folder": "crop_flip",
-                "svhn": "crop"}.get(self.source, "none")
+        return READERS[self.source].augment
 
 
 def _section(settings: type[BaseModel], name: str) -> type[Section]:
@@ -132,8 +129,7 @@ class SubstituteConfig(TrainConfig):
 
 class _ModelsConfig(Section):
     arch: Literal[tuple(ARCHITECTURES)] = Field(
-        "lenet", description="lenet (digits demo), mid_cnn (the authors' MNIST network), resnet18 / resnet50 "
-                             "(torchvision names), vit_s16 / vit_b16 (timm names, no decoder)")
+        "lenet", description=", ".join(f"{name} ({entry.description})" for name, entry in ARCHITECTURES.items()))
     feature_dim: PositiveInt = Field(84, description="lenet only: the feature vector's size")
     mean: list[float] | None = Field(None, description="per-channel input mean, subtracted inside the model "
                                                        "(attacks and ε stay in [0, 1] pixels)")
@@ -442,10 +438,6 @@ class PlanConfig(Section):
     channels: PositiveInt = Field(3, description="colour channels of the images")
 
 
-# The largest image side each backbone is run at. LeNet and the authors' CNN flatten a
-# (side/4)² feature map into dense layers; ResNets are used up to ImageNet scale; a ViT's
-# attention grows with (side/16)⁴. Past these a model does not fit a worker's memory.
-MAX_IMAGE_SIDE = {"lenet": 256, "mid_cnn": 256, "resnet18": 1024, "resnet50": 1024, "vit_s16": 512, "vit_b16": 512}
 # A pool shard is one Zarr chunk per attack, written and held in memory whole by its actor.
 MAX_SHARD_BYTES = 1 << 30
 # One batch of float32 inputs; the activations and gradients of a step are many times that.
@@ -547,8 +539,8 @@ class RunConfig(Section):
 
     def image_shape(self) -> tuple[int, int]:
         """(channels, side) of the images the stages see: the source's, resized to data.image_size."""
-        channels, side = IMAGE_SHAPES[self.data.source]
-        return channels, self.data.image_size or side
+        source = READERS[self.data.source]
+        return source.channels, self.data.image_size or source.side
 
     @model_validator(mode="after")
     def _sizes_fit_in_memory(self):
@@ -556,7 +548,7 @@ class RunConfig(Section):
         # asks for hundreds of GiB.
         channels, side = self.image_shape()
         arch, pixels = self.models.arch, channels * side * side
-        bound = MAX_IMAGE_SIDE.get(arch, 1024)
+        bound = ARCHITECTURES[arch].max_side
         if side > bound:
             raise ValueError(f"data.image_size: {side} is above the {bound} pixels {arch} is run at (one "
                              f"{channels}x{side}x{side} image is {_size(pixels * 4)} as float32); use at most {bound}")

@@ -15,24 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import plan, run_plan
+from pipeline import plan
 from pipeline.config import RunConfig
 from storage.datasets import DatasetReader
-from workers.defenses import STUDENT_ROW, classifier_rows, defense_class
+from pipeline.rows import row_stage
+from workers.defenses import defense_class
 
 
 def row_stages(cfg: RunConfig, row: str) -> list[str]:
-    defense = defense_class(row)
-    if row in classifier_rows():
-        return [defense.kind]
-    if row == STUDENT_ROW:
-        return ["teacher", "pool", defense.kind]
-    # A refreshed row starting from random points of the ε-ball (its own stage makes them) reads
-    # the stored pool only for the attacks it does not refresh.
-    random_start = cfg.pool.refresh.start == "random"
-    if random_start and set(run_plan.refreshed_attacks(cfg)) == set(cfg.pool.attacks):
-        return [defense.init_from, defense.kind]
-    return [defense.init_from, "pool", defense.kind]
+    return row_stage(row).needs(cfg, defense_class(row))
 
 
 def data_shape(dataset: DatasetReader) -> plan.DataShape:

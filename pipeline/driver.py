@@ -11,8 +11,9 @@ from typing import Any
 from pipeline import costs, metrics, report, run_plan
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
-from pipeline.stages import evaluate, ingest, mid, models, pool, refresh
-from workers.defenses import STUDENT_ROW, defense_class, reads_teacher_classifier, refreshed_rows
+from pipeline.rows import row_stage
+from pipeline.stages import evaluate, ingest, models, pool
+from workers.defenses import defense_class, reads_teacher_classifier
 
 
 def prepare_pool(ctx: RunContext, kinds: tuple[str, ...] | list[str] = ("baseline", "teacher")):
@@ -91,13 +92,10 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     # They all read the clean dataset, so they train together before the pool (models.run_many).
     dataset, trained, pool_keys = prepare_pool(ctx, run_plan.trained_classifiers(cfg))
-    defenses = {}
-    for row in cfg.eval.defenses:  # the table's rows, in the config's order
-        if row == STUDENT_ROW:  # the classifier rows trained before the pool
-            trained[defense_class(row).kind] = mid.run(ctx, dataset, trained["teacher"], pool_keys)
-        elif row in refreshed_rows():
-            trained[defense_class(row).kind] = refresh.run(ctx, dataset, row, trained, pool_keys)
-        defenses[row] = row_models(row, trained)
+    for row in run_plan.rows_after_pool(cfg):  # the classifier rows trained before the pool
+        defense = defense_class(row)
+        trained[defense.kind] = row_stage(row).train(ctx, dataset, defense, trained, pool_keys)
+    defenses = {row: row_models(row, trained) for row in cfg.eval.defenses}  # the table's rows, in the config's order
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():
         metrics.write_history(out_dir, stage, manifest["history"])

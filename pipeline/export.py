@@ -23,13 +23,12 @@ from storage import checkpoints, datasets, fs, pools, runs
 from storage.keys import sha256_bytes
 from storage.store import StoreError, open_existing
 from workers.attacks import parse_attack_name
-from workers.defenses import STUDENT_ROW, defense_class, exportable_rows
+from workers.defenses import DEFAULT_ROW, defense_class, exportable_rows, reads_teacher_classifier, row_of_checkpoint
 from workers.export_formats import FILES, ONNX_INPUT, ONNX_OUTPUT, missing_onnx_packages
 
 # An exportable table row -> the label its model is claimed under in a run's ref (MID: the
 # student, whose manifest names its teacher).
 ROW_LABELS = {row: defense_class(row).kind for row in exportable_rows()}
-ROW_OF_LABEL = {label: row for row, label in ROW_LABELS.items()}
 WHAT = {
     **{row: defense_class(row).description for row in ROW_LABELS},
     "teacher": "MID's teacher C_t ∘ E_t (clean images, with a reconstruction loss); not a row of the tables",
@@ -88,26 +87,24 @@ def export_command(args) -> int:
     return 0
 
 
-def resolve(root: str, name: str, row: str) -> Source:
-    """A run's ref id or name (its ``row``; a name: the newest ref of that name), or a checkpoint
-    key (its own model: ``row`` must not name another)."""
+def resolve(root: str, name: str, row: str | None) -> Source:
+    """A run's ref id or name (its ``row``, by default MID's; a name: the newest ref of that
+    name), or a checkpoint key (its own model: ``row``, if given, must be its row)."""
     refs = runs.read_refs(root)
     found = runs.find_refs(refs, name)
     if found:
         if len(found) > 1:
             print(f"note: {len(found)} refs are named {name!r}; exporting the newest, {found[0]} "
                   f"(the others: {', '.join(found[1:])}; name one to choose it)", file=sys.stderr)
-        return from_run(root, found[0], refs[found[0]], row)
+        return from_run(root, found[0], refs[found[0]], row or DEFAULT_ROW)
     manifest = checkpoints.read_manifest(root, name)
     if manifest is None:
         names = sorted({ref["name"] for ref in refs.values()})
         raise ExportError(f"no run or checkpoint {name!r} in store {root} (runs: {', '.join(names) or 'none'}; "
                           f"`mid cache ls` lists their refs and the checkpoints)")
-    # A student's manifest names its row when it is not MID's (MID-R's rounds).
-    label = ROW_LABELS[manifest.get("row", STUDENT_ROW)] if manifest["kind"] == "mid_student" else manifest["kind"]
-    own_row = ROW_OF_LABEL.get(label)
-    # --row defaults to MID, so only another row given with a key can be a contradiction.
-    if row not in (STUDENT_ROW, own_row):
+    own_row = row_of_checkpoint(manifest)
+    label = ROW_LABELS[own_row] if own_row in ROW_LABELS else manifest["kind"]
+    if row is not None and row != own_row:  # a key exports its own model; naming another row contradicts it
         raise ExportError(f"checkpoint {name} is the {own_row or manifest['kind']} model, not row {row}; "
                           f"a key exports its own model (name a run to choose a row)")
     # The dataset, pool and results of a checkpoint are in the runs that used it, newest finished first.
@@ -128,10 +125,16 @@ def from_run(root: str, name: str, ref: dict[str, Any], row: str) -> Source:
     return Source(manifest, row, name, ref, row_from_run=True)
 
 
+def is_student(manifest: dict[str, Any]) -> bool:
+    """Whether a checkpoint is a student encoder, read by its teacher's classifier (MID, MID-R)."""
+    own_row = row_of_checkpoint(manifest)
+    return own_row is not None and reads_teacher_classifier(own_row)
+
+
 def load_model(root: str, manifest: dict[str, Any]):
     from workers.loading import load_defended, load_source_model
 
-    if manifest["kind"] == "mid_student":
+    if is_student(manifest):
         return load_defended(root, manifest["key"], manifest["teacher_key"])
     return load_source_model(root, manifest["kind"], manifest["key"])  # the teacher's C ∘ E, or a classifier
 
@@ -257,7 +260,7 @@ def results_card(root: str, source: Source) -> dict[str, Any]:
 
 def keys_card(source: Source) -> dict[str, Any]:
     manifest, claims = source.manifest, source.claims
-    if manifest["kind"] == "mid_student":
+    if is_student(manifest):
         models = {"student": manifest["key"], "teacher": manifest["teacher_key"]}
     else:
         models = {"teacher" if manifest["kind"] == "teacher" else "classifier": manifest["key"]}

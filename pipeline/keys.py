@@ -141,7 +141,7 @@ def pool_payload(cfg: RunConfig, dataset_fingerprint: str, source_sha256: str, s
         "compressor": p.compressor, "shard_size": p.shard_size, "format_version": pools.FORMAT_VERSION,
         **({"bf16": True} if p.bf16 and spec.split == "train" else {}),
         **({"batch_size": p.batch_size} if p.batch_size != UNKEYED_POOL_BATCH_SIZE else {}),
-        **({"random_start": True} if getattr(spec, "random_start", False) else {}),
+        **({"random_start": True} if spec.random_start else {}),
     }
 
 

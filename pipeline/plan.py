@@ -18,11 +18,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline import keys as key_rules
 from pipeline import run_plan
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError
-from workers.defenses import classifier_defense, classifier_rows, defense_class
+from pipeline.rows import row_stage
+from pipeline.stage_costs import StageCost, classifier_cost, pool_cost, steps_of, variants_of
+from workers.defenses import classifier_rows, defense_class
 
 # An H100 SXM's dense bf16 tensor-core peak (NVIDIA's spec sheet). No GPU was lent to the
 # project to measure one; `--gpu-tflops` / `--utilisation` replace these.
@@ -60,23 +61,6 @@ class DataShape:
         return self.channels * self.side * self.side
 
 
-@dataclass
-class StageCost:
-    name: str
-    per_sample_macs: float  # one pass over one sample: the stage's whole work for it
-    samples: int            # samples × epochs (or × variants) the stage processes
-    note: str
-    attack_per_sample_macs: float = 0.0  # the part of per_sample_macs spent on attack steps
-
-    @property
-    def attack_macs(self) -> float:
-        return self.attack_per_sample_macs * self.samples
-
-    @property
-    def total_macs(self) -> float:
-        return self.per_sample_macs * self.samples
-
-
 def _limited(count: int, limit: int | None) -> int:
     return min(count, limit) if limit else count
 
@@ -104,20 +88,6 @@ def data_shape(cfg: RunConfig) -> DataShape:
                      f"the files at {d.path}" if d.path else f"the bundled {d.source}")
 
 
-def _steps(cfg: RunConfig, attack: str) -> int | None:
-    """Gradient steps per image, as the attack's own class counts them (None: no fixed count)."""
-    from workers.attacks import attack_class, parse_attack_name
-
-    family, _ = parse_attack_name(attack)
-    return attack_class(family).steps(getattr(cfg.attacks, family).model_dump())
-
-
-def _variants(cfg: RunConfig, attack: str) -> int:
-    from workers.attacks import make_attack
-
-    return cfg.pool.variants if make_attack(attack, cfg.attacks.family_settings()).stochastic else 1
-
-
 def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
     from workers.flops import unit_costs as counted
     from workers.models import ModelSpec
@@ -129,51 +99,9 @@ def unit_costs(cfg: RunConfig, shape: DataShape) -> dict[str, float]:
     return counted(spec, cfg.mid.step(on_gpu=False), list(cfg.pool.attacks), cfg.models.teacher.lambda_rec)
 
 
-def classifier_cost(cfg: RunConfig, kind: str, units: dict[str, float], train_samples: int) -> StageCost:
-    """A classifier's training, as the row whose loss trains it counts it (workers/defenses)."""
-    settings = key_rules.training_settings(cfg, kind)
-    defense = classifier_defense(kind)
-    macs = defense.step_macs(settings, units)
-    return StageCost(kind, macs, settings["epochs"] * train_samples, defense.summary(settings),
-                     macs - units["train_step"] if defense.attacks_online() else 0.0)
-
-
-def pool_cost(cfg: RunConfig, units: dict[str, float], train_samples: int,
-              uncounted: list[str]) -> StageCost:
-    macs, views = 0.0, 0
-    for attack in cfg.pool.attacks:
-        steps, variants = _steps(cfg, attack), _variants(cfg, attack)
-        if steps is None:
-            uncounted.append(f"{attack} (pool)")
-            continue
-        # + its success, measured before and after rounding
-        macs += variants * (steps * units["attack_step"] + 2 * units["forward"])
-        views += variants
-    return StageCost("pool", macs, train_samples, f"{len(cfg.pool.attacks)} attacks, {views} views per sample", macs)
-
-
-def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samples: int) -> StageCost:
-    """A row trained on a refreshed pool: its rounds' training and the refreshes between
-    them, per sample of the training split (pipeline/stages/refresh.py)."""
-    defense = defense_class(row)
-    epochs = training_epochs = run_plan.refreshed_training(cfg, defense.objective)[0]
-    attacks, r = run_plan.refreshed_attacks(cfg), cfg.pool.refresh
-    rounds = -(-epochs // max(1, r.every))
-    if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success)
-        refresh = epochs * len(attacks) * r.steps * units["attack_step"] + (rounds - 1) * len(attacks) * units["forward"]
-    else:  # a refresh continues one view per attack by `steps` steps (+ its success, before and after rounding)
-        refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
-    if r.start == "random":  # version 0: random points, their success measured once (on the stored views)
-        refresh += len(attacks) * units["forward"]
-    if r.reset_every is not None:
-        resets = (rounds - 1) // r.reset_every
-        refresh += resets * sum(((_steps(cfg, a) or 0) - r.steps) * units["attack_step"] for a in attacks)
-    train = (units["mid_step"] if defense.objective == "mid"
-             else len(cfg.pool.attacks) * units["train_step"]) * training_epochs
-    return StageCost(defense.kind, train + refresh, train_samples,
-                     f"{epochs} epochs in {rounds} rounds, " + (
-                         f"{len(attacks)} attacks × {r.steps} steps in every step" if r.every == 0 else
-                         f"{rounds - 1} refreshes of {len(attacks)} attacks × {r.steps} steps"), refresh)
+def rows_after_pool_by_kind(cfg: RunConfig) -> dict[str, str]:
+    """{its stage's name (the row's kind): row} of the rows trained after the pool."""
+    return {defense_class(row).kind: row for row in run_plan.rows_after_pool(cfg)}
 
 
 def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tuple[list[StageCost], list[str]]:
@@ -182,6 +110,7 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
     n, teacher = shape.train, cfg.models.teacher
     attack_step, forward = units["attack_step"], units["forward"]
     names = run_plan.run_stages(cfg)
+    after_pool = rows_after_pool_by_kind(cfg)
     stages: list[StageCost] = []
     uncounted: list[str] = []
     for name in names:
@@ -191,13 +120,9 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
             stages.append(classifier_cost(cfg, name, units, n))
         elif name == "pool":
             stages.append(pool_cost(cfg, units, n, uncounted))
-        elif name == "mid":
-            stages.append(StageCost("mid", units["mid_step"], cfg.mid.epochs * n,
-                                    f"{cfg.mid.epochs} epochs, {'second' if cfg.mid.second_order else 'first'} "
-                                    f"order, {len(cfg.pool.attacks)} views + clean"))
-        elif name in [defense_class(row).kind for row in run_plan.refreshed_rows_of(cfg)]:
-            row = next(row for row in run_plan.refreshed_rows_of(cfg) if defense_class(row).kind == name)
-            stages.append(refreshed_cost(cfg, row, units, n))
+        elif name in after_pool:
+            defense = defense_class(after_pool[name])
+            stages.append(row_stage(defense.row).cost(cfg, defense, units, n))
     # The stored test attacks (attacks-source, attacks-transfer) and the adaptive part of eval.
     test_attack_macs, adaptive_macs = 0.0, 0.0
     # The row that is the source protocol's own model reads its stored attacks as its adaptive
@@ -207,7 +132,7 @@ def stage_costs(cfg: RunConfig, shape: DataShape, units: dict[str, float]) -> tu
     defenses = sum(1 for row in cfg.eval.defenses
                    if not (source_stored and row in classifier_rows() and defense_class(row).kind == source_kind))
     for attack in cfg.eval.attacks:
-        steps = _steps(cfg, attack)
+        steps = steps_of(cfg, attack)
         samples = _limited(shape.test, cfg.eval.subset.get(attack))
         if steps is None:
             uncounted.append(f"{attack} (evaluation)")
@@ -254,8 +179,8 @@ def stage_unit(cfg: RunConfig, stage: str) -> str:
     steps and the teacher's decoder run at about that rate too)."""
     if stage in ("pool", "test attacks", "adaptive eval"):
         return "attack_step"
-    mid_rows = ["mid", *(defense_class(r).kind for r in run_plan.refreshed_rows_of(cfg) if defense_class(r).objective == "mid")]
-    return "mid_step" if stage in mid_rows else "train_step"
+    row = rows_after_pool_by_kind(cfg).get(stage)
+    return row_stage(row).step_unit(defense_class(row)) if row is not None else "train_step"
 
 
 def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_name: str,
@@ -279,12 +204,12 @@ def plan(cfg: RunConfig, gpus: int, gpu_tflops: float, utilisation: float, gpu_n
     bpv = {k: v for k, (v, _) in BYTES_PER_VALUE.items()}
     linf = {a: cfg.attacks.linf_eps(a) is not None for a in cfg.pool.attacks}
     pool_bpv = {a: bpv[cfg.pool.encoding if linf[a] else "uint8"] for a in cfg.pool.attacks}
-    pool_bytes = sum(_variants(cfg, a) * shape.train * shape.values * pool_bpv[a] for a in cfg.pool.attacks)
+    pool_bytes = sum(variants_of(cfg, a) * shape.train * shape.values * pool_bpv[a] for a in cfg.pool.attacks)
     dataset_bytes = (shape.train + shape.test) * shape.values * bpv["dataset"]
     # MID reads, per sample, the clean image and one variant of every pool attack.
     read_per_sample = shape.values * (bpv["dataset"] + sum(pool_bpv.values()))
     mid_samples_per_second = rates["mid_step"] / (2 * units["mid_step"])
-    online_attack_macs = sum((_steps(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
+    online_attack_macs = sum((steps_of(cfg, a) or 0) * units["attack_step"] for a in cfg.pool.attacks)
     cached_epoch = shape.train * units["mid_step"]
     at_epoch = classifier_cost(cfg, "at", units, 1).per_sample_macs * shape.train  # whether or not AT is a row
     cached_hours = hours(cached_epoch)

@@ -6,7 +6,7 @@ costed and keyed is what runs."""
 from __future__ import annotations
 
 from pipeline.config import RunConfig
-from workers.defenses import STUDENT_ROW, classifier_rows, defense_class, refreshed_rows
+from workers.defenses import classifier_rows, defense_class
 
 
 def trained_classifiers(cfg: RunConfig, command: str = "run") -> list[str]:
@@ -28,16 +28,16 @@ def run_stages(cfg: RunConfig, command: str = "run") -> list[str]:
     costs it, so the plan counts what a run builds."""
     stages = ["ingest", *trained_classifiers(cfg, command), "pool"]
     if command == "run":
-        stages += [defense_class(row).kind for row in cfg.eval.defenses  # the table's order, as the driver
-                   if row == STUDENT_ROW or row in refreshed_rows()]
+        stages += [defense_class(row).kind for row in rows_after_pool(cfg)]
         stages += [f"attacks-{p}" for p in ("source", "transfer") if p in cfg.eval.protocols]
         stages.append("eval")
     return stages
 
 
-def refreshed_rows_of(cfg: RunConfig) -> list[str]:
-    """The rows of the table trained on a refreshed pool, in the table's order."""
-    return [row for row in cfg.eval.defenses if row in refreshed_rows()]
+def rows_after_pool(cfg: RunConfig) -> list[str]:
+    """The table's rows trained by a stage of their own after the pool (every row but a
+    classifier: pipeline/rows.py), in the table's order, as the driver trains them."""
+    return [row for row in cfg.eval.defenses if row not in classifier_rows()]
 
 
 def refreshed_training(cfg: RunConfig, objective: str) -> tuple[int, int, float, int]:

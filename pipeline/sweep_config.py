@@ -34,7 +34,7 @@ from pipeline.config import SAFE_NAME, RunConfig, Section
 from pipeline.config_loader import (ConfigError, format_validation_error, merge_profile, parse_override, read_profiles,
                                     read_tree, set_path)
 from storage.store import check_url
-from workers.defenses import DEFENSES, STUDENT_ROW
+from workers.defenses import DEFAULT_ROW, DEFENSES
 
 VARIANT_NAME_LENGTH = 40
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
@@ -48,7 +48,7 @@ class SweepFile(Section):
     set: dict[str, Any] = Field({}, description="overrides of every trial (dotted keys)")
     variants: dict[str, dict[str, Any]] = Field({}, description="variant name -> its overrides (dotted keys)")
     grid: dict[str, list[Any]] = Field({}, description="dotted key -> values; one variant per combination")
-    row: Literal[tuple(DEFENSES)] = Field(STUDENT_ROW, description="the row each trial contributes")
+    row: Literal[tuple(DEFENSES)] = Field(DEFAULT_ROW, description="the row each trial contributes")
     max_concurrent_trials: PositiveInt = Field(1, description="trials Ray Tune runs at once")
 
     @field_validator("name")

@@ -1,11 +1,11 @@
-"""docs/extending.md's worked examples are true: an attack, and a defense row, are each one
-file and one registry line.
+"""docs/extending.md's worked examples are true: an attack, a defense row, and a row trained
+on a refreshed pool, are each one file and one registry line.
 
 The test copies the code into a fresh folder, writes the files and the lines exactly as the
 document shows them, and runs the real CLI there: the config validates the new attack's and
 row's settings, `mid plan` costs them, `mid pool` generates, stores and verifies a pool of
-the attack, and `mid run` trains the row and puts it in the table, whose model `mid export`
-writes and whose row `mid sweep` reports per variant.
+the attack, and `mid run` trains each row (the refreshed one in rounds) and puts it in the
+table, whose model `mid export` writes and whose row `mid sweep` reports per variant.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def extended(tmp_path_factory) -> Path:
     source = registry.read_text()
     anchor = '    "MID": "mid:MID",\n'
     assert anchor in source
-    registry.write_text(source.replace(anchor, example("defense registry line") + anchor))
+    source = source.replace(anchor, example("defense registry line") + anchor)
+    anchor = '    "ATTA": "atta:ATTA",\n'
+    assert anchor in source
+    registry.write_text(source.replace(anchor, anchor + example("refreshed row registry line")))
+    (root / "workers/defenses/atta_smooth.py").write_text(example("workers/defenses/atta_smooth.py"))
     return root
 
 
@@ -67,6 +71,37 @@ def mid(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def with_tiny(*args: str) -> list[str]:
     return [*args, *[part for override in TINY for part in ("--set", override)]]
+
+
+def assert_unknown_to_the_original(row: str) -> None:
+    original = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/digits.yaml",
+                               "--set", f"eval.defenses=[None, {row}]"], cwd=REPO, capture_output=True, text=True)
+    assert original.returncode == 2 and f"'{row}' is not allowed" in original.stderr
+
+
+def planned(extended: Path, overrides: list[str]) -> tuple[dict, dict]:
+    """(the plan's stages by name, its measured units) in the extended copy."""
+    row = [part for override in overrides for part in ("--set", override)]
+    plan = json.loads(mid(extended, *with_tiny("plan", "configs/digits.yaml", "--json"), *row).stdout)
+    return {stage["name"]: stage for stage in plan["stages"]}, plan["macs_per_sample"]
+
+
+def exported_card(extended: Path, tmp_path: Path, store: Path, row: str) -> dict:
+    """card.json of ``mid export digits --row ROW`` (safetensors) from the run on ``store``."""
+    folder = tmp_path / "exported"
+    mid(extended, "export", "digits", str(folder), "--row", row, "--format", "safetensors", "--store", str(store))
+    return json.loads((folder / "card.json").read_text())
+
+
+def swept(extended: Path, tmp_path: Path, store: Path, row: str, overrides: list[str], variant: str) -> dict:
+    """sweep.json of a one-variant sweep of ``row`` on the run's own config (its trial reuses every entry)."""
+    sweep = tmp_path / f"{row}-sweep.yaml"
+    chosen = dict(o.split("=", 1) for o in [*TINY, *overrides])  # as on the command line, a later one wins
+    settings = "".join(f"  {key}: {value}\n" for key, value in chosen.items())
+    sweep.write_text(f"name: {row.lower()}\nbase: {extended}/configs/digits.yaml\nrow: {row}\nset:\n{settings}"
+                     f"variants:\n  {variant}: {{}}\n")
+    mid(extended, "sweep", str(sweep), "--store", str(store), "--out", str(tmp_path / "sweep"))
+    return json.loads((tmp_path / "sweep" / "sweep.json").read_text())
 
 
 def test_a_new_attack_is_validated_planned_and_pooled(extended, tmp_path):
@@ -102,15 +137,12 @@ def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, t
     refused = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/digits.yaml",
                               "--set", "models.gauss.sigmaa=0.2"], cwd=extended, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown key 'sigmaa' (allowed: epochs, batch_size, lr, sigma)" in refused.stderr
-    original = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/digits.yaml",
-                               "--set", "eval.defenses=[None, GAUSS]"], cwd=REPO, capture_output=True, text=True)
-    assert original.returncode == 2 and "'GAUSS' is not allowed" in original.stderr  # the original code does not know it
+    assert_unknown_to_the_original("GAUSS")
 
     row = [part for override in ROW for part in ("--set", override)]
-    plan = json.loads(mid(extended, *with_tiny("plan", "configs/digits.yaml", "--json"), *row).stdout)
-    stages = {stage["name"]: stage for stage in plan["stages"]}
+    stages, units = planned(extended, ROW)
     assert "gauss" in stages and "at" not in stages and "mid" not in stages  # the rows asked for, no more
-    assert stages["gauss"]["per_sample_macs"] == pytest.approx(plan["macs_per_sample"]["train_step"])
+    assert stages["gauss"]["per_sample_macs"] == pytest.approx(units["train_step"])
     assert stages["gauss"]["note"] == "2 epochs"
 
     store, out = tmp_path / "store", tmp_path / "out"
@@ -125,22 +157,50 @@ def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, t
     assert not gauss["cache_hit"] and gauss["key"].startswith("gauss-")
     assert "| GAUSS |" in (out / "report.md").read_text()
 
-    exported = tmp_path / "exported"
-    mid(extended, "export", "digits", str(exported), "--row", "GAUSS", "--format", "safetensors",
-        "--store", str(store))
-    card = json.loads((exported / "card.json").read_text())
+    card = exported_card(extended, tmp_path, store, "GAUSS")
     assert card["model"]["row"] == "GAUSS" and card["model"]["kind"] == "gauss"
     assert card["model"]["is"].startswith("Gaussian data augmentation")
     assert set(card["results"]) == {"source", "adaptive"}
 
-    # A sweep of the row: one variant, the run's own config, so its trial reuses every entry.
-    sweep = tmp_path / "gauss-sweep.yaml"
-    settings = "".join(f"  {key}: {value}\n" for key, value in (o.split("=", 1) for o in [*TINY, *ROW]))
-    sweep.write_text(f"name: gauss\nbase: {extended}/configs/digits.yaml\nrow: GAUSS\nset:\n{settings}"
-                     "variants:\n  sigma-0.2: {}\n")
-    mid(extended, "sweep", str(sweep), "--store", str(store), "--out", str(tmp_path / "sweep"))
-    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    summary = swept(extended, tmp_path, store, "GAUSS", ROW, "sigma-0.2")
     assert summary["row"] == "GAUSS"
     adaptive = summary["protocols"]["adaptive"]
     assert list(adaptive) == ["None", "sigma-0.2"]  # the variant's row is its GAUSS row
     assert adaptive["sigma-0.2"]["benign"] == results["protocols"]["adaptive"]["defenses"]["GAUSS"]["benign"]
+
+
+REFRESHED = ["eval.defenses=[None, ATTA-LS]", "models.at.epochs=2", "pool.attacks=[PGD_N, PGD_T]",
+             "attacks.PGD.nb_iter=2", "pool.refresh.every=1", "pool.refresh.steps=2",
+             "eval.protocols=[adaptive]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_N]"]
+
+
+def test_a_new_refreshed_row_is_planned_trained_in_rounds_exported_and_swept(extended, tmp_path):
+    assert_unknown_to_the_original("ATTA-LS")
+
+    row = [part for override in REFRESHED for part in ("--set", override)]
+    stages, units = planned(extended, REFRESHED)
+    assert "atta-ls" in stages and "atta" not in stages and "mid" not in stages  # the rows asked for, no more
+    assert stages["atta-ls"]["note"].startswith("2 epochs in 2 rounds, 1 refreshes of 2 attacks × 2 steps")
+    # Cross-entropy on both views, two epochs, and one refresh of both attacks between the rounds.
+    assert stages["atta-ls"]["per_sample_macs"] == pytest.approx(
+        2 * 2 * units["train_step"] + 2 * (2 * units["attack_step"] + 2 * units["forward"]))
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    mid(extended, *with_tiny("run", "configs/digits.yaml", "--store", str(store), "--out", str(out)), *row)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["protocols"]["adaptive"]["defenses"]) == ["None", "ATTA-LS"]
+    assert list(results["stages"]) == ["ingest", "baseline", "teacher", "pool", "atta-ls", "eval"]
+    trained = results["stages"]["atta-ls"]
+    assert trained["key"].startswith("atta-ls-") and [r["epochs"] for r in trained["rounds"]] == [[0, 1], [1, 2]]
+    assert results["costs"]["ATTA-LS"]["stages"] == ["baseline", "pool", "atta-ls"]
+    assert "| ATTA-LS |" in (out / "report.md").read_text()
+
+    card = exported_card(extended, tmp_path, store, "ATTA-LS")
+    assert card["model"]["row"] == "ATTA-LS" and card["model"]["kind"] == "atta-ls"
+    assert card["model"]["is"].startswith("ATTA with label smoothing") and card["check"]["largest_logit_difference"] < 1e-4
+
+    summary = swept(extended, tmp_path, store, "ATTA-LS", REFRESHED, "two-steps")
+    assert summary["row"] == "ATTA-LS"
+    adaptive = summary["protocols"]["adaptive"]
+    assert list(adaptive) == ["None", "two-steps"]  # the variant's row is its ATTA-LS row, reused from the run
+    assert adaptive["two-steps"]["benign"] == results["protocols"]["adaptive"]["defenses"]["ATTA-LS"]["benign"]

@@ -93,7 +93,7 @@ def test_each_round_trains_on_the_last_version_refreshed_against_the_last_model(
                 moved = np.abs(new.astype(int) - old.astype(int)).max()
                 assert 0 < moved <= round(200 * 0.002 * 255) + 1
         assert report["stages"][kind]["key"] == rounds[-1]["checkpoint"]
-    assert not list((store / "train").iterdir())  # the group's run folder and round files are gone
+    assert not list((store / "train").iterdir())  # the group's run folder is gone
     # The adaptive table attacks the refreshed rows' own final models.
     assert all(0 <= v <= 100 for row in report["protocols"]["adaptive"]["defenses"].values()
                for v in [row["benign"], *row["attacks"].values()])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.defenses.base import STUDENT_CHECKPOINT
 from workers.mid_settings import MetaSettings
 
 
@@ -89,7 +90,7 @@ class MIDJob:
     first_epoch: int = 0
     init_checkpoint: str | None = None
     objective: str = "mid"  # mid or cross_entropy
-    commit_kind: str = "mid_student"
+    commit_kind: str = STUDENT_CHECKPOINT
     row: str = "MID"
     refreshed: "RefreshedRounds | None" = None
 
@@ -97,14 +98,15 @@ class MIDJob:
 @dataclass(frozen=True)
 class RefreshedRounds:
     """The rounds a refreshed row's workers train, one worker group for them all. The
-    driver writes round r's file (``round_file``: its pool keys and checkpoint key) once its
-    pool version is in the store; the workers wait for it, read their rows of that version
-    through Ray Data, train the round's epochs and commit its checkpoint."""
+    driver publishes round r (its pool keys and checkpoint key) on ``channel`` once its pool
+    version is in the store; the workers wait for it there, read their rows of that version
+    through Ray Data, train the round's epochs, commit its checkpoint and report the commit
+    on the channel."""
 
     dataset_key: str
     first_round: int  # the index of rounds[0]
     rounds: tuple[tuple[int, int], ...]  # epochs [first, stop) of each round still to train
-    rounds_url: str  # the folder of the round files
+    channel: Any  # the driver's RoundChannel actor (pipeline/stages/round_channel.py): round(r), committed(r, key)
     rows_in_memory: bool  # each worker keeps its rows of a round in memory across its epochs
     in_step: "InStepRefresh | None" = None  # pool.refresh.every 0: views continued in the step
 
@@ -138,7 +140,3 @@ class InStepRefresh:
 
     def eps_scale(self, epoch: int) -> float:
         return 1.0 if epoch >= self.eps_warmup_epochs else (epoch + 1) / self.eps_warmup_epochs
-
-
-def round_file(rounds_url: str, index: int) -> str:
-    return f"{rounds_url.rstrip('/')}/round-{index:04d}.json"

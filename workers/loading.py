@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from storage.checkpoints import load_checkpoint, read_manifest
+from workers.defenses.base import STUDENT_CHECKPOINT
 from workers.models import (Autoencoding, EncoderClassifier, ModelSpec, build_classifier_model,
                             build_encoder, build_teacher)
 
@@ -52,7 +53,7 @@ def load_source_model(root: str, kind: str, key: str) -> nn.Module:
         teacher = load_teacher(root, key)
         return EncoderClassifier(teacher.encoder, teacher.classifier).eval()
     manifest = read_manifest(root, key) or {}
-    if manifest.get("kind") == "mid_student":
+    if manifest.get("kind") == STUDENT_CHECKPOINT:
         return load_defended(root, key, manifest["teacher_key"])
     return load_classifier(root, key)
 

@@ -3,10 +3,11 @@ and take the meta step of ``workers.mid`` with the outer gradient averaged acros
 
 A row trained on a refreshed pool (MID-R, ATTA) runs the same loop over all its rounds in
 one worker group (``MIDJob.refreshed``): each round's rows come from the pool version the
-driver names in the round's file, read by each worker through Ray Data, and each round
-ends with a committed checkpoint, which the driver refreshes the next version against.
-ATTA takes cross-entropy on every view of a whole classifier instead of the meta step
-(``MIDJob.objective``), the one other thing that differs.
+driver publishes on that channel, read by each worker through Ray Data, and each round
+ends with a committed checkpoint, reported on the driver's round channel
+(``RefreshedRounds.channel``), which the driver refreshes the next version against.
+ATTA takes its row's loss (workers/defenses: cross-entropy on every view) on a whole
+classifier instead of the meta step (``MIDJob.objective``), the one other thing that differs.
 
 Epochs end with a Ray Train checkpoint on ``ray.checkpoint_interval_s``; a restarted worker
 group resumes from the last one.
@@ -24,6 +25,7 @@ import torch
 
 from storage.checkpoints import load_checkpoint, load_optimizer_state, save_checkpoint
 from workers.augment import augmentation_generator, crop_and_flip
+from workers.defenses import defense_class
 from workers.device import bf16_autocast
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
 from workers.loading import load_teacher
@@ -31,8 +33,7 @@ from workers.progress import epoch_bar, quiet_ray_train
 from workers.refresh_in_step import CarriedViews, attack_model
 from workers.reproducible import WorkerRows, deterministic_kernels
 from workers.training_health import epoch_problem, record_stop
-from storage import fs
-from workers.jobs import MIDJob, RefreshedRounds, WorkerGroup, round_file
+from workers.jobs import MIDJob, RefreshedRounds, WorkerGroup
 from workers.mid import (FrozenTeacher, StudentWithClassifier, apply_gradients, average_across_workers,
                          draw_held_out, meta_gradients, meta_objective)
 from workers.models import ModelSpec, build_classifier_model, build_encoder, to_float
@@ -78,21 +79,9 @@ def starting_model(job: MIDJob, teacher: FrozenTeacher | None) -> tuple[torch.nn
     return model.requires_grad_(True), list(manifest["history"]) if job.first_epoch > 0 else []
 
 
-def cross_entropy_objective(model: torch.nn.Module, views: list[torch.Tensor],
-                            labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """ATTA's loss: the mean cross-entropy over the adversarial views, in one forward pass."""
-    logits = model(torch.cat(views))
-    loss = torch.nn.functional.cross_entropy(logits, labels.repeat(len(views)))
-    accuracy = (logits.argmax(1) == labels.repeat(len(views))).float().mean()
-    return loss, {"loss": loss.item(), "adversarial_accuracy": accuracy.item()}
-
-
 def wait_for_round(rounds: RefreshedRounds, index: int) -> dict[str, Any]:
-    """Round ``index``'s file, once the driver has written it (its pool version is complete)."""
-    url = round_file(rounds.rounds_url, index)
-    while (spec := fs.read_json(url)) is None:
-        time.sleep(0.2)
-    return spec
+    """Round ``index``'s spec, once the driver has published it (its pool version is complete)."""
+    return ray.get(rounds.channel.round.remote(index))
 
 
 def worker_range(spec: dict[str, Any], rank: int, world_size: int) -> tuple[int, int]:
@@ -152,6 +141,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
         history, first_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     settings = job.step
     attacks = list(job.attacks)
+    row_loss = defense_class(job.row).loss if job.objective == "cross_entropy" else None
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
     rounds, round_spec, carried = job.refreshed, None, None
@@ -190,7 +180,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                     loss, metrics = meta_objective(student, teacher, clean, dict(zip(attacks, views)),
                                                    batch["label"], held_out, settings)
                 else:
-                    loss, metrics = cross_entropy_objective(student, views, batch["label"])
+                    loss, metrics = row_loss(student, views, batch["label"])
             grads = average_across_workers(meta_gradients(student, loss))
             apply_gradients(student, grads, optimizer)
             step += 1
@@ -222,6 +212,7 @@ def train_mid_loop(config: dict[str, Any]) -> None:
                 commit(job, round_spec["checkpoint"], student, history, started, loop_started_at,
                        checkpoints.seconds, optimizer.state_dict(),
                        {"ranks": world_size, "attacks": [a.name for a in rounds.in_step.attacks]} if carried else None)
+                ray.get(rounds.channel.committed.remote(round_spec["round"], round_spec["checkpoint"]))
         checkpoints.end_epoch(epoch, epoch_metrics, {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                                                      "epoch": epoch, "step": step, "history": history})
         bar.set_description(f"{job.row} training (loss {epoch_metrics['loss']:.3f}, "

@@ -23,9 +23,11 @@ from storage.keys import content_key
 from workers.attacks import make_attack, parse_attack_name
 
 
-@dataclass
+@dataclass(frozen=True)
 class PoolSpec:
-    """One pool: an attack on one split against one fixed model."""
+    """One pool: an attack on one split against one fixed model. A pool comes to be in one
+    of five ways, each a type below, which says how its shards are made (``submit``) and
+    what its attributes record beyond the attack's (``attrs``)."""
 
     attack: str
     split: str
@@ -33,23 +35,99 @@ class PoolSpec:
     encoding: str
     delta_step: int
     indices: list[int] | None  # a seeded subset of the split, or None for all of it
-    # A refreshed pool (pipeline/stages/refresh.py): pool ``refresh_of`` continued by ``steps``
-    # steps of ``step_size`` against the source model, or, when ``reset``, made afresh with
-    # the random starts of ``seed``.
-    refresh_of: str | None = None
-    steps: int = 0
-    step_size: float = 0.0
-    reset: bool = False
-    seed: int | None = None
-    # At staleness zero (pool.refresh.every 0): the views carried by the training workers
-    # through the round checkpoint ``carried_from`` instead of continued here.
-    carried_from: str | None = None
-    # ``pool.refresh.start: random``: version 0 of a refreshed row, a uniform random point of the
-    # ε-ball per sample (with the attack's targets), made without attack steps.
-    random_start: bool = False
+
+    random_start = False  # a uniform random point of the ε-ball instead of an attack (its key says so)
 
     def num_samples(self, dataset: DatasetReader) -> int:
         return dataset.num_samples(self.split) if self.indices is None else len(self.indices)
+
+    def seed(self, run_seed: int) -> int:
+        return run_seed
+
+    def attrs(self) -> dict[str, Any]:
+        return {}
+
+    def submit(self, actor, key: str, shard: int, lo: int, hi: int, run: dict[str, Any]):
+        """The actor call that makes shard ``shard`` (samples [lo, hi)); ``run``: the run's
+        family_settings, batch_size, seed and target."""
+        return actor.generate.remote(key, self.attack, self.split, self.variants, shard, lo, hi,
+                                     indices=self.indices and self.indices[lo:hi],
+                                     family_settings=run["family_settings"], batch_size=run["batch_size"],
+                                     seed=self.seed(run["seed"]), delta_step=self.delta_step, target=run["target"],
+                                     random_start=self.random_start)
+
+
+@dataclass(frozen=True)
+class GeneratedPool(PoolSpec):
+    """The attack run from the clean images: the training pool, a stored test attack."""
+
+
+@dataclass(frozen=True)
+class RandomStartPool(PoolSpec):
+    """``pool.refresh.start: random``: version 0 of a refreshed row, a uniform random point of
+    the ε-ball per sample (with the attack's targets), made without attack steps."""
+
+    random_start = True
+
+    def attrs(self) -> dict[str, Any]:
+        return {"random_start": True}
+
+
+@dataclass(frozen=True)
+class RefreshedVersion(PoolSpec):
+    """A version of a refreshed row's pool (pipeline/stages/refresh.py): the next after pool
+    ``refresh_of``, made against the row's model with ``steps`` steps of ``step_size``."""
+
+    refresh_of: str
+    steps: int
+    step_size: float
+
+    def attrs(self) -> dict[str, Any]:
+        return {"refresh": {"of": self.refresh_of, "steps": self.steps, "step_size": self.step_size,
+                            "reset": False}}
+
+
+@dataclass(frozen=True)
+class ContinuedPool(RefreshedVersion):
+    """Every view of the last version continued by ``steps`` attack steps."""
+
+    def submit(self, actor, key, shard, lo, hi, run):
+        return actor.refresh.remote(key, self.refresh_of, self.attack, shard, lo, hi,
+                                    family_settings=run["family_settings"], steps=self.steps,
+                                    step_size=self.step_size, batch_size=run["batch_size"],
+                                    delta_step=self.delta_step)
+
+
+@dataclass(frozen=True)
+class RegeneratedPool(RefreshedVersion):
+    """``pool.refresh.reset_every``: the attack made afresh, from the random starts of ``reset_seed``."""
+
+    reset_seed: int
+
+    def seed(self, run_seed: int) -> int:
+        return self.reset_seed
+
+    def attrs(self) -> dict[str, Any]:
+        attrs = super().attrs()
+        attrs["refresh"]["reset"] = True
+        return attrs
+
+
+@dataclass(frozen=True)
+class CarriedPool(RefreshedVersion):
+    """Staleness zero (``pool.refresh.every: 0``): the views the training workers continued in
+    their steps and carried in the round checkpoint ``carried_from``, stored as they are."""
+
+    carried_from: str
+
+    def attrs(self) -> dict[str, Any]:
+        attrs = super().attrs()
+        attrs["refresh"]["carried_from"] = self.carried_from
+        return attrs
+
+    def submit(self, actor, key, shard, lo, hi, run):
+        return actor.carry.remote(key, self.refresh_of, self.carried_from, self.attack, shard, lo, hi,
+                                  family_settings=run["family_settings"], batch_size=run["batch_size"])
 
 
 def training_pool_spec(ctx: RunContext, attack: str) -> PoolSpec:
@@ -57,7 +135,7 @@ def training_pool_spec(ctx: RunContext, attack: str) -> PoolSpec:
     # K random-start variants for a stochastic attack, one for a deterministic one.
     variants = p.variants if make_attack(attack, ctx.cfg.attacks.family_settings()).stochastic else 1
     linf = ctx.cfg.attacks.linf_eps(attack) is not None
-    return PoolSpec(attack, "train", variants, p.encoding if linf else "uint8", p.delta_step if linf else 1, None)
+    return GeneratedPool(attack, "train", variants, p.encoding if linf else "uint8", p.delta_step if linf else 1, None)
 
 
 def eval_pool_spec(ctx: RunContext, dataset: DatasetReader, attack: str) -> PoolSpec:
@@ -66,7 +144,7 @@ def eval_pool_spec(ctx: RunContext, dataset: DatasetReader, attack: str) -> Pool
     eps = ctx.cfg.attacks.linf_eps(attack)
     indices = subset_indices(dataset.num_samples("test"), ctx.cfg.eval.subset.get(attack), ctx.cfg.seed)
     fits_int8 = eps is not None and eps <= pools.INT8_MAX_EPS
-    return PoolSpec(attack, "test", 1, "int8_delta" if fits_int8 else "uint8", 1, indices)
+    return GeneratedPool(attack, "test", 1, "int8_delta" if fits_int8 else "uint8", 1, indices)
 
 
 def pool_key(ctx: RunContext, dataset: DatasetReader, source: dict[str, Any], spec: PoolSpec) -> str:
@@ -136,13 +214,7 @@ def build(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: dic
                                  "dataset": dataset.fingerprint, "dataset_key": dataset.key, "split": spec.split,
                                  "indices": spec.indices,
                                  "source_model": {"kind": source_kind, **source_summary(source)},
-                                 "seed": ctx.cfg.seed if spec.seed is None else spec.seed,
-                                 **({"refresh": {"of": spec.refresh_of, "steps": spec.steps,
-                                                 "step_size": spec.step_size, "reset": spec.reset,
-                                                 **({"carried_from": spec.carried_from} if spec.carried_from
-                                                    else {})}}
-                                    if spec.refresh_of else {}),
-                                 **({"random_start": True} if spec.random_start else {})})
+                                 "seed": spec.seed(ctx.cfg.seed), **spec.attrs()})
         done = pools.committed_shards(ctx.root, key)
         todo += [(key, spec, i, lo, hi) for i, (lo, hi) in enumerate(ranges) if i not in done]
         if done:
@@ -202,24 +274,16 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
     family_settings = ctx.cfg.attacks.family_settings()
     splits = sorted({spec.split for _, spec, *_ in todo})
     if owned:  # a refreshed row's own actors: its stage says what they do, round by round
-        verb = "refreshing" if all(spec.refresh_of for _, spec, *_ in todo) else "generating"
+        verb = "refreshing" if all(isinstance(spec, RefreshedVersion) for _, spec, *_ in todo) else "generating"
         ctx.say(f"pool: {verb} {len(todo)} shards ({'/'.join(splits)} split) on {len(actors)} actors "
                 f"against the {source_kind}")
 
+    run = {"family_settings": family_settings, "batch_size": p.batch_size, "seed": ctx.cfg.seed,
+           "target": ctx.cfg.attacks.target}
+
     def submit(actor, task):
         key, spec, shard, lo, hi = task
-        if spec.carried_from:
-            return actor.carry.remote(key, spec.refresh_of, spec.carried_from, spec.attack, shard, lo, hi,
-                                      family_settings=family_settings, batch_size=p.batch_size)
-        if spec.refresh_of and not spec.reset:
-            return actor.refresh.remote(key, spec.refresh_of, spec.attack, shard, lo, hi,
-                                        family_settings=family_settings, steps=spec.steps, step_size=spec.step_size,
-                                        batch_size=p.batch_size, delta_step=spec.delta_step)
-        return actor.generate.remote(key, spec.attack, spec.split, spec.variants, shard, lo, hi,
-                                     indices=spec.indices and spec.indices[lo:hi], family_settings=family_settings,
-                                     batch_size=p.batch_size, seed=ctx.cfg.seed if spec.seed is None else spec.seed,
-                                     delta_step=spec.delta_step, target=ctx.cfg.attacks.target,
-                                     random_start=spec.random_start)
+        return spec.submit(actor, key, shard, lo, hi, run)
 
     def cost(task: tuple) -> tuple[float, int]:
         _, spec, _, lo, hi = task

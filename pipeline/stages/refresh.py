@@ -30,7 +30,7 @@ from pipeline.context import RunContext
 from pipeline.training import train_with_ray
 from pipeline.stages import pool
 from pipeline.stages.models import model_spec, worker_augmentation
-from storage import checkpoints, fs, pools
+from storage import checkpoints, pools
 from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.defenses import defense_class
@@ -50,18 +50,22 @@ def in_step(ctx: RunContext) -> bool:
 
 
 def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool, round_index: int,
-                   carried_from: str | None = None) -> pool.PoolSpec:
+                   carried_from: str | None = None) -> pool.RefreshedVersion:
+    """Version ``round_index`` of ``attack``'s pool, after ``previous_key``: regenerated (a
+    reset), carried by the workers (staleness zero) or continued by the actors."""
     p, how = ctx.cfg.pool, key_rules.refresh_settings(ctx.cfg, attack)
-    return pool.PoolSpec(attack, "train", 1, p.encoding, p.delta_step, None, refresh_of=previous_key,
-                         steps=how["steps"], step_size=how["step_size"], reset=reset,
-                         seed=ctx.cfg.seed * 1_000_003 + round_index if reset else None,
-                         carried_from=None if reset else carried_from)
+    common = (attack, "train", 1, p.encoding, p.delta_step, None, previous_key, how["steps"], how["step_size"])
+    if reset:
+        return pool.RegeneratedPool(*common, reset_seed=ctx.cfg.seed * 1_000_003 + round_index)
+    if carried_from is not None:
+        return pool.CarriedPool(*common, carried_from=carried_from)
+    return pool.ContinuedPool(*common)
 
 
-def random_start_spec(ctx: RunContext, attack: str) -> pool.PoolSpec:
+def random_start_spec(ctx: RunContext, attack: str) -> pool.RandomStartPool:
     """Version 0 of ``attack``'s refreshed pool under ``pool.refresh.start: random``."""
     p = ctx.cfg.pool
-    return pool.PoolSpec(attack, "train", 1, p.encoding, p.delta_step, None, random_start=True)
+    return pool.RandomStartPool(attack, "train", 1, p.encoding, p.delta_step, None)
 
 
 def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
@@ -87,10 +91,11 @@ class RefreshedRow:
     """One refreshed row's rounds: which are in the store, and the training of the others.
 
     The committed rounds are walked first (each round's key needs the last one's weights);
-    the rest train in one Ray Train worker group, which the driver feeds: once round r's
-    checkpoint is committed, it makes pool version r+1 with the pool actors (with
-    ``pool.refresh.overlap``: while round r trains, against round r-1's model) and writes the
-    round's file, which the waiting workers read on (docs/design.md §4.1)."""
+    the rest train in one Ray Train worker group, which the driver feeds through a
+    ``RoundChannel`` actor: once the workers report round r's checkpoint committed, it makes
+    pool version r+1 with the pool actors (with ``pool.refresh.overlap``: while round r
+    trains, against round r-1's model) and publishes round r+1, which the waiting workers
+    read on (docs/design.md §4.1)."""
 
     def __init__(self, ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
                  first_pools: dict[str, str]):
@@ -217,6 +222,7 @@ class RefreshedRow:
         """Rounds ``first``, ... in one worker group, the driver refreshing between them."""
         import ray
 
+        from pipeline.stages.round_channel import RoundChannel
         from workers.train_mid import train_mid_loop
 
         ctx = self.ctx
@@ -226,9 +232,9 @@ class RefreshedRow:
         # Ray Train's run folder is "<section>-<first round's key>": the section whose num_workers
         # the group has (mid, or models for ATTA), and a key the run's ref names (mid cache gc).
         section = "mid" if self.mid else "models"
-        rounds_url = fs.join(checkpoints.train_runs_url(ctx.root), f"{section}-{key}", "rounds")
-        self.write_round(rounds_url, first, key)
-        job = self.group_job(first, key, rounds_url, workers)
+        channel = RoundChannel.remote()
+        self.publish(channel, first, key)
+        job = self.group_job(first, key, channel, workers)
         ctx.say(f"{self.kind}: training rounds {first} to {len(self.plan) - 1} on {workers} Ray Train workers")
         outcome: dict[str, Any] = {}
 
@@ -237,6 +243,8 @@ class RefreshedRow:
                 outcome["manifest"] = train_with_ray(ctx, train_mid_loop, {"job": job}, {}, workers, section, key)
             except BaseException as e:  # handed to the driver's thread as is
                 outcome["error"] = e
+            finally:
+                channel.end.remote()  # a driver waiting for a round's commit stops waiting
 
         # The refreshing actors live as long as the group. They reserve no CPU (a reservation
         # could wait forever behind the workers' on a small machine): alternating, they work
@@ -248,19 +256,22 @@ class RefreshedRow:
         thread = threading.Thread(target=fit, name=f"{self.kind}-rounds", daemon=True)
         thread.start()
         try:
-            self.feed(first, key, thread, actors, rounds_url)
+            self.feed(first, thread, actors, channel)
         finally:
             for actor in actors:
                 ray.kill(actor)
         thread.join()
+        ray.kill(channel)
         if "error" in outcome:
             raise outcome["error"]
         if not self.summary or self.summary[-1]["round"] != len(self.plan) - 1:
             raise RuntimeError(f"{self.kind}: the worker group ended before committing round {len(self.plan) - 1}")
 
-    def feed(self, first: int, key: str, thread: threading.Thread, actors: list, rounds_url: str) -> None:
+    def feed(self, first: int, thread: threading.Thread, actors: list, channel) -> None:
         """The driver's side of the group: wait for each round's commit, make the next pool
-        version, tell the workers."""
+        version, publish the round."""
+        import ray
+
         overlap = self.ctx.cfg.pool.refresh.overlap
         index, round_started, refresh_seconds = first, time.perf_counter(), 0.0
         while index < len(self.plan):
@@ -268,7 +279,9 @@ class RefreshedRow:
                 refresh_started = time.perf_counter()
                 self.refresh(index + 1, actors)
                 refresh_seconds = time.perf_counter() - refresh_started
-            manifest = self.wait_for_round(key, thread)
+            committed = ray.get(channel.commit_of.remote(index))
+            # Read from the store, verified: the channel says only that rank 0 committed it.
+            manifest = checkpoints.verify_checkpoint(self.ctx.root, committed) if committed else None
             if manifest is None:
                 return  # the group stopped without committing the round: train_from raises its error
             self.model, trained_at = manifest, time.perf_counter()
@@ -281,29 +294,18 @@ class RefreshedRow:
                     self.refresh(index, actors)
                 key = self.round_key(index)
                 self.ctx.claim(f"{self.kind}-round-{index}", key)
-                self.write_round(rounds_url, index, key)
+                self.publish(channel, index, key)
             round_started = time.perf_counter()
             if not overlap:
                 refresh_seconds = round_started - trained_at
 
-    def wait_for_round(self, key: str, thread: threading.Thread) -> dict[str, Any] | None:
-        """The round ``key``'s manifest once committed; None if the worker group stopped first."""
-        while True:
-            manifest = checkpoints.verify_checkpoint(self.ctx.root, key)
-            if manifest is not None:
-                return manifest
-            if not thread.is_alive():
-                thread.join()
-                return checkpoints.verify_checkpoint(self.ctx.root, key)
-            time.sleep(0.2)
-
-    def write_round(self, rounds_url: str, index: int, key: str) -> None:
+    def publish(self, channel, index: int, key: str) -> None:
         """Tell the workers round ``index`` may start: its pool version is complete."""
-        from workers.jobs import round_file
+        import ray
 
-        fs.write_json_atomic(round_file(rounds_url, index), {
+        ray.get(channel.publish.remote(index, {
             "round": index, "pools": self.versions[index], "checkpoint": key, "variants": self.variants(index),
-            "samples": self.dataset.num_samples("train")})
+            "samples": self.dataset.num_samples("train")}))
 
     def variants(self, index: int) -> int:
         """The most variants a pool of version ``index`` holds."""
@@ -318,7 +320,7 @@ class RefreshedRow:
                                       pools=self.versions[index]).estimate_inmemory_data_size()
         return size / workers <= WORKER_ROWS_BYTES
 
-    def group_job(self, first: int, key: str, rounds_url: str, workers: int) -> MIDJob:
+    def group_job(self, first: int, key: str, channel, workers: int) -> MIDJob:
         """The job of the worker group training rounds ``first``, ...: from the newest round's
         checkpoint (its weights, optimizer and history), or round 0's starting model."""
         from workers.jobs import RefreshedRounds
@@ -332,7 +334,7 @@ class RefreshedRow:
                       batch_size=batch_size, lr=lr, init_student=m.init_student, bf16=m.bf16,
                       step=m.step(on_gpu=ctx.cfg.ray.use_gpu), augmentation=worker_augmentation(ctx),
                       first_epoch=self.plan[first][0], init_checkpoint=init, objective=self.objective,
-                      commit_kind="mid_student" if self.mid else self.kind, row=self.row,
-                      refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), rounds_url,
+                      commit_kind=defense_class(self.row).checkpoint_kind(), row=self.row,
+                      refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), channel,
                                                 self.rows_fit(workers, first),
                                                 in_step_settings(ctx, self.objective) if in_step(ctx) else None))

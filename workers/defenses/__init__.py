@@ -24,9 +24,10 @@ DEFENSES: dict[str, str] = {
     "ATTA": "atta:ATTA",
 }
 STUDENT_ROW = "MID"  # the row the MID stage trains on the fixed pool
+DEFAULT_ROW = STUDENT_ROW  # the row a command means when none is named (a sweep's trials' row, export of a run)
 
-__all__ = ["DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class", "exportable_rows",
-           "reads_teacher_classifier", "refreshed_rows"]
+__all__ = ["DEFAULT_ROW", "DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class",
+           "exportable_rows", "reads_teacher_classifier", "refreshed_rows", "row_of_checkpoint"]
 
 
 def defense_class(row: str) -> type["Defense"]:
@@ -52,7 +53,17 @@ def refreshed_rows() -> list[str]:
 
 def reads_teacher_classifier(row: str) -> bool:
     """Whether the row's model is a student encoder read by the teacher's C_t (MID, MID-R)."""
-    return row == STUDENT_ROW or getattr(defense_class(row), "objective", None) == "mid"
+    return defense_class(row).reads_teacher_classifier
+
+
+def row_of_checkpoint(manifest: dict) -> str | None:
+    """The row whose model a checkpoint is (None: the teacher, the substitute). A student's
+    manifest names its row, except MID's own (its manifests predate the rows on refreshed pools)."""
+    from workers.defenses.base import STUDENT_CHECKPOINT
+
+    if manifest["kind"] == STUDENT_CHECKPOINT:
+        return manifest.get("row", STUDENT_ROW)
+    return next((row for row in DEFENSES if defense_class(row).checkpoint_kind() == manifest["kind"]), None)
 
 
 def exportable_rows() -> list[str]:

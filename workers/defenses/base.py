@@ -1,8 +1,10 @@
 """What every row of the tables shares: its name, its model's kind, what it is.
 
-A row is trained either as a classifier C ∘ E by ``workers/train_classifier.py``
+A row is trained as a classifier C ∘ E by ``workers/train_classifier.py``
 (``ClassifierDefense``: a loss, a settings section ``models.<kind>``, a cost per sample for
-``mid plan``) or by the MID stage (``workers/train_mid.py``). The config, the driver, the
+``mid plan``), as MID's student on the stored pool (``PoolStudentDefense``) or in rounds on
+a refreshed pool (``RefreshedDefense``); the stage each base class names is in
+``pipeline/rows.py``. The config, the driver, the
 export, the sweeps and ``mid plan`` read rows from the registry (``workers/defenses/__init__.py``),
 so a new row is its file and one line there (docs/extending.md).
 """
@@ -43,11 +45,24 @@ class AdversarialTrainSettings(TrainSettings):
                              "epochs (0: full ε from the start); large ε on a small network needs it to train")
 
 
+# The kind a student encoder's checkpoint records (MID, MID-R): C_t ∘ E_s, read with its teacher.
+STUDENT_CHECKPOINT = "mid_student"
+
+
 class Defense:
+    """A row of the tables. Its base class says which stage trains it (pipeline/rows.py):
+    ``ClassifierDefense``, ``PoolStudentDefense`` or ``RefreshedDefense``."""
+
     row: ClassVar[str]  # its name in the tables, in eval.defenses, sweeps' row and export's --row
     kind: ClassVar[str]  # its model's stage, the label a run's ref claims it under
     description: ClassVar[str]  # one sentence: the export card's "what", the config section's description
     exportable: ClassVar[bool] = True  # `mid export --row` offers it
+    reads_teacher_classifier: ClassVar[bool] = False  # its model is a student encoder E_s read by the teacher's C_t
+
+    @classmethod
+    def checkpoint_kind(cls) -> str:
+        """The kind its checkpoints' manifests record."""
+        return STUDENT_CHECKPOINT if cls.reads_teacher_classifier else cls.kind
 
 
 class ClassifierDefense(Defense):
@@ -85,11 +100,36 @@ class ClassifierDefense(Defense):
         return f"{settings['epochs']} epochs"
 
 
+class PoolStudentDefense(Defense):
+    """A student encoder E_s meta-trained on the stored attacker pool by the MID stage
+    (``workers/train_mid.py``, settings in the config's ``mid`` section), read by the frozen
+    teacher's classifier C_t."""
+
+    reads_teacher_classifier = True
+
+
 class RefreshedDefense(Defense):
     """A row trained in rounds on a refreshed pool (``pipeline/stages/refresh.py``,
     docs/design.md §4.1): round r trains on pool r; pool r+1 is pool r continued by
     ``pool.refresh.steps`` attack steps against round r's model, the row's own model
     (ATTA, Zheng et al. 2020, with the stored pool as its carried perturbations)."""
 
-    objective: ClassVar[str]  # "mid": MID's meta step (workers/mid.py); "cross_entropy": CE on every view
+    # "mid": MID's meta step (workers/mid.py) on a student encoder, read by the teacher's
+    # classifier; "cross_entropy": the row's ``loss`` on every view, on a whole classifier.
+    objective: ClassVar[str]
     init_from: ClassVar[str]  # the model round 0 starts from: "teacher" (mid.init_student) or "baseline"
+
+    @staticmethod
+    def loss(model: nn.Module, views: list[torch.Tensor],
+             labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """A ``cross_entropy`` row's loss of one batch (its views of every pool attack, in
+        the pool's order) and the metrics its epochs average; ATTA's: the mean cross-entropy
+        over the adversarial views, in one forward pass. The backward pass is the worker's
+        (its gradient is averaged across workers)."""
+        import torch
+        import torch.nn.functional as F
+
+        logits = model(torch.cat(views))
+        targets = labels.repeat(len(views))
+        loss = F.cross_entropy(logits, targets)
+        return loss, {"loss": loss.item(), "adversarial_accuracy": (logits.argmax(1) == targets).float().mean().item()}

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from workers.defenses.base import Defense
+from workers.defenses.base import PoolStudentDefense
 
 
-class MID(Defense):
+class MID(PoolStudentDefense):
     """Meta Invariance Defense: the student encoder E_s, meta-trained on the stored attacker
     pool by the MID stage (``workers/train_mid.py``, settings in the config's ``mid``
     section), read by the frozen teacher's classifier C_t."""

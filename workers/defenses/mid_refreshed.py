@@ -11,6 +11,7 @@ class MIDRefreshed(RefreshedDefense):
     row = "MID-R"
     kind = "mid-r"
     objective = "mid"
+    reads_teacher_classifier = True
     init_from = "teacher"
     description = ("MID's C_t ∘ E_s meta-trained on a pool refreshed against itself every pool.refresh.every epochs "
                    "(the stored perturbations continued by a few attack steps)")

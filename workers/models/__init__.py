@@ -9,27 +9,37 @@ model is built: validating a config needs the names alone and stays quick.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import Any, NamedTuple
 
-# arch -> ("module:factory" in this package, whether it has a decoder)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "lenet": ("lenet:LeNet", True),          # classic 6/16-channel LeNet-5: the digits demo
-    "mid_cnn": ("mid_cnn:MidCNN", True),     # the authors' MNIST network, a 64×7×7 feature map
-    "resnet18": ("resnet:resnet18", True),   # torchvision's names; CIFAR stem up to 64 pixels
-    "resnet50": ("resnet:resnet50", True),
-    "vit_s16": ("vit:vit_s16", False),       # timm's names; no decoder
-    "vit_b16": ("vit:vit_b16", False),
+
+class Architecture(NamedTuple):
+    factory: str  # "module:factory" in this package
+    description: str  # for models.arch's help
+    has_decoder: bool  # the teacher's reconstruction loss applies
+    max_side: int  # the largest image side it is run at: past it a model does not fit a worker's memory
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # LeNet and the authors' CNN flatten a (side/4)² feature map into dense layers.
+    "lenet": Architecture("lenet:LeNet", "classic 6/16-channel LeNet-5, the digits demo", True, 256),
+    "mid_cnn": Architecture("mid_cnn:MidCNN", "the authors' MNIST network, a 64×7×7 feature map", True, 256),
+    # CIFAR stem up to 64 pixels; used up to ImageNet scale
+    "resnet18": Architecture("resnet:resnet18", "torchvision names", True, 1024),
+    "resnet50": Architecture("resnet:resnet50", "torchvision names", True, 1024),
+    # attention grows with (side/16)⁴
+    "vit_s16": Architecture("vit:vit_s16", "timm names, no decoder", False, 512),
+    "vit_b16": Architecture("vit:vit_b16", "timm names, no decoder", False, 512),
 }
 
 _BUILD = ("LAYOUT", "backbone", "build_classifier_model", "build_decoder", "build_encoder", "build_teacher",
           "to_float")
 _BASE = ("Autoencoding", "Backbone", "Encoder", "EncoderClassifier", "ModelSpec")
 
-__all__ = ["ARCHITECTURES", "has_decoder", *_BUILD, *_BASE]
+__all__ = ["ARCHITECTURES", "Architecture", "has_decoder", *_BUILD, *_BASE]
 
 
 def has_decoder(arch: str) -> bool:
-    return ARCHITECTURES[arch][1]
+    return ARCHITECTURES[arch].has_decoder
 
 
 def __getattr__(name: str) -> Any:

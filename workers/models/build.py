@@ -23,7 +23,7 @@ LAYOUT = torch.channels_last
 def backbone(arch: str) -> Backbone:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHITECTURES)})")
-    module, _, factory = ARCHITECTURES[arch][0].partition(":")
+    module, _, factory = ARCHITECTURES[arch].factory.partition(":")
     return getattr(import_module(f"workers.models.{module}"), factory)()
 
 

@@ -13,7 +13,7 @@ SHARED_FIXTURES = {"test_sweep": "tiny-sweep", "test_export": "tiny-sweep"}
 # order; xdist would otherwise hand out the modules with the most tests first.
 LONGEST_FIRST = ["test_end_to_end", "test_refresh", "test_concurrent_runs", "test_training_resume",
                  "test_benchmarks", "test_s3_store", "test_sweep", "test_export", "test_extending",
-                 "test_pool_resume", "test_cluster_job", "test_gpu_check", "test_pool_cli", "test_out_of_core"]
+                 "test_pool_resume", "test_gpu_check", "test_pool_cli", "test_out_of_core"]
 
 
 def module_of(nodeid: str) -> str:

@@ -1,91 +1,96 @@
-"""The same config submitted to a running Ray cluster with `ray job submit`.
+"""The README's cluster commands, run as written: a token, a one-machine Ray cluster started
+with the README's `ray start`, the README's `ray job submit` of the digits config to it,
+`ray stop`.
 
-A head node on loopback stands in for a cluster; the job joins it through RAY_ADDRESS
-(set by the job runtime) instead of starting its own instance.
+The commands are read from the README's "On a cluster" block, so the test fails when the
+README changes into something that does not work (its first version lacked the token a new
+user's `ray start` needs, which this test found). Two things differ from a user's shell,
+neither a change to a command: the run's `--store` and `--out` are the test's own folders
+and tiny `--set` overrides follow them (the README's full run takes minutes), and HOME is a
+folder of the test's, so the token `ray start` keeps in `~/.ray/auth_token` is not the user's.
+
+The README's head takes Ray's default ports (6379, 8265, its job agent's 52365) and
+`ray stop` stops every Ray instance on the machine, so this test is `serial`: `make test`
+runs it after the parallel part, alone; it is skipped if some other Ray instance is running
+(a user's own cluster), which `ray stop` would take down.
 """
 
 import json
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.end_to_end  # `make test-fast` leaves this file out
+pytestmark = [pytest.mark.end_to_end, pytest.mark.serial]  # `make test-fast` leaves this file out
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=256", "data.test_limit=48", "models.baseline.epochs=1", "models.teacher.epochs=1",
-        "mid.epochs=1", "pool.attacks=[PGD_N,FGSM_T]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_T]", "eval.protocols=[adaptive]",
-        "attacks.PGD.nb_iter=2", "attacks.PGD.eps_iter=0.15", "pool.shard_size=128",
+        "mid.epochs=1", "pool.attacks=[PGD_N,FGSM_T]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_T]",
+        "eval.protocols=[adaptive]", "attacks.PGD.nb_iter=2", "attacks.PGD.eps_iter=0.15", "pool.shard_size=128",
         "eval.defenses=[None, MID]"]  # the rows and protocols are test_end_to_end's subject
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def readme_cluster_commands() -> list[str]:
+    """The shell lines of the README's one-machine cluster block, continuations joined."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## On a cluster", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README.md's 'On a cluster' section has no bash block"
+    return [line.strip() for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
 
 
-@pytest.fixture
-def ray_head():
-    bin_dir = str(Path(sys.executable).parent)
-    # The job's `python` is the one on the PATH of whoever ran `ray start`.
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    # Ray 2.60 protects the job API with a token; head and client share this one.
-    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
-    token = os.path.join(temp_dir, "auth_token")
-    with open(token, "w") as f:
-        f.write(uuid.uuid4().hex * 2)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
-    port, dashboard, agent = free_port(), free_port(), free_port()
-    ray = os.path.join(bin_dir, "ray")
-    # The short temp dir also matters: Ray's Unix socket paths must stay under ~107 characters.
-    # Every Ray instance's job agent listens on 52365 unless told otherwise: with another
-    # instance on the machine (the other pytest worker's, a user's) this head's agent could
-    # not bind it and every submit answered "No available agent" (CI, 2026-12-06).
-    # --block keeps the head in this process, so stopping it stops only this cluster
-    # (`ray stop` would stop every Ray instance on the machine).
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
-                             "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield ray, f"http://127.0.0.1:{dashboard}", env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            # A graceful stop after a job took 31 s; its processes are all in the head's group.
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_running() -> bool:
+    return subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "gcs_server"], capture_output=True).returncode == 0
 
 
-def test_ray_job_submit_runs_the_same_config(tmp_path, ray_head):
-    ray, address, env = ray_head
+def test_the_readme_cluster_commands_submit_a_job_that_finishes(tmp_path):
+    commands = readme_cluster_commands()
+    exports = [c for c in commands if c.startswith("export ")]
+    submit = next(c for c in commands if c.startswith("ray job submit"))
+    before = commands[len(exports):commands.index(submit)]  # the token, `ray start`
+    after = commands[commands.index(submit) + 1:]  # `ray stop`
+    assert commands[:len(exports)] == exports and any(c.startswith("ray start") for c in before), commands
+    assert after == ["ray stop"], commands
+    if ray_running():
+        pytest.skip("another Ray instance is running on this machine; the README's `ray stop` would stop it")
+
     store, out = tmp_path / "store", tmp_path / "out"
-    command = [ray, "job", "submit", "--address", address, "--working-dir", ".", "--",
-               "python", "-m", "pipeline", "run", "configs/digits.yaml", "--store", str(store), "--out", str(out)]
-    for override in TINY:
-        command += ["--set", override]
-    for _ in range(30):  # the dashboard's job API comes up a few seconds after `ray start`
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        output = result.stderr + result.stdout
-        # The dashboard's job agent registers a little after the dashboard itself answers.
-        if not any(m in output for m in ("Failed to connect", "Connection refused", "No available agent")):
-            break
-        time.sleep(2)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "joining Ray at" in result.stdout + result.stderr
+    submit = re.sub(r"--store \S+", f"--store {store}", submit)
+    submit = re.sub(r"--out \S+", f"--out {out}", submit)
+    submit += "".join(f" --set '{override}'" for override in TINY)
+    home = tmp_path / "home"
+    home.mkdir()
+    # The README's `ray` is the venv's; a job's `python` is the one on the PATH of `ray start`.
+    env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"):
+        env.pop(name, None)
+    prelude = "set -e; " + "; ".join(exports) + "; " if exports else "set -e; "
+
+    def shell(command: str, timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", prelude + command], cwd=REPO, env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+
+    started = shell("; ".join(before), 180)
+    try:
+        assert started.returncode == 0, (started.stdout + started.stderr)[-4000:]
+        for _ in range(30):  # a script is faster than a user: the job API answers a few seconds after `ray start`
+            result = shell(submit, 900)
+            output = result.stdout + result.stderr
+            if not any(m in output for m in ("Failed to connect", "Connection refused", "No available agent")):
+                break
+            time.sleep(2)
+        assert result.returncode == 0, output[-4000:]
+        assert "succeeded" in output and "joining Ray at" in output
+    finally:
+        stopped = shell("; ".join(after), 120)
+        shutil.rmtree(home, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["protocols"]["adaptive"]["defenses"]) == ["None", "MID"]
     assert set(results["stages"]) == {"ingest", "baseline", "teacher", "pool", "mid", "eval"}
+    assert not ray_running()  # `ray stop` took the head and its workers down

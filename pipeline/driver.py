@@ -11,7 +11,7 @@ from typing import Any
 from pipeline import costs, metrics, report, run_plan
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
-from pipeline.rows import row_stage
+from pipeline.rows import AfterPoolStage, row_stage
 from pipeline.stages import evaluate, ingest, models, pool
 from workers.defenses import defense_class, reads_teacher_classifier
 
@@ -93,8 +93,9 @@ def run_stages(ctx: RunContext) -> dict[str, Any]:
     # They all read the clean dataset, so they train together before the pool (models.run_many).
     dataset, trained, pool_keys = prepare_pool(ctx, run_plan.trained_classifiers(cfg))
     for row in run_plan.rows_after_pool(cfg):  # the classifier rows trained before the pool
-        defense = defense_class(row)
-        trained[defense.kind] = row_stage(row).train(ctx, dataset, defense, trained, pool_keys)
+        defense, stage = defense_class(row), row_stage(row)
+        assert isinstance(stage, AfterPoolStage), (row, stage)  # run_plan and rows agree on what trains after the pool
+        trained[defense.kind] = stage.train(ctx, dataset, defense, trained, pool_keys)
     defenses = {row: row_models(row, trained) for row in cfg.eval.defenses}  # the table's rows, in the config's order
     stored, meta = stored_test_attacks(ctx, dataset, trained)
     for stage, manifest in trained.items():

@@ -23,7 +23,7 @@ from storage import checkpoints, datasets, fs, pools, runs
 from storage.keys import sha256_bytes
 from storage.store import StoreError, open_existing
 from workers.attacks import parse_attack_name
-from workers.defenses import DEFAULT_ROW, defense_class, exportable_rows, reads_teacher_classifier, row_of_checkpoint
+from workers.defenses import DEFAULT_ROW, defense_class, exportable_rows, is_student_checkpoint, row_of_checkpoint
 from workers.export_formats import FILES, ONNX_INPUT, ONNX_OUTPUT, missing_onnx_packages
 
 # An exportable table row -> the label its model is claimed under in a run's ref (MID: the
@@ -125,16 +125,10 @@ def from_run(root: str, name: str, ref: dict[str, Any], row: str) -> Source:
     return Source(manifest, row, name, ref, row_from_run=True)
 
 
-def is_student(manifest: dict[str, Any]) -> bool:
-    """Whether a checkpoint is a student encoder, read by its teacher's classifier (MID, MID-R)."""
-    own_row = row_of_checkpoint(manifest)
-    return own_row is not None and reads_teacher_classifier(own_row)
-
-
 def load_model(root: str, manifest: dict[str, Any]):
     from workers.loading import load_defended, load_source_model
 
-    if is_student(manifest):
+    if is_student_checkpoint(manifest):
         return load_defended(root, manifest["key"], manifest["teacher_key"])
     return load_source_model(root, manifest["kind"], manifest["key"])  # the teacher's C ∘ E, or a classifier
 
@@ -260,7 +254,7 @@ def results_card(root: str, source: Source) -> dict[str, Any]:
 
 def keys_card(source: Source) -> dict[str, Any]:
     manifest, claims = source.manifest, source.claims
-    if is_student(manifest):
+    if is_student_checkpoint(manifest):
         models = {"student": manifest["key"], "teacher": manifest["teacher_key"]}
     else:
         models = {"teacher" if manifest["kind"] == "teacher" else "classifier": manifest["key"]}

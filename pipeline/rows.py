@@ -19,6 +19,7 @@ and one registry line (docs/extending.md).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from pipeline import run_plan, stage_costs
@@ -31,27 +32,31 @@ if TYPE_CHECKING:
     from storage.datasets import DatasetReader
 
 
-class RowStage:
-    """The stage that trains a kind of row (its row's model is named by the row's ``kind``).
-    Every row but a classifier is trained after the pool (``run_plan.rows_after_pool``)."""
+class RowStage(ABC):
+    """The stage that trains a kind of row (its row's model is named by the row's ``kind``)."""
 
+    @abstractmethod
     def needs(self, cfg: RunConfig, defense: type[Defense]) -> list[str]:
         """The stages whose outputs the row's model is built from, its own last."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cost(self, cfg: RunConfig, defense: type[Defense], units: dict[str, float],
              train_samples: int) -> stage_costs.StageCost:
-        raise NotImplementedError
+        """Its own stage's multiply-accumulates per training sample (``mid plan``)."""
 
     def step_unit(self, defense: type[Defense]) -> str:
         """The unit of work (``workers.flops``) the row's own stage runs at."""
         return "train_step"
 
+
+class AfterPoolStage(RowStage):
+    """A row trained by a stage of its own after the pool: every row but a classifier
+    (``run_plan.rows_after_pool``), in the table's order."""
+
+    @abstractmethod
     def train(self, ctx: RunContext, dataset: DatasetReader, defense: type[Defense],
               trained: dict[str, dict[str, Any]], pool_keys: dict[str, str]) -> dict[str, Any]:
-        """Train (or reuse) the row's model after the pool; its manifest. ``trained``: the
-        manifests so far, by kind."""
-        raise NotImplementedError(f"{type(self).__name__} trains before the pool")
+        """Train (or reuse) the row's model; its manifest. ``trained``: the manifests so far, by kind."""
 
 
 class ClassifierStage(RowStage):
@@ -62,7 +67,7 @@ class ClassifierStage(RowStage):
         return stage_costs.classifier_cost(cfg, defense.kind, units, train_samples)
 
 
-class PoolStudentStage(RowStage):
+class PoolStudentStage(AfterPoolStage):
     def needs(self, cfg, defense):
         return ["teacher", "pool", defense.kind]
 
@@ -78,7 +83,7 @@ class PoolStudentStage(RowStage):
         return mid.run(ctx, dataset, trained["teacher"], pool_keys)
 
 
-class RefreshedPoolStage(RowStage):
+class RefreshedPoolStage(AfterPoolStage):
     def needs(self, cfg, defense):
         # Starting from random points of the ε-ball (its own stage makes them), it reads the
         # stored pool only for the attacks it does not refresh.

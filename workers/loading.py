@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from storage.checkpoints import load_checkpoint, read_manifest
-from workers.defenses.base import STUDENT_CHECKPOINT
+from workers.defenses import is_student_checkpoint
 from workers.models import (Autoencoding, EncoderClassifier, ModelSpec, build_classifier_model,
                             build_encoder, build_teacher)
 
@@ -53,7 +53,7 @@ def load_source_model(root: str, kind: str, key: str) -> nn.Module:
         teacher = load_teacher(root, key)
         return EncoderClassifier(teacher.encoder, teacher.classifier).eval()
     manifest = read_manifest(root, key) or {}
-    if manifest.get("kind") == STUDENT_CHECKPOINT:
+    if is_student_checkpoint(manifest):
         return load_defended(root, key, manifest["teacher_key"])
     return load_classifier(root, key)
 

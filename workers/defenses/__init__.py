@@ -27,7 +27,8 @@ STUDENT_ROW = "MID"  # the row the MID stage trains on the fixed pool
 DEFAULT_ROW = STUDENT_ROW  # the row a command means when none is named (a sweep's trials' row, export of a run)
 
 __all__ = ["DEFAULT_ROW", "DEFENSES", "STUDENT_ROW", "classifier_defense", "classifier_rows", "defense_class",
-           "exportable_rows", "reads_teacher_classifier", "refreshed_rows", "row_of_checkpoint"]
+           "exportable_rows", "is_student_checkpoint", "reads_teacher_classifier", "refreshed_rows",
+           "row_of_checkpoint"]
 
 
 def defense_class(row: str) -> type["Defense"]:
@@ -56,12 +57,17 @@ def reads_teacher_classifier(row: str) -> bool:
     return defense_class(row).reads_teacher_classifier
 
 
+def is_student_checkpoint(manifest: dict) -> bool:
+    """Whether a checkpoint is a student encoder E_s, read with its teacher's C_t (MID, MID-R)."""
+    from workers.defenses.base import STUDENT_CHECKPOINT
+
+    return manifest.get("kind") == STUDENT_CHECKPOINT
+
+
 def row_of_checkpoint(manifest: dict) -> str | None:
     """The row whose model a checkpoint is (None: the teacher, the substitute). A student's
     manifest names its row, except MID's own (its manifests predate the rows on refreshed pools)."""
-    from workers.defenses.base import STUDENT_CHECKPOINT
-
-    if manifest["kind"] == STUDENT_CHECKPOINT:
+    if is_student_checkpoint(manifest):
         return manifest.get("row", STUDENT_ROW)
     return next((row for row in DEFENSES if defense_class(row).checkpoint_kind() == manifest["kind"]), None)
 

@@ -54,7 +54,7 @@ from workers.mid import FrozenTeacher, apply_gradients, draw_held_out, meta_grad
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float  # noqa: E402
 from workers.jobs import ClassifierJob, MIDJob  # noqa: E402
 from workers.train_classifier import objective  # noqa: E402
-from workers.train_mid import initial_student  # noqa: E402
+from workers.pool_objectives import initial_student  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -93,7 +93,7 @@ def single_process_classifier(job: ClassifierJob, images: torch.Tensor, labels: 
 
 def single_process_mid(job: MIDJob, clean: torch.Tensor, labels: torch.Tensor,
                        views: list[dict[str, torch.Tensor]]) -> float:
-    """The epochs of ``workers.train_mid.train_mid_loop`` in this process (no all-reduce)."""
+    """The epochs of ``workers.train_on_pool.train_on_pool_loop`` in this process (no all-reduce)."""
     started = time.perf_counter()
     teacher_model = load_teacher(job.root, job.teacher_key)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)

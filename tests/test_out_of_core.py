@@ -113,7 +113,7 @@ def check(work: Path) -> dict:
     seen, mismatched = [], 0
     dataset, readers = DatasetReader.open(root, "big"), {a: PoolReader.open(root, k) for a, k in keys.items()}
     with SpillWatch(spill) as streaming:
-        # As workers.train_mid iterates its shard: shuffled locally, batches prefetched.
+        # As workers.train_on_pool iterates its shard: shuffled locally, batches prefetched.
         for batch in streamed.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256, prefetch_batches=4):
             index = batch["index"].numpy()
             seen += index.tolist()

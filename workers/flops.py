@@ -101,7 +101,7 @@ def train_step_macs(spec: ModelSpec, kind: str = "baseline", lambda_rec: float =
 
 def mid_step_macs(spec: ModelSpec, settings: MetaSettings, attacks: list[str], batch: int = 2) -> float:
     """One meta step on ``batch`` clean samples with one view per attack of the pool (one
-    of them held out), as ``workers.train_mid`` takes it on a CPU worker."""
+    of them held out), as ``workers.train_on_pool`` takes it on a CPU worker."""
     generator = torch.Generator().manual_seed(0)
     teacher_model = build_teacher(spec)
     teacher = FrozenTeacher(teacher_model.encoder, teacher_model.classifier, teacher_model.decoder)

@@ -1,7 +1,7 @@
 """What the training stages ask their Ray Train workers to do: typed, frozen and torch-free.
 
 The driver (``pipeline/stages``) builds a job; the loops (``workers/train_classifier.py``,
-``workers/train_mid.py``) read it. A field misspelt on either side fails at once instead of
+``workers/train_on_pool.py``) read it. A field misspelt on either side fails at once instead of
 falling back to a default, and MID's step defaults live in one place
 (``workers/mid_settings.py``).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.defenses.base import STUDENT_CHECKPOINT
 from workers.mid_settings import MetaSettings
 
 
@@ -64,35 +63,49 @@ class ClassifierJob:
                                             "eps_iter": attack["eps_iter"] * scale}}
 
 
-@dataclass(frozen=True)
-class MIDJob:
-    """The MID student to meta-train on the stored pools and commit under ``checkpoint_key``."""
+@dataclass(frozen=True, kw_only=True)
+class PoolJob:
+    """A model to train on the pool's views, aligned by sample, and commit under
+    ``checkpoint_key``: MID's student (``MIDJob``) or a whole classifier trained with its
+    row's loss on every view (``PoolClassifierJob``, ATTA)."""
 
     root: str  # the store
     checkpoint_key: str
-    teacher_key: str | None  # None for a cross_entropy objective, which reads no teacher
+    row: str  # its row (workers/defenses): its name in bars and messages, its checkpoint's kind
     spec: dict[str, Any]  # ModelSpec.as_dict()
     seed: int
-    attacks: tuple[str, ...]  # the pool's attacks: the views of every step, one held out
+    attacks: tuple[str, ...]  # the pool's attacks: the views of every step
     variants: int  # pool variants; epoch e reads variant e mod K
     epochs: int
     batch_size: int
-    lr: float  # the outer learning rate γ (Adam)
-    init_student: str  # teacher (a copy of E_t) or random
+    lr: float  # Adam's learning rate (MID's outer γ)
     bf16: bool  # autocast on GPU workers
-    step: MetaSettings  # the meta step, batch_views resolved for the workers' device
     augmentation: Augmentation = field(default_factory=Augmentation)
     # A row trained on a refreshed pool (pipeline/stages/refresh.py) trains epochs
     # [first_epoch, epochs) from the checkpoint ``init_checkpoint`` (the last committed
-    # round's, or round 0's starting model), with the row's ``objective``: MID's meta step, or
-    # cross-entropy on every view of a whole classifier (ATTA). ``commit_kind``: the kind its
-    # checkpoints' manifests record.
+    # round's, or round 0's starting model) in the rounds ``refreshed`` names.
     first_epoch: int = 0
     init_checkpoint: str | None = None
-    objective: str = "mid"  # mid or cross_entropy
-    commit_kind: str = STUDENT_CHECKPOINT
-    row: str = "MID"
     refreshed: "RefreshedRounds | None" = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MIDJob(PoolJob):
+    """A student encoder E_s meta-trained with MID's step (``workers/mid.py``, one view held
+    out per step) against the frozen teacher ``teacher_key``."""
+
+    teacher_key: str
+    init_student: str  # teacher (a copy of E_t) or random, when no init_checkpoint is given
+    step: MetaSettings  # the meta step, batch_views resolved for the workers' device
+    row: str = "MID"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolClassifierJob(PoolJob):
+    """A whole classifier C ∘ E trained with its row's ``RefreshedDefense.loss`` on every
+    view (ATTA); it starts from ``init_checkpoint`` (round 0: the baseline)."""
+
+    init_checkpoint: str
 
 
 @dataclass(frozen=True)

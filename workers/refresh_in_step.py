@@ -39,8 +39,8 @@ class CarriedViews:
                         for a in settings.attacks if a.targeted}
 
     def continue_batch(self, student: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        """Continue ``batch``'s refreshed views against ``model`` (``attack_model`` of the
-        trained ``student``), in place in the batch and in the worker's rows."""
+        """Continue ``batch``'s refreshed views against ``model`` (the classifier the
+        trained ``student`` is read by), in place in the batch and in the worker's rows."""
         clean_u8 = batch["clean"]
         clean = to_float(clean_u8)
         trainable = [p for p in student.parameters() if p.requires_grad]
@@ -69,11 +69,10 @@ class CarriedViews:
         checkpoints.write_carried(root, checkpoint_key, rank, arrays)
 
 
-def attack_model(objective: str, student: torch.nn.Module, teacher: Any) -> torch.nn.Module:
-    """What a view is continued against: the row's own model (ATTA's classifier; MID-R's
-    C_t ∘ E_s, as the adaptive table attacks it)."""
-    if objective == "cross_entropy":
-        return student
-    if hasattr(student, "classifier"):  # mid.classifier: trainable, C_s ∘ E_s
+def student_classifier(student: torch.nn.Module, teacher: Any) -> torch.nn.Module:
+    """What MID-R's views are continued against: C_t ∘ E_s, as the adaptive table attacks
+    it (C_s ∘ E_s with ``mid.classifier: trainable``). ATTA's are continued against its own
+    classifier."""
+    if hasattr(student, "classifier"):
         return EncoderClassifier(student.encoder, student.classifier)
     return EncoderClassifier(student, teacher.classifier)

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from storage.checkpoints import save_checkpoint, verify_checkpoint
-from workers.augment import augmentation_generator, crop_and_flip
+from workers.augment import crop_and_flip
 from workers.defenses import classifier_defense
 from workers.epoch_checkpoint import EpochCheckpoints, restore_state
+from workers.epoch_loop import EpochRun, StepObjective, train_epochs
 from workers.jobs import ClassifierJob, WorkerGroup
 from workers.loading import unwrap
 from workers.models import ModelSpec, build_classifier_model, build_teacher, to_float
 from workers.models.pretrained import load_pretrained
-from workers.progress import epoch_bar, quiet_ray_train
+from workers.progress import quiet_ray_train
 from workers.reproducible import WorkerRows, deterministic_kernels
-from workers.training_health import epoch_problem, record_stop
+from workers.training_health import record_stop
 
 def objective(kind: str, settings: dict[str, Any], model, x: torch.Tensor, y: torch.Tensor):
     """(loss, clean or adversarial logits) of one batch for a model of this ``kind``;
@@ -68,66 +69,65 @@ def train_classifiers_loop(config: dict[str, Any]) -> None:
             return
 
 
+class ClassifierStep(StepObjective):
+    """A classifier's optimizer step on a clean batch: its kind's objective, backward, Adam."""
+
+    def __init__(self, job: ClassifierJob, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.job, self.model, self.optimizer = job, model, optimizer
+        self.settings = job.settings
+
+    def begin_epoch(self, epoch: int, rows: WorkerRows) -> None:
+        self.settings = self.job.epoch_settings(epoch)
+
+    def step(self, batch: dict[str, torch.Tensor], crops: torch.Generator) -> tuple[int, dict[str, float]]:
+        augmentation = self.job.augmentation
+        x = crop_and_flip([to_float(batch["clean"])], augmentation.mode, augmentation.crop_padding, crops)[0]
+        y = batch["label"]
+        loss, logits = objective(self.job.kind, self.settings, self.model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return len(y), {"loss": loss.item() * len(y), "correct": (logits.argmax(1) == y).sum().item()}
+
+    def epoch_figures(self, epoch: int, sums: dict[str, float], steps: int, seen: int) -> dict[str, Any]:
+        figures = {"loss": sums.get("loss", 0.0) / max(seen, 1),
+                   "train_accuracy": 100.0 * sums.get("correct", 0.0) / max(seen, 1)}
+        if self.settings.get("attack") is not None:
+            figures["attack_eps"] = self.settings["attack"]["eps"]
+        return figures
+
+    def state(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"checkpoint_key": self.job.checkpoint_key, "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": epoch, "history": history}
+
+    def describe(self, figures: dict[str, Any]) -> str:
+        return f"loss {figures['loss']:.3f}, train acc {figures['train_accuracy']:.1f}%"
+
+
 def train_classifier(job: ClassifierJob, rows: WorkerRows, state: dict[str, Any] | None,
                      device: torch.device, checkpoint_interval_s: float, loop_started_at: float) -> str | None:
     """Train and commit one classifier; returns why it stopped uncommitted (``workers.training_health``), or None."""
     started = time.perf_counter()
     torch.manual_seed(job.seed)  # identical initial weights on every worker
     spec = ModelSpec(**job.spec)
-    kind = job.kind
-    model = build_teacher(spec) if kind == "teacher" else build_classifier_model(spec)
+    model = build_teacher(spec) if job.kind == "teacher" else build_classifier_model(spec)
     if job.pretrained:  # checked and reported on the driver before training started
         load_pretrained(model.encoder, model.classifier, job.pretrained)
     optimizer = torch.optim.Adam(model.parameters(), lr=job.settings["lr"])
-    history, first_epoch = [], 0
+    run = EpochRun(job.kind, job.epochs, job.batch_size, job.seed, device,
+                   EpochCheckpoints(checkpoint_interval_s, job.epochs, device))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
-    rank = ray.train.get_context().get_world_rank()
-    world_size = ray.train.get_context().get_world_size()  # throughput is the whole group's
-    checkpoints = EpochCheckpoints(checkpoint_interval_s, job.epochs, device)
-    bar = epoch_bar(f"{kind} training", job.epochs, show=rank == 0)
-    bar.update(first_epoch)
-    augmentation = job.augmentation
-    for epoch in range(first_epoch, job.epochs):
-        settings = job.epoch_settings(epoch)
-        start, waited, seen, steps, correct, total_loss = time.perf_counter(), rows.wait_seconds, 0, 0, 0, 0.0
-        crops = augmentation_generator(job.seed, rank, epoch)
-        for batch in rows.batches(job.batch_size, job.seed, rank, epoch, device):
-            x = crop_and_flip([to_float(batch["clean"])], augmentation.mode, augmentation.crop_padding, crops)[0]
-            y = batch["label"]
-            loss, logits = objective(kind, settings, model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            total_loss += loss.item() * len(y)
-        seconds = time.perf_counter() - start
-        problem = epoch_problem(kind, epoch, steps, job.batch_size, total_loss / max(seen, 1), model, device)
-        if problem is not None:
-            bar.close()
-            return problem
-        metrics = {"epoch": epoch, "loss": total_loss / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1),
-                   "samples_per_second": seen * world_size / seconds, "seconds": seconds,
-                   "data_wait_seconds": rows.wait_seconds - waited,
-                   "lr": optimizer.param_groups[0]["lr"], "resumed": state is not None and epoch == first_epoch}
-        if settings.get("attack") is not None:
-            metrics["attack_eps"] = settings["attack"]["eps"]
-        history.append(metrics)
-        checkpoints.end_epoch(epoch, metrics, {"checkpoint_key": job.checkpoint_key, "model": unwrap(model).state_dict(),
-                                               "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history})
-        bar.set_description(f"{kind} training (loss {metrics['loss']:.3f}, "
-                            f"train acc {metrics['train_accuracy']:.1f}%)")
-        bar.update(1)
-    bar.close()
-    if rank == 0:
-        save_checkpoint(job.root, job.checkpoint_key, unwrap(model).state_dict(),
-                        {"kind": kind, "spec": spec.as_dict(), "history": history,
+        run.history, run.first_epoch, run.resumed = state["history"], state["epoch"] + 1, True
+    step = ClassifierStep(job, ray.train.torch.prepare_model(model), optimizer)
+    problem = train_epochs(run, step, lambda epoch, bar: rows)
+    if problem is not None:
+        return problem
+    if ray.train.get_context().get_world_rank() == 0:
+        save_checkpoint(job.root, job.checkpoint_key, unwrap(step.model).state_dict(),
+                        {"kind": job.kind, "spec": spec.as_dict(), "history": run.history,
                          "worker_seconds": {"training": time.perf_counter() - started,
-                                            "checkpoints": checkpoints.seconds,
+                                            "checkpoints": run.checkpoints.seconds,
                                             "loop_started_at": loop_started_at, "committed_at": time.time()}})
     return None

@@ -28,7 +28,7 @@ def mid_job(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], po
 
 def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_keys: dict[str, str]) -> dict[str, Any]:
     from storage.datasource import AlignedViewsDatasource
-    from workers.train_mid import train_mid_loop, variant_dataset_name
+    from workers.train_on_pool import train_on_pool_loop, variant_dataset_name
 
     m = ctx.cfg.mid
     with ctx.stage("mid") as record:
@@ -44,7 +44,7 @@ def run(ctx: RunContext, dataset: DatasetReader, teacher: dict[str, Any], pool_k
                         for k in range(ctx.cfg.pool.variants)}
             if m.bf16 and not ctx.cfg.ray.use_gpu:
                 ctx.say("mid: mid.bf16 applies to GPU workers only (ray.use_gpu is false): training in float32")
-            return train_with_ray(ctx, train_mid_loop, {"job": mid_job(ctx, dataset, teacher, pool_keys, key)},
+            return train_with_ray(ctx, train_on_pool_loop, {"job": mid_job(ctx, dataset, teacher, pool_keys, key)},
                                   variants, m.num_workers, "mid", key)
 
         manifest, record["cache_hit"] = ctx.reuse_or_build(

@@ -35,7 +35,7 @@ from storage.datasets import DatasetReader
 from storage.keys import content_key
 from workers.defenses import defense_class
 from workers.attacks import make_attack
-from workers.jobs import InStepRefresh, MIDJob, RefreshedAttack
+from workers.jobs import InStepRefresh, MIDJob, PoolClassifierJob, PoolJob, RefreshedAttack
 
 
 def rounds(ctx: RunContext, objective: str) -> list[tuple[int, int]]:
@@ -223,7 +223,7 @@ class RefreshedRow:
         import ray
 
         from pipeline.stages.round_channel import RoundChannel
-        from workers.train_mid import train_mid_loop
+        from workers.train_on_pool import train_on_pool_loop
 
         ctx = self.ctx
         ctx.ensure_ray()
@@ -240,7 +240,7 @@ class RefreshedRow:
 
         def fit() -> None:
             try:
-                outcome["manifest"] = train_with_ray(ctx, train_mid_loop, {"job": job}, {}, workers, section, key)
+                outcome["manifest"] = train_with_ray(ctx, train_on_pool_loop, {"job": job}, {}, workers, section, key)
             except BaseException as e:  # handed to the driver's thread as is
                 outcome["error"] = e
             finally:
@@ -320,21 +320,23 @@ class RefreshedRow:
                                       pools=self.versions[index]).estimate_inmemory_data_size()
         return size / workers <= WORKER_ROWS_BYTES
 
-    def group_job(self, first: int, key: str, channel, workers: int) -> MIDJob:
+    def group_job(self, first: int, key: str, channel, workers: int) -> PoolJob:
         """The job of the worker group training rounds ``first``, ...: from the newest round's
-        checkpoint (its weights, optimizer and history), or round 0's starting model."""
+        checkpoint (its weights, optimizer and history), or round 0's starting model. MID's
+        step for MID-R (``MIDJob``), the row's own loss on a whole classifier for ATTA."""
         from workers.jobs import RefreshedRounds
 
         ctx, m = self.ctx, self.ctx.cfg.mid
         epochs, batch_size, lr, _ = run_plan.refreshed_training(ctx.cfg, self.objective)
-        init = self.model["key"] if self.model is not None else (None if self.mid else self.start["key"])
-        return MIDJob(root=ctx.root, checkpoint_key=key, teacher_key=self.teacher["key"] if self.mid else None,
-                      spec=model_spec(ctx, self.dataset).as_dict(), seed=ctx.cfg.seed,
-                      attacks=tuple(ctx.cfg.pool.attacks), variants=self.variants(first), epochs=epochs,
-                      batch_size=batch_size, lr=lr, init_student=m.init_student, bf16=m.bf16,
-                      step=m.step(on_gpu=ctx.cfg.ray.use_gpu), augmentation=worker_augmentation(ctx),
-                      first_epoch=self.plan[first][0], init_checkpoint=init, objective=self.objective,
-                      commit_kind=defense_class(self.row).checkpoint_kind(), row=self.row,
+        common = dict(root=ctx.root, checkpoint_key=key, row=self.row, spec=model_spec(ctx, self.dataset).as_dict(),
+                      seed=ctx.cfg.seed, attacks=tuple(ctx.cfg.pool.attacks), variants=self.variants(first),
+                      epochs=epochs, batch_size=batch_size, lr=lr, bf16=m.bf16,
+                      augmentation=worker_augmentation(ctx), first_epoch=self.plan[first][0],
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), channel,
                                                 self.rows_fit(workers, first),
                                                 in_step_settings(ctx, self.objective) if in_step(ctx) else None))
+        if self.mid:
+            return MIDJob(**common, teacher_key=self.teacher["key"], init_student=m.init_student,
+                          step=m.step(on_gpu=ctx.cfg.ray.use_gpu),
+                          init_checkpoint=self.model["key"] if self.model is not None else None)
+        return PoolClassifierJob(**common, init_checkpoint=(self.model if self.model is not None else self.start)["key"])

@@ -102,7 +102,7 @@ class ClassifierDefense(Defense):
 
 class PoolStudentDefense(Defense):
     """A student encoder E_s meta-trained on the stored attacker pool by the MID stage
-    (``workers/train_mid.py``, settings in the config's ``mid`` section), read by the frozen
+    (``workers/train_on_pool.py``, settings in the config's ``mid`` section), read by the frozen
     teacher's classifier C_t."""
 
     reads_teacher_classifier = True

@@ -20,7 +20,7 @@ from storage.pools import INT8_MAX_EPS
 from storage.store import StoreError, check_url
 from storage.readers import READERS
 from workers.attacks import FAMILIES, attack_class, parse_attack_name
-from workers.defenses import DEFENSES, classifier_rows, defense_class
+from workers.defenses import DEFENSES, classifier_rows, defense_class, refreshed_rows
 from workers.defenses.base import TrainSettings
 from workers.mid_settings import LossWeights, MetaSettings
 from workers.models import ARCHITECTURES, has_decoder
@@ -149,13 +149,13 @@ class _ModelsConfig(Section):
 
 
 def _row_sections() -> dict[str, tuple[type[Section], Any]]:
-    """``models.<kind>`` of every classifier row, typed by the row's own settings
-    (workers/defenses/<file>.py: ``Settings``)."""
+    """``models.<section>`` of every classifier row and every refreshed row, typed by the
+    row's own settings (workers/defenses/<file>.py: ``Settings``)."""
     sections = {}
-    for row in classifier_rows():
+    for row in [*classifier_rows(), *refreshed_rows()]:
         defense = defense_class(row)
-        section = _section(defense.Settings, f"{row}Section")
-        sections[defense.kind] = (section, Field(section(), description=f"{defense.description} (row {row})"))
+        section = _section(defense.Settings, f"{row.replace('-', '')}Section")
+        sections[defense.section()] = (section, Field(section(), description=f"{defense.description} (row {row})"))
     return sections
 
 
@@ -560,6 +560,9 @@ class RunConfig(Section):
                              f"{MAX_SHARD_BYTES // pixels:,}")
         batches = {**{f"models.{kind}.batch_size": getattr(self.models, kind).batch_size
                       for kind in self.classifier_kinds()},
+                   **{f"models.{defense_class(row).section()}.batch_size":
+                      getattr(self.models, defense_class(row).section()).batch_size
+                      for row in refreshed_rows() if getattr(self.models, defense_class(row).section()).batch_size},
                    "mid.batch_size": self.mid.batch_size, "pool.batch_size": self.pool.batch_size,
                    "eval.batch_size": self.eval.batch_size, "attacks.AA.batch_size": self.attacks.AA.batch_size}
         for field, batch in batches.items():

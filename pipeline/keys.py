@@ -150,9 +150,10 @@ def pool_set_payload(pool_keys: dict[str, str]) -> dict[str, Any]:
     return {"pools": pool_keys}
 
 
-def mid_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The mid section as it enters the student's key: the ablation switches only when off."""
-    settings = cfg.mid.model_dump()
+def mid_settings(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mid section as it enters the student's key (``overrides``: MID-R's own schedule,
+    resolved): the ablation switches only when off."""
+    settings = {**cfg.mid.model_dump(), **(overrides or {})}
     for switch in ("meta", "distill"):
         if settings[switch]:
             settings.pop(switch)  # on, as every student made before the switches existed
@@ -212,15 +213,18 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     round's checkpoint is keyed by this and its round's pools (``refreshed_round_payload``)."""
     r = cfg.pool.refresh
     objective = "mid" if teacher_sha256 is not None else "cross_entropy"
-    epochs = run_plan.refreshed_training(cfg, objective)[0]
-    if teacher_sha256 is not None:  # MID's step, the mid section
-        train: dict[str, Any] = {"mid": mid_settings(cfg), "teacher_sha256": teacher_sha256,
-                                 "num_workers": cfg.mid.num_workers}
-        if epochs != cfg.mid.epochs:  # pool.refresh.epochs
+    schedule = run_plan.refreshed_training(cfg, row)
+    epochs = schedule.epochs
+    if teacher_sha256 is not None:  # MID's step: the mid section as the row's schedule resolves it
+        own = {"batch_size": schedule.batch_size, "lr": schedule.lr, "num_workers": schedule.num_workers,
+               "classifier": "trainable" if schedule.trainable_classifier else "teacher"}
+        train: dict[str, Any] = {"mid": mid_settings(cfg, own), "teacher_sha256": teacher_sha256,
+                                 "num_workers": schedule.num_workers}
+        if epochs != cfg.mid.epochs:  # models.mid_r.epochs or pool.refresh.epochs
             train["epochs"] = epochs
-    else:  # cross-entropy with AT's epochs, batch size and learning rate
-        at = cfg.models.at
-        train = {"epochs": epochs, "batch_size": at.batch_size, "lr": at.lr, "num_workers": cfg.models.num_workers}
+    else:  # cross-entropy with its schedule (AT's epochs, batch size and learning rate unless set)
+        train = {"epochs": epochs, "batch_size": schedule.batch_size, "lr": schedule.lr,
+                 "num_workers": schedule.num_workers}
     warmup = run_plan.refreshed_eps_warmup(cfg, objective)
     if warmup:  # at staleness zero only
         train["eps_warmup_epochs"] = warmup

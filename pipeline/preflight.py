@@ -16,6 +16,7 @@ from pipeline.config import RunConfig
 from storage.readers import reader
 from storage.readers.base import DataFileError
 from storage import store as store_location
+from workers.defenses import refreshed_rows
 
 
 def problems(cfg: RunConfig, command: str = "run") -> list[str]:
@@ -56,6 +57,14 @@ def starved_data_problem(field: str, workers: int, cpus_per_worker: float, total
             f"(e.g. {total / (workers + 1):.2g}) or {field}")
 
 
+def field_value(cfg: RunConfig, field: str):
+    """The value of the config field named by its dotted path (``models.num_workers``)."""
+    value = cfg
+    for name in field.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def data_problems(cfg: RunConfig) -> list[str]:
     return reader(cfg.data.source).problems(cfg.data.path)
 
@@ -68,6 +77,13 @@ def training_stages(cfg: RunConfig, command: str = "run") -> dict[str, list[tupl
                                      for kind in kinds]}
     if "mid" in run_plan.run_stages(cfg, command):
         groups["mid.num_workers"] = [("mid.batch_size", cfg.mid.batch_size)]
+    if command == "run":
+        for row in run_plan.rows_after_pool(cfg):
+            if row in refreshed_rows():  # its own worker group, on its own schedule
+                schedule = run_plan.refreshed_training(cfg, row)
+                stages = groups.setdefault(schedule.workers_field, [])
+                if (schedule.batch_size_field, schedule.batch_size) not in stages:
+                    stages.append((schedule.batch_size_field, schedule.batch_size))
     return groups
 
 
@@ -87,7 +103,7 @@ def empty_epoch_problems(cfg: RunConfig, command: str = "run") -> list[str]:
     source = f"data.train_limit={d.train_limit} gives" if limited else f"the train split's {samples} samples give"
     found = []
     for workers_field, stages in training_stages(cfg, command).items():
-        workers = cfg.mid.num_workers if workers_field == "mid.num_workers" else cfg.models.num_workers
+        workers = field_value(cfg, workers_field)
         per_worker = samples // workers
         short = [(field, batch) for field, batch in stages if batch > per_worker]
         if short:

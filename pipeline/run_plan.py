@@ -5,6 +5,8 @@ costed and keyed is what runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pipeline.config import RunConfig
 from workers.defenses import classifier_rows, defense_class
 
@@ -40,16 +42,40 @@ def rows_after_pool(cfg: RunConfig) -> list[str]:
     return [row for row in cfg.eval.defenses if row not in classifier_rows()]
 
 
-def refreshed_training(cfg: RunConfig, objective: str) -> tuple[int, int, float, int]:
-    """(epochs, batch size, learning rate, workers) of a row trained on a refreshed pool:
-    the mid section for MID's step (MID-R), AT's for cross-entropy (ATTA is AT at equal
-    training steps, with transferred instead of fresh attacks)."""
-    epochs = cfg.pool.refresh.epochs
-    if objective == "mid":
-        m = cfg.mid
-        return epochs or m.epochs, m.batch_size, m.lr, m.num_workers
-    at = cfg.models.at
-    return epochs or at.epochs, at.batch_size, at.lr, cfg.models.num_workers
+@dataclass(frozen=True)
+class RefreshedSchedule:
+    """How a row on a refreshed pool trains: its section ``models.<section>``, each unset
+    field resolved."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    num_workers: int
+    workers_field: str  # the field num_workers came from, for messages
+    batch_size_field: str  # the field batch_size came from
+    trainable_classifier: bool  # MID's step only: the label term's classifier is trained with the student
+
+
+def refreshed_training(cfg: RunConfig, row: str) -> RefreshedSchedule:
+    """The schedule of ``row``, a row trained on a refreshed pool: its own section's fields
+    where set, else ``pool.refresh.epochs`` (epochs), else the base section of its step:
+    ``mid`` for MID's (MID-R), ``models.at`` for cross-entropy (ATTA is AT at equal training
+    steps, with transferred instead of fresh attacks)."""
+    defense = defense_class(row)
+    own, section = getattr(cfg.models, defense.section()), f"models.{defense.section()}"
+    if defense.objective == "mid":
+        base, base_name, workers, workers_name = cfg.mid, "mid", cfg.mid.num_workers, "mid.num_workers"
+        trainable = (getattr(own, "classifier", None) or cfg.mid.classifier) == "trainable"
+    else:
+        base, base_name = cfg.models.at, "models.at"
+        workers, workers_name, trainable = cfg.models.num_workers, "models.num_workers", False
+    return RefreshedSchedule(
+        epochs=own.epochs or cfg.pool.refresh.epochs or base.epochs,
+        batch_size=own.batch_size or base.batch_size, lr=own.lr or base.lr,
+        num_workers=own.num_workers or workers,
+        workers_field=f"{section}.num_workers" if own.num_workers else workers_name,
+        batch_size_field=f"{section}.batch_size" if own.batch_size else f"{base_name}.batch_size",
+        trainable_classifier=trainable)
 
 
 def refreshed_eps_warmup(cfg: RunConfig, objective: str) -> int:

@@ -73,7 +73,7 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
     """A row trained on a refreshed pool: its rounds' training and the refreshes between
     them, per sample of the training split (pipeline/stages/refresh.py)."""
     defense = defense_class(row)
-    epochs = training_epochs = run_plan.refreshed_training(cfg, defense.objective)[0]
+    epochs = training_epochs = run_plan.refreshed_training(cfg, row).epochs
     attacks, r = run_plan.refreshed_attacks(cfg), cfg.pool.refresh
     rounds = -(-epochs // max(1, r.every))
     if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success)

@@ -245,7 +245,7 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     chosen = load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.eps_warmup_epochs=2"])
     assert (run_plan.refreshed_eps_warmup(chosen, "cross_entropy"), run_plan.refreshed_eps_warmup(chosen, "mid")) == (2, 2)
     longer = load_config(DIGITS, ["pool.refresh.epochs=33"])
-    assert run_plan.refreshed_training(longer, "mid")[0] == run_plan.refreshed_training(longer, "cross_entropy")[0] == 33
+    assert run_plan.refreshed_training(longer, "MID-R").epochs == run_plan.refreshed_training(longer, "ATTA").epochs == 33
     assert longer.mid.epochs != 33  # MID itself keeps its epochs
     with pytest.raises(ConfigError, match=r"pool.refresh.overlap: at staleness zero .* set every ≥ 1"):
         load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.overlap=true"])
@@ -271,3 +271,30 @@ def test_every_unknown_key_is_named_with_the_keys_its_section_allows():
                      "reset_every, start, epochs, eps_warmup_epochs, overlap)",  # the sections' order: pool first
                      f"config error: mid: unknown key 'epoch' (allowed: {allowed_mid})",
                      f"config error: mid: unknown key 'lrr' (allowed: {allowed_mid})"]
+
+
+def test_a_refreshed_row_trains_on_its_own_schedule_and_takes_every_unset_field_from_its_base_section():
+    """models.mid_r and models.atta: MID-R's unset fields are mid's, ATTA's models.at's;
+    MID's own section (and so MID's row) is untouched by MID-R's."""
+    plain = load_config(DIGITS)
+    for row, base_batch, base_lr, base_workers in (("MID-R", plain.mid.batch_size, plain.mid.lr, plain.mid.num_workers),
+                                                   ("ATTA", plain.models.at.batch_size, plain.models.at.lr,
+                                                    plain.models.num_workers)):
+        schedule = run_plan.refreshed_training(plain, row)
+        assert (schedule.batch_size, schedule.lr, schedule.num_workers) == (base_batch, base_lr, base_workers)
+    assert run_plan.refreshed_training(plain, "MID-R").epochs == plain.mid.epochs
+    assert run_plan.refreshed_training(plain, "ATTA").epochs == plain.models.at.epochs
+    own = load_config(DIGITS, ["models.mid_r.batch_size=32", "models.mid_r.epochs=7", "models.mid_r.lr=0.002",
+                               "models.mid_r.classifier=trainable", "models.atta.batch_size=16",
+                               "pool.refresh.epochs=33"])
+    mid_r, atta = run_plan.refreshed_training(own, "MID-R"), run_plan.refreshed_training(own, "ATTA")
+    assert (mid_r.batch_size, mid_r.epochs, mid_r.lr, mid_r.trainable_classifier) == (32, 7, 0.002, True)
+    assert mid_r.batch_size_field == "models.mid_r.batch_size" and mid_r.workers_field == "mid.num_workers"
+    assert (atta.batch_size, atta.epochs, atta.lr) == (16, 33, plain.models.at.lr)  # its epochs: pool.refresh's
+    assert own.mid == plain.mid
+    assert not run_plan.refreshed_training(plain, "MID-R").trainable_classifier
+    assert run_plan.refreshed_training(load_config(DIGITS, ["mid.classifier=trainable"]), "MID-R").trainable_classifier
+    with pytest.raises(ConfigError, match=r"models.mid_r.classifier"):
+        load_config(DIGITS, ["models.mid_r.classifier=both"])
+    with pytest.raises(ConfigError, match=r"models.atta: unknown key 'classifier'"):
+        load_config(DIGITS, ["models.atta.classifier=trainable"])

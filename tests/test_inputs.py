@@ -260,6 +260,12 @@ def test_fewer_samples_per_worker_than_a_batch_is_refused_before_ray_starts(tmp_
     assert validate.returncode == 2
     assert ("error: mid.batch_size: data.train_limit=64 gives 32 samples per worker, below mid.batch_size=64 with "
             "mid.num_workers=2") in validate.stderr
+    # A refreshed row's worker group on its own schedule too.
+    refreshed = mid("validate", "configs/digits.yaml", "--set", "data.train_limit=256", "--set",
+                    "eval.defenses=[None, MID-R]", "--set", "models.mid_r.batch_size=256")
+    assert refreshed.returncode == 2
+    assert ("error: models.mid_r.batch_size: data.train_limit=256 gives 128 samples per worker, below "
+            "models.mid_r.batch_size=256 with mid.num_workers=2") in refreshed.stderr
 
 
 def test_a_split_smaller_than_the_workers_batches_is_read_from_the_headers(tmp_path):

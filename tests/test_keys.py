@@ -377,6 +377,18 @@ def test_the_demo_dataset_key():
     assert content_key("dataset", keys.dataset_payload(cfg, raw)) == "dataset-a4f18da1e9a55fc26cc6"
 
 
+def test_mid_r_keys_the_schedule_it_trains_whichever_section_sets_it():
+    """models.mid_r.batch_size=128 and mid.batch_size=128 train MID-R alike, so they key it
+    alike; MID's own row is keyed by mid alone, so MID-R's section leaves MID's key as it is."""
+    rows = "eval.defenses=[None, MID, MID-R]"
+    plain, own = key_payloads(load_config(CONFIG, [rows])), key_payloads(load_config(CONFIG, [rows, "models.mid_r.batch_size=128"]))
+    shared = key_payloads(load_config(CONFIG, [rows, "mid.batch_size=128"]))
+    assert own["mid"] == plain["mid"] != shared["mid"]
+    assert own["mid-r/run"] == shared["mid-r/run"] != plain["mid-r/run"]
+    unset = key_payloads(load_config(CONFIG, [rows, f"models.mid_r.batch_size={load_config(CONFIG).mid.batch_size}"]))
+    assert unset["mid-r/run"] == plain["mid-r/run"]  # set to mid's own value: the same training, the same key
+
+
 def test_a_pretrained_model_cannot_be_keyed_without_its_digest():
     cfg = variant_config("pretrained")
     spec = {"arch": "lenet", "in_channels": 1, "image_size": 16, "num_classes": 10, "feature_dim": 84}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from pipeline import keys as key_rules
@@ -38,9 +39,9 @@ from workers.attacks import make_attack
 from workers.jobs import InStepRefresh, MIDJob, PoolClassifierJob, PoolJob, RefreshedAttack
 
 
-def rounds(ctx: RunContext, objective: str) -> list[tuple[int, int]]:
+def rounds(ctx: RunContext, row: str) -> list[tuple[int, int]]:
     """Each round's epochs [first, stop)."""
-    epochs, every = run_plan.refreshed_training(ctx.cfg, objective)[0], max(1, ctx.cfg.pool.refresh.every)
+    epochs, every = run_plan.refreshed_training(ctx.cfg, row).epochs, max(1, ctx.cfg.pool.refresh.every)
     return [(r * every, min(epochs, (r + 1) * every)) for r in range(math.ceil(epochs / every))]
 
 
@@ -113,7 +114,7 @@ class RefreshedRow:
         self.run_key = content_key(f"{self.kind}-run", key_rules.refreshed_run_payload(
             ctx.cfg, row, dataset.fingerprint, self.start["sha256"], self.teacher["sha256"] if self.mid else None,
             first_pools))
-        self.plan = rounds(ctx, self.objective)
+        self.plan = rounds(ctx, self.row)
         self.versions = [dict(first_pools)]  # every pool version's {attack: key}, by index
         self.model: dict[str, Any] | None = None  # the newest committed round's manifest
         self.round_models: list[dict[str, Any]] = []  # every committed round's manifest, by index
@@ -228,7 +229,7 @@ class RefreshedRow:
         ctx = self.ctx
         ctx.ensure_ray()
         key = self.round_key(first)
-        workers = run_plan.refreshed_training(ctx.cfg, self.objective)[3]
+        workers = run_plan.refreshed_training(ctx.cfg, self.row).num_workers
         # Ray Train's run folder is "<section>-<first round's key>": the section whose num_workers
         # the group has (mid, or models for ATTA), and a key the run's ref names (mid cache gc).
         section = "mid" if self.mid else "models"
@@ -327,16 +328,17 @@ class RefreshedRow:
         from workers.jobs import RefreshedRounds
 
         ctx, m = self.ctx, self.ctx.cfg.mid
-        epochs, batch_size, lr, _ = run_plan.refreshed_training(ctx.cfg, self.objective)
+        schedule = run_plan.refreshed_training(ctx.cfg, self.row)
         common = dict(root=ctx.root, checkpoint_key=key, row=self.row, spec=model_spec(ctx, self.dataset).as_dict(),
                       seed=ctx.cfg.seed, attacks=tuple(ctx.cfg.pool.attacks), variants=self.variants(first),
-                      epochs=epochs, batch_size=batch_size, lr=lr, bf16=m.bf16,
+                      epochs=schedule.epochs, batch_size=schedule.batch_size, lr=schedule.lr, bf16=m.bf16,
                       augmentation=worker_augmentation(ctx), first_epoch=self.plan[first][0],
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), channel,
                                                 self.rows_fit(workers, first),
                                                 in_step_settings(ctx, self.objective) if in_step(ctx) else None))
         if self.mid:
             return MIDJob(**common, teacher_key=self.teacher["key"], init_student=m.init_student,
-                          step=m.step(on_gpu=ctx.cfg.ray.use_gpu),
+                          step=replace(m.step(on_gpu=ctx.cfg.ray.use_gpu),
+                                       trainable_classifier=schedule.trainable_classifier),
                           init_checkpoint=self.model["key"] if self.model is not None else None)
         return PoolClassifierJob(**common, init_checkpoint=(self.model if self.model is not None else self.start)["key"])

@@ -45,6 +45,17 @@ class AdversarialTrainSettings(TrainSettings):
                              "epochs (0: full ε from the start); large ε on a small network needs it to train")
 
 
+class RefreshedSettings(BaseModel):
+    """A refreshed row's schedule, its section ``models.<section>``: a field left unset is
+    taken from the section of the step the row takes (``mid`` for MID's, ``models.at`` and
+    ``models.num_workers`` for cross-entropy), its epochs from ``pool.refresh.epochs`` first."""
+
+    epochs: PositiveInt | None = Field(None, description="epochs (none: pool.refresh.epochs, else the base section's)")
+    batch_size: PositiveInt | None = Field(None, description="batch size per worker (none: the base section's)")
+    lr: PositiveFloat | None = Field(None, description="Adam's learning rate (none: the base section's)")
+    num_workers: PositiveInt | None = Field(None, description="Ray Train workers (none: the base section's)")
+
+
 # The kind a student encoder's checkpoint records (MID, MID-R): C_t ∘ E_s, read with its teacher.
 STUDENT_CHECKPOINT = "mid_student"
 
@@ -58,6 +69,11 @@ class Defense:
     description: ClassVar[str]  # one sentence: the export card's "what", the config section's description
     exportable: ClassVar[bool] = True  # `mid export --row` offers it
     reads_teacher_classifier: ClassVar[bool] = False  # its model is a student encoder E_s read by the teacher's C_t
+
+    @classmethod
+    def section(cls) -> str:
+        """Its settings section's name under ``models`` (its kind, a Python name)."""
+        return cls.kind.replace("-", "_")
 
     @classmethod
     def checkpoint_kind(cls) -> str:
@@ -117,7 +133,8 @@ class RefreshedDefense(Defense):
     # "mid": MID's meta step (workers/mid.py) on a student encoder, read by the teacher's
     # classifier; "cross_entropy": the row's ``loss`` on every view, on a whole classifier.
     objective: ClassVar[str]
-    init_from: ClassVar[str]  # the model round 0 starts from: "teacher" (mid.init_student) or "baseline"
+    init_from: ClassVar[str]
+    Settings: ClassVar[type[RefreshedSettings]] = RefreshedSettings  # models.<section>: its schedule  # the model round 0 starts from: "teacher" (mid.init_student) or "baseline"
 
     @staticmethod
     def loss(model: nn.Module, views: list[torch.Tensor],

@@ -1,6 +1,19 @@
 from __future__ import annotations
 
-from workers.defenses.base import RefreshedDefense
+from typing import Literal
+
+from pydantic import Field
+
+from workers.defenses.base import RefreshedDefense, RefreshedSettings
+
+
+class MIDRefreshedSettings(RefreshedSettings):
+    """MID-R's schedule (``models.mid_r``): unset fields are ``mid``'s, so MID's own row keeps
+    its settings while MID-R trains on its own schedule."""
+
+    classifier: Literal["teacher", "trainable"] | None = Field(
+        None, description="the label term's classifier: the teacher's, frozen, or a trainable copy (none: "
+                          "mid.classifier)")
 
 
 class MIDRefreshed(RefreshedDefense):
@@ -13,5 +26,6 @@ class MIDRefreshed(RefreshedDefense):
     objective = "mid"
     reads_teacher_classifier = True
     init_from = "teacher"
+    Settings = MIDRefreshedSettings
     description = ("MID's C_t ∘ E_s meta-trained on a pool refreshed against itself every pool.refresh.every epochs "
                    "(the stored perturbations continued by a few attack steps)")

@@ -239,6 +239,11 @@ class RefreshConfig(Section):
                           "first W epochs, as AT ramps its attack (none: models.at.eps_warmup_epochs for ATTA, "
                           "0 for MID-R)")
 
+    success_samples: PositiveInt | None = Field(
+        None, description="at staleness zero, measure each carried version's success against its round's model on "
+                          "a seeded sample of this many training samples (none: every sample): a statistic for "
+                          "the record, whose forward passes count in the rows' attack MACs; the views are the same")
+
     overlap: bool = Field(
         False, description="make pool version r+1 against round r-1's model while round r trains (one round "
                            "staler, the pool actors working beside the Train workers) instead of after it")
@@ -278,8 +283,8 @@ class PoolConfig(Section):
     @classmethod
     def _known_attacks(cls, v: list[str]) -> list[str]:
         _check_attack_names(v)
-        if len(v) < 2:
-            raise ValueError("MID holds one attack out per step: the pool needs at least 2 attacks")
+        if not v:
+            raise ValueError("empty: the pool needs at least one attack")
         return v
 
 
@@ -484,6 +489,16 @@ class RunConfig(Section):
                 if eps is not None and eps > INT8_MAX_EPS * self.pool.delta_step:
                     raise ValueError(f"pool.encoding: int8_delta holds deltas up to 127/255, but "
                                      f"attacks.{family}.eps is {eps}; use pool.encoding: uint8")
+        return self
+
+    @model_validator(mode="after")
+    def _an_attack_to_hold_out(self):
+        # Only MID's meta step holds one out; ATTA alone may train on a pool of one attack.
+        held_out = [row for row in self.eval.defenses if defense_class(row).reads_teacher_classifier]
+        if self.mid.meta and held_out and len(self.pool.attacks) < 2:
+            raise ValueError(f"pool.attacks: {' and '.join(held_out)} {'holds' if len(held_out) == 1 else 'hold'} one "
+                             f"attack out per step (mid.meta): the "
+                             f"pool needs at least 2 attacks, not {len(self.pool.attacks)}")
         return self
 
     @model_validator(mode="after")

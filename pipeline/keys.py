@@ -249,6 +249,8 @@ def refreshed_pool_payload(cfg: RunConfig, previous_key: str, source_sha256: str
            else refresh_settings(cfg, attack))
     if cfg.pool.refresh.every == 0 and not reset:  # the views the workers carried in the step
         how = {**how, "in_step": True}
+        if cfg.pool.refresh.success_samples is not None:  # the same views; their success on a sample
+            how["success_samples"] = cfg.pool.refresh.success_samples
     return {"refresh_of": previous_key, "source_sha256": source_sha256, "attack": attack, **how,
             "encoding": p.encoding, "delta_step": p.delta_step, "compressor": p.compressor,
             "shard_size": p.shard_size, "batch_size": p.batch_size, "format_version": pools.FORMAT_VERSION,

@@ -76,8 +76,11 @@ def refreshed_cost(cfg: RunConfig, row: str, units: dict[str, float], train_samp
     epochs = training_epochs = run_plan.refreshed_training(cfg, row).epochs
     attacks, r = run_plan.refreshed_attacks(cfg), cfg.pool.refresh
     rounds = -(-epochs // max(1, r.every))
-    if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success)
-        refresh = epochs * len(attacks) * r.steps * units["attack_step"] + (rounds - 1) * len(attacks) * units["forward"]
+    if r.every == 0:  # staleness zero: `steps` per view in every epoch's step (+ the stored version's success,
+        # on every sample or on pool.refresh.success_samples of them)
+        measured = 1.0 if r.success_samples is None else min(1.0, r.success_samples / train_samples)
+        refresh = (epochs * len(attacks) * r.steps * units["attack_step"]
+                   + (rounds - 1) * len(attacks) * units["forward"] * measured)
     else:  # a refresh continues one view per attack by `steps` steps (+ its success, before and after rounding)
         refresh = (rounds - 1) * len(attacks) * (r.steps * units["attack_step"] + 2 * units["forward"])
     if r.start == "random":  # version 0: random points, their success measured once (on the stored views)

@@ -268,7 +268,7 @@ def test_every_unknown_key_is_named_with_the_keys_its_section_allows():
     lines = format_validation_error(caught.value).splitlines()
     allowed_mid = ", ".join(RunConfig.model_fields["mid"].annotation.model_fields)
     assert lines == ["config error: pool.refresh: unknown key 'evry' (allowed: every, steps, step_size, attacks, "
-                     "reset_every, start, epochs, eps_warmup_epochs, overlap)",  # the sections' order: pool first
+                     "reset_every, start, epochs, eps_warmup_epochs, success_samples, overlap)",  # the sections' order: pool first
                      f"config error: mid: unknown key 'epoch' (allowed: {allowed_mid})",
                      f"config error: mid: unknown key 'lrr' (allowed: {allowed_mid})"]
 
@@ -298,3 +298,16 @@ def test_a_refreshed_row_trains_on_its_own_schedule_and_takes_every_unset_field_
         load_config(DIGITS, ["models.mid_r.classifier=both"])
     with pytest.raises(ConfigError, match=r"models.atta: unknown key 'classifier'"):
         load_config(DIGITS, ["models.atta.classifier=trainable"])
+
+
+def test_a_pool_of_one_attack_is_refused_only_where_a_row_holds_one_out():
+    with pytest.raises(ConfigError, match=r"pool.attacks: MID holds one attack out per step \(mid.meta\): the pool "
+                                          r"needs at least 2 attacks, not 1"):
+        load_config(DIGITS, ["pool.attacks=[PGD_N]"])
+    with pytest.raises(ConfigError, match=r"pool.attacks: MID-R holds"):
+        load_config(DIGITS, ["pool.attacks=[PGD_N]", "eval.defenses=[None, MID-R]"])
+    with pytest.raises(ConfigError, match=r"pool.attacks: .*at least one attack"):
+        load_config(DIGITS, ["pool.attacks=[]", "eval.defenses=[ATTA]"])
+    alone = load_config(DIGITS, ["pool.attacks=[PGD_N]", "eval.defenses=[AT, ATTA]"])  # ATTA holds none out
+    assert run_plan.refreshed_attacks(alone) == ["PGD_N"]
+    assert load_config(DIGITS, ["pool.attacks=[PGD_N]", "mid.meta=false"]).pool.attacks == ["PGD_N"]

@@ -500,6 +500,7 @@ PERTURBATIONS: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "attacks.target": [(0, {}), (1, {}), ("random", {})],
     "pool.refresh.attacks": [(["PGD_N", "MIM_N"], {})],
     "pool.refresh.eps_warmup_epochs": [(3, {"pool.refresh.every": 0})],
+    "pool.refresh.success_samples": [(100, {"pool.refresh.every": 0})],
 }
 
 

@@ -216,6 +216,25 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
     again = results(store)
     for kind in ("mid-r", "atta"):
         assert again["stages"][kind]["cache_hit"] and again["stages"][kind]["key"] == report["stages"][kind]["key"]
+    # pool.refresh.success_samples: the same carried views, their success measured on a seeded
+    # sample (a new version key, so the round after it retrains), and fewer attack MACs counted.
+    sampled = subprocess.run(cli_args(store, "run", *STALENESS_ZERO, "eval.defenses=[ATTA]",
+                                      "pool.refresh.success_samples=100"), capture_output=True, text=True, timeout=600)
+    assert sampled.returncode == 0, sampled.stderr[-4000:]
+    sampled_report = results(store)
+    full_rounds, sampled_rounds = report["stages"]["atta"]["rounds"], sampled_report["stages"]["atta"]["rounds"]
+    assert sampled_rounds[0]["checkpoint"] == full_rounds[0]["checkpoint"] and sampled_rounds[0]["cache_hit"]
+    for attack, key in sampled_rounds[1]["pools"].items():
+        full_key = full_rounds[1]["pools"][attack]
+        assert key != full_key
+        assert np.array_equal(pools.PoolReader.open(str(store), key).adv(0, 0, 512),
+                              pools.PoolReader.open(str(store), full_key).adv(0, 0, 512))
+        assert pools.PoolReader.open(str(store), key).group.attrs["refresh"]["success_samples"] == 100
+        shards = pools.read_manifest(str(store), key)["shards"]
+        assert sum(s["stats"]["measured_samples"] for s in shards) == 100
+        rate = sampled_rounds[1]["pool_success"][attack]
+        assert 0 <= rate <= 100 and round(rate) == rate  # a count of the 100, in percent
+    assert (sampled_report["costs"]["ATTA"]["attack_macs"] < report["costs"]["ATTA"]["attack_macs"])
     from safetensors.numpy import load_file
 
     from storage import checkpoints

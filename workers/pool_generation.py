@@ -132,12 +132,13 @@ class PoolGenerator:
 
 
     def carry(self, pool_key: str, previous_key: str, checkpoint_key: str, attack_name: str, shard: int, start: int,
-              stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int) -> dict[str, Any]:
+              stop: int, *, family_settings: dict[str, dict[str, Any]], batch_size: int,
+              measured: list[int] | None = None) -> dict[str, Any]:
         """Shard ``shard`` of a pool refreshed at staleness zero: the views the training
         workers carried through round ``checkpoint_key`` (``workers/refresh_in_step.py``),
         and, for a sample no worker trained on (the split's remainder across workers),
         pool ``previous_key``'s view as it was. Its success is measured against this actor's
-        model, the round's."""
+        model, the round's, on the samples ``measured`` of the shard (None: all of them)."""
         started = time.perf_counter()
         attack = make_attack(attack_name, family_settings)
         previous = PoolReader.open(self.root, previous_key)
@@ -149,15 +150,19 @@ class PoolGenerator:
         index = self._carried["index"]
         inside = (index >= start) & (index < stop)
         adv_u8[0, index[inside] - start] = self._carried[attack_name][inside]
-        labels = torch.from_numpy(labels_np).to(self.device)
-        targets = torch.from_numpy(targets_np).to(self.device)
+        rows = np.arange(len(labels_np)) if measured is None else np.asarray(measured, dtype=np.int64) - start
+        labels = torch.from_numpy(labels_np[rows]).to(self.device)
+        targets = torch.from_numpy(targets_np[rows]).to(self.device)
+        views = adv_u8[0, rows]
         hits = 0
         for lo in range(0, len(labels), batch_size):
             hi = min(lo + batch_size, len(labels))
-            hits += success(self.model, to_float(torch.from_numpy(adv_u8[0, lo:hi])).to(self.device), labels[lo:hi],
+            hits += success(self.model, to_float(torch.from_numpy(views[lo:hi])).to(self.device), labels[lo:hi],
                             targets[lo:hi], attack.targeted)
-        stats = {"success_rate_float": hits / len(labels_np), "success_rate_stored": hits / len(labels_np),
-                 "carried_samples": int(inside.sum()), "seconds": time.perf_counter() - started}
+        rate = hits / max(len(rows), 1)
+        stats = {"success_rate_float": rate, "success_rate_stored": rate, "carried_samples": int(inside.sum()),
+                 "seconds": time.perf_counter() - started,
+                 **({"measured_samples": len(rows)} if measured is not None else {})}
         return write_shard(self.root, pool_key, shard=shard, start=start, stop=stop, eps=attack.eps,
                            adv_u8=adv_u8, clean_u8=clean_u8, targets=targets_np[None], stats=stats)
 

@@ -8,6 +8,7 @@ protocols (split ``test``, one variant, against the source model or the substitu
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,15 +120,25 @@ class CarriedPool(RefreshedVersion):
     their steps and carried in the round checkpoint ``carried_from``, stored as they are."""
 
     carried_from: str
+    # ``pool.refresh.success_samples``: the sorted training samples whose success against the
+    # round's model is measured (None: every sample). The views stored are the same either way.
+    measured: tuple[int, ...] | None = None
 
     def attrs(self) -> dict[str, Any]:
         attrs = super().attrs()
         attrs["refresh"]["carried_from"] = self.carried_from
+        if self.measured is not None:
+            attrs["refresh"]["success_samples"] = len(self.measured)
         return attrs
 
     def submit(self, actor, key, shard, lo, hi, run):
+        measured = None
+        if self.measured is not None:
+            first, last = bisect.bisect_left(self.measured, lo), bisect.bisect_left(self.measured, hi)
+            measured = list(self.measured[first:last])
         return actor.carry.remote(key, self.refresh_of, self.carried_from, self.attack, shard, lo, hi,
-                                  family_settings=run["family_settings"], batch_size=run["batch_size"])
+                                  family_settings=run["family_settings"], batch_size=run["batch_size"],
+                                  measured=measured)
 
 
 def training_pool_spec(ctx: RunContext, attack: str) -> PoolSpec:
@@ -231,10 +242,12 @@ def source_summary(source: dict[str, Any]) -> dict[str, Any]:
 
 def success_summary(root: str, key: str) -> dict[str, float]:
     """The attack's success rate (%) against the model it was crafted on, before and after
-    rounding to uint8."""
+    rounding to uint8, over the samples it was measured on (every sample, or a carried
+    version's seeded sample: ``pool.refresh.success_samples``)."""
     shards = pools.read_manifest(root, key)["shards"]
-    total = sum(s["stop"] - s["start"] for s in shards)
-    rate = {k: sum(s["stats"][k] * (s["stop"] - s["start"]) for s in shards) / total
+    measured = [s["stats"].get("measured_samples", s["stop"] - s["start"]) for s in shards]
+    total = max(sum(measured), 1)
+    rate = {k: sum(s["stats"][k] * n for s, n in zip(shards, measured)) / total
             for k in ("success_rate_float", "success_rate_stored")}
     return {k: round(100 * v, 2) for k, v in rate.items()}
 

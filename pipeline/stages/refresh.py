@@ -32,7 +32,7 @@ from pipeline.training import train_with_ray
 from pipeline.stages import pool
 from pipeline.stages.models import model_spec, worker_augmentation
 from storage import checkpoints, pools
-from storage.datasets import DatasetReader
+from storage.datasets import DatasetReader, subset_indices
 from storage.keys import content_key
 from workers.defenses import defense_class
 from workers.attacks import make_attack
@@ -51,7 +51,7 @@ def in_step(ctx: RunContext) -> bool:
 
 
 def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool, round_index: int,
-                   carried_from: str | None = None) -> pool.RefreshedVersion:
+                   carried_from: str | None = None, train_samples: int = 0) -> pool.RefreshedVersion:
     """Version ``round_index`` of ``attack``'s pool, after ``previous_key``: regenerated (a
     reset), carried by the workers (staleness zero) or continued by the actors."""
     p, how = ctx.cfg.pool, key_rules.refresh_settings(ctx.cfg, attack)
@@ -59,7 +59,9 @@ def refreshed_spec(ctx: RunContext, attack: str, previous_key: str, reset: bool,
     if reset:
         return pool.RegeneratedPool(*common, reset_seed=ctx.cfg.seed * 1_000_003 + round_index)
     if carried_from is not None:
-        return pool.CarriedPool(*common, carried_from=carried_from)
+        measured = subset_indices(train_samples, p.refresh.success_samples, ctx.cfg.seed)
+        return pool.CarriedPool(*common, carried_from=carried_from,
+                                measured=tuple(measured) if measured is not None else None)
     return pool.ContinuedPool(*common)
 
 
@@ -202,7 +204,8 @@ class RefreshedRow:
         made_on, source_kind, source = self.source_of(index)
         carried_from = source["key"] if in_step(ctx) else None
         previous = self.versions[index - 1]
-        specs = [refreshed_spec(ctx, attack, previous[attack], reset, index, carried_from)
+        specs = [refreshed_spec(ctx, attack, previous[attack], reset, index, carried_from,
+                                self.dataset.num_samples("train"))
                  for attack in run_plan.refreshed_attacks(ctx.cfg)]
         keys = {s.attack: content_key("pool", key_rules.refreshed_pool_payload(
             ctx.cfg, previous[s.attack], source["sha256"], s.attack, reset)) for s in specs}

@@ -216,6 +216,23 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
     again = results(store)
     for kind in ("mid-r", "atta"):
         assert again["stages"][kind]["cache_hit"] and again["stages"][kind]["key"] == report["stages"][kind]["key"]
+    from safetensors.numpy import load_file
+
+    from storage import checkpoints
+    student = report["stages"]["mid-r"]["key"]
+    manifest = checkpoints.read_manifest(str(store), student)
+    assert manifest["classifier"] == "trainable"
+    weights = load_file(str(store / "checkpoints" / student / "model.safetensors"))
+    teacher = load_file(str(store / "checkpoints" / manifest["teacher_key"] / "model.safetensors"))
+    own = sorted(name for name in weights if name.startswith("classifier."))
+    assert own and all(name in teacher for name in own)
+    assert any(not np.array_equal(weights[name], teacher[name]) for name in own)  # C_s moved away from C_t
+    exported = subprocess.run([sys.executable, "-m", "pipeline", "export", "digits", str(tmp_path / "export"),
+                               "--row", "MID-R", "--format", "safetensors", "--store", str(store)],
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    card = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert card["check"]["largest_logit_difference"] < 1e-4
     # pool.refresh.success_samples: the same carried views, their success measured on a seeded
     # sample (a new version key, so the round after it retrains), and fewer attack MACs counted.
     sampled = subprocess.run(cli_args(store, "run", *STALENESS_ZERO, "eval.defenses=[ATTA]",
@@ -235,23 +252,6 @@ def test_at_staleness_zero_each_version_is_the_views_the_workers_carried(prepare
         rate = sampled_rounds[1]["pool_success"][attack]
         assert 0 <= rate <= 100 and round(rate) == rate  # a count of the 100, in percent
     assert (sampled_report["costs"]["ATTA"]["attack_macs"] < report["costs"]["ATTA"]["attack_macs"])
-    from safetensors.numpy import load_file
-
-    from storage import checkpoints
-    student = report["stages"]["mid-r"]["key"]
-    manifest = checkpoints.read_manifest(str(store), student)
-    assert manifest["classifier"] == "trainable"
-    weights = load_file(str(store / "checkpoints" / student / "model.safetensors"))
-    teacher = load_file(str(store / "checkpoints" / manifest["teacher_key"] / "model.safetensors"))
-    own = sorted(name for name in weights if name.startswith("classifier."))
-    assert own and all(name in teacher for name in own)
-    assert any(not np.array_equal(weights[name], teacher[name]) for name in own)  # C_s moved away from C_t
-    exported = subprocess.run([sys.executable, "-m", "pipeline", "export", "digits", str(tmp_path / "export"),
-                               "--row", "MID-R", "--format", "safetensors", "--store", str(store)],
-                              capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, exported.stderr
-    card = json.loads((tmp_path / "export" / "card.json").read_text())
-    assert card["check"]["largest_logit_difference"] < 1e-4
 
 
 def test_overlapped_refreshes_are_made_one_round_staler_while_the_rounds_train(prepared, tmp_path):

@@ -8,6 +8,7 @@ Ray's console output as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def route_worker_lines() -> None:
 
     from workers.ray_compat import replace_worker_print_handler, worker_bar_drawer
 
-    process_bar = worker_bar_drawer()
+    process_bar = worker_bar_drawer() if sys.stderr.isatty() else PlainBarLines(sys.stderr).draw
     if process_bar is None:  # Ray's own printing stays: louder, never broken
         return
 
@@ -48,6 +49,54 @@ def route_worker_lines() -> None:
                 stream.write(f"({source} pid={data.get('pid')}) {line}\n")
 
     replace_worker_print_handler(handle)
+
+
+def progress(iterable=None, **kwargs):
+    """A driver-side progress bar: tqdm's on a terminal; elsewhere (a log file, CI, `ray job
+    logs`) a plain line at most every 10 s and one at the end, instead of tqdm's carriage
+    returns, which a file keeps as one ever longer line."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return tqdm(iterable, file=_PlainLines(sys.stderr), mininterval=10, ascii=True, ncols=100, **kwargs)
+
+
+class _PlainLines:
+    """A stream for tqdm that turns each redraw into one line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip("\n")
+        if text.strip():
+            self.stream.write(text.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class PlainBarLines:
+    """Worker bars for output that is not a terminal (a log file, CI, `ray job logs`): one
+    line each time a bar advances or closes, instead of tqdm's redraws, which a file keeps
+    as whole lines, several per update."""
+
+    def __init__(self, stream):
+        self.stream, self.shown = stream, {}  # bar uuid -> the count last printed
+
+    def draw(self, line: str) -> None:
+        try:
+            state = json.loads(line[line.index("{"):])
+        except ValueError:
+            return  # not a whole bar state: nothing worth a line
+        uuid, count = state.get("uuid"), state.get("x", 0)
+        if uuid in self.shown and (self.shown[uuid] == count or self.shown[uuid] is None):
+            return
+        total = f"/{state['total']}" if state.get("total") else ""
+        print(f"  {state.get('desc', '')}: {count}{total} {state.get('unit', '')}".rstrip(),
+              file=self.stream, flush=True)
+        self.shown[uuid] = None if state.get("closed") else count
 
 
 def quiet_driver_loggers(stream=None) -> None:

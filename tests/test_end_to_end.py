@@ -110,6 +110,10 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path):
     assert costs["MID"]["seconds"] > 0
     assert all((tmp_path / "run1" / f"{p}.png").read_bytes().startswith(b"\x89PNG") for p in results["protocols"])
     assert "Reporting training result" not in first.stdout + first.stderr  # Ray's chatter: OUT/logs/ray.log
+    # Not a terminal: a worker's bar is one line per epoch, never tqdm's redraws.
+    bar_lines = [line for line in first.stderr.splitlines() if line.startswith("  MID training")]
+    assert bar_lines and bar_lines[-1].endswith(": 2/2 epoch"), bar_lines  # mid.epochs=2
+    assert len(set(bar_lines)) == len(bar_lines) and "\r" not in first.stderr, bar_lines
     assert (tmp_path / "run1" / "logs" / "ray.log").stat().st_size > 0
 
     stages = results["stages"]

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqdm import tqdm
 
+from pipeline.console import progress
 from pipeline.context import RunContext
 from pipeline.keys import eval_cell_payload
 from pipeline.stages.work_order import as_completed, attack_cost, longest_first
@@ -138,7 +138,7 @@ def evaluate(ctx: RunContext, dataset: DatasetReader, defenses: dict[str, dict[s
     counts: dict[tuple, list[int]] = {}
     work = as_completed(actors, tasks, lambda actor, t: getattr(actor, t[3]).remote(*t[4]))
     try:
-        for task, result in tqdm(work, total=len(tasks), desc="eval batches", unit="batch"):
+        for task, result in progress(work, total=len(tasks), desc="eval batches", unit="batch"):
             c = counts.setdefault(task[:3], [0, 0])
             c[0] += result["correct"]
             c[1] += result["total"]

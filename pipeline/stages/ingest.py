@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tqdm import tqdm
 
+from pipeline.console import progress
 from pipeline.context import RunContext
 from pipeline.keys import dataset_payload
 from storage import datasets
@@ -54,7 +54,7 @@ def ingest_streaming(ctx: RunContext, key: str, source) -> dict:
     try:
         for split, (limit, seed) in split_limits(ctx).items():
             files, labels = source.selected(ctx.cfg.data.path, split, limit, seed)
-            with tqdm(total=len(files), desc=f"decoding {split} images", unit="img") as bar:
+            with progress(total=len(files), desc=f"decoding {split} images", unit="img") as bar:
                 def batches():
                     done = 0
                     for paths, images in source.decoded_batches(files, size, DECODE_BATCH_ROWS):

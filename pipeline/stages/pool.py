@@ -12,8 +12,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
 
+from pipeline.console import progress
 from pipeline.context import RunContext
 from pipeline.errors import PipelineError
 from pipeline.keys import pool_payload
@@ -305,7 +305,7 @@ def generate(ctx: RunContext, dataset: DatasetReader, source_kind: str, source: 
     work = ActorPool(actors).map_unordered(submit, longest_first(todo, cost))
     done = 0
     try:
-        for _ in tqdm(work, total=len(todo), desc="pool shards", unit="shard"):
+        for _ in progress(work, total=len(todo), desc="pool shards", unit="shard"):
             done += 1
     except ray.exceptions.RayActorError as e:
         # A lost worker or node costs only the shards in flight: every committed shard stays.

@@ -236,8 +236,7 @@ class RefreshConfig(Section):
                           "a moving pool is not overfitted as MID overfits a fixed one, so it may train longer")
     eps_warmup_epochs: NonNegativeInt | None = Field(
         None, description="at staleness zero, continue the views inside a ball ramped from ε/W to ε over the "
-                          "first W epochs, as AT ramps its attack (none: models.at.eps_warmup_epochs for ATTA, "
-                          "0 for MID-R)")
+                          "first W epochs, as AT ramps its attack (none: models.at.eps_warmup_epochs, for both rows)")
 
     success_samples: PositiveInt | None = Field(
         None, description="at staleness zero, measure each carried version's success against its round's model on "

@@ -86,7 +86,7 @@ def refreshed_eps_warmup(cfg: RunConfig, objective: str) -> int:
     chosen = cfg.pool.refresh.eps_warmup_epochs
     if chosen is not None:
         return chosen
-    return cfg.models.at.eps_warmup_epochs if objective == "cross_entropy" else 0
+    return cfg.models.at.eps_warmup_epochs  # both rows ramp as AT does (MNIST fast: docs/results.md §1.7)
 
 
 def refreshed_attacks(cfg: RunConfig) -> list[str]:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRESS_BAR = re.compile(r"^[^|]*: +\d+%\|.*\]$")  # a tqdm line, e.g. "decoding train images:  40%|██  | 4/10 [...]"
+# A bar's line: tqdm's, e.g. "decoding train images:  40%|####  | 4/10 [...]", or, off a
+# terminal, a worker bar's one line per step, e.g. "  baseline training: 0/1 epoch".
+PROGRESS_BAR = re.compile(r"^[^|]*: +\d+%\|.*\]$|^  [^:]+: \d+(/\d+)?( \w+)?$")
 
 
 def signal_session(session: int, sig: int) -> int:

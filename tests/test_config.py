@@ -241,7 +241,7 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     with pytest.raises(ConfigError, match=r"pool.refresh.eps_warmup_epochs: .* at staleness zero only"):
         load_config(DIGITS, ["pool.refresh.every=2", "pool.refresh.eps_warmup_epochs=3"])
     in_step = load_config(DIGITS, ["pool.refresh.every=0", "models.at.eps_warmup_epochs=4"])
-    assert (run_plan.refreshed_eps_warmup(in_step, "cross_entropy"), run_plan.refreshed_eps_warmup(in_step, "mid")) == (4, 0)  # AT's
+    assert (run_plan.refreshed_eps_warmup(in_step, "cross_entropy"), run_plan.refreshed_eps_warmup(in_step, "mid")) == (4, 4)  # AT's
     chosen = load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.eps_warmup_epochs=2"])
     assert (run_plan.refreshed_eps_warmup(chosen, "cross_entropy"), run_plan.refreshed_eps_warmup(chosen, "mid")) == (2, 2)
     longer = load_config(DIGITS, ["pool.refresh.epochs=33"])

@@ -212,7 +212,6 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     the pool it starts on, its training settings and how the pool is refreshed. Each
     round's checkpoint is keyed by this and its round's pools (``refreshed_round_payload``)."""
     r = cfg.pool.refresh
-    objective = "mid" if teacher_sha256 is not None else "cross_entropy"
     schedule = run_plan.refreshed_training(cfg, row)
     epochs = schedule.epochs
     if teacher_sha256 is not None:  # MID's step: the mid section as the row's schedule resolves it
@@ -225,7 +224,7 @@ def refreshed_run_payload(cfg: RunConfig, row: str, dataset_fingerprint: str, in
     else:  # cross-entropy with its schedule (AT's epochs, batch size and learning rate unless set)
         train = {"epochs": epochs, "batch_size": schedule.batch_size, "lr": schedule.lr,
                  "num_workers": schedule.num_workers}
-    warmup = run_plan.refreshed_eps_warmup(cfg, objective)
+    warmup = run_plan.refreshed_eps_warmup(cfg)
     if warmup:  # at staleness zero only
         train["eps_warmup_epochs"] = warmup
     return {"row": row, "dataset": dataset_fingerprint, "init_sha256": init_sha256, "pools": first_pools,

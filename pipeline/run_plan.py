@@ -78,7 +78,7 @@ def refreshed_training(cfg: RunConfig, row: str) -> RefreshedSchedule:
         trainable_classifier=trainable)
 
 
-def refreshed_eps_warmup(cfg: RunConfig, objective: str) -> int:
+def refreshed_eps_warmup(cfg: RunConfig) -> int:
     """The ε warm-up (epochs) of a row refreshed at staleness zero; none at a longer staleness,
     where the views are continued between rounds at full ε."""
     if cfg.pool.refresh.every != 0:

@@ -241,10 +241,10 @@ def test_refreshed_attacks_must_be_linf_attacks_of_the_pool():
     with pytest.raises(ConfigError, match=r"pool.refresh.eps_warmup_epochs: .* at staleness zero only"):
         load_config(DIGITS, ["pool.refresh.every=2", "pool.refresh.eps_warmup_epochs=3"])
     in_step = load_config(DIGITS, ["pool.refresh.every=0", "models.at.eps_warmup_epochs=4"])
-    assert (run_plan.refreshed_eps_warmup(in_step, "cross_entropy"), run_plan.refreshed_eps_warmup(in_step, "mid")) == (4, 4)  # AT's
+    assert run_plan.refreshed_eps_warmup(in_step) == 4  # AT's, for both rows
     chosen = load_config(DIGITS, ["pool.refresh.every=0", "pool.refresh.eps_warmup_epochs=2"])
-    assert (run_plan.refreshed_eps_warmup(chosen, "cross_entropy"), run_plan.refreshed_eps_warmup(chosen, "mid")) == (2, 2)
-    longer = load_config(DIGITS, ["pool.refresh.epochs=33"])
+    assert run_plan.refreshed_eps_warmup(chosen) == 2
+    longer = load_config(DIGITS, ["pool.refresh.epochs=33", "models.mid_r={}"])  # digits.yaml sets MID-R's own
     assert run_plan.refreshed_training(longer, "MID-R").epochs == run_plan.refreshed_training(longer, "ATTA").epochs == 33
     assert longer.mid.epochs != 33  # MID itself keeps its epochs
     with pytest.raises(ConfigError, match=r"pool.refresh.overlap: at staleness zero .* set every ≥ 1"):
@@ -276,7 +276,7 @@ def test_every_unknown_key_is_named_with_the_keys_its_section_allows():
 def test_a_refreshed_row_trains_on_its_own_schedule_and_takes_every_unset_field_from_its_base_section():
     """models.mid_r and models.atta: MID-R's unset fields are mid's, ATTA's models.at's;
     MID's own section (and so MID's row) is untouched by MID-R's."""
-    plain = load_config(DIGITS)
+    plain = load_config(DIGITS, ["models.mid_r={}"])  # digits.yaml sets MID-R's schedule; here none
     for row, base_batch, base_lr, base_workers in (("MID-R", plain.mid.batch_size, plain.mid.lr, plain.mid.num_workers),
                                                    ("ATTA", plain.models.at.batch_size, plain.models.at.lr,
                                                     plain.models.num_workers)):

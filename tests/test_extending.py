@@ -170,7 +170,7 @@ def test_a_new_defense_row_is_validated_planned_trained_and_exported(extended, t
 
 
 REFRESHED = ["eval.defenses=[None, ATTA-LS]", "models.at.epochs=2", "pool.attacks=[PGD_N, PGD_T]",
-             "attacks.PGD.nb_iter=2", "pool.refresh.every=1", "pool.refresh.steps=2",
+             "attacks.PGD.nb_iter=2", "pool.refresh.every=1", "pool.refresh.steps=2", "pool.refresh.start=pool",
              "eval.protocols=[adaptive]", "eval.known=[PGD_N]", "eval.unknown=[FGSM_N]"]
 
 

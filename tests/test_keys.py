@@ -380,12 +380,13 @@ def test_the_demo_dataset_key():
 def test_mid_r_keys_the_schedule_it_trains_whichever_section_sets_it():
     """models.mid_r.batch_size=128 and mid.batch_size=128 train MID-R alike, so they key it
     alike; MID's own row is keyed by mid alone, so MID-R's section leaves MID's key as it is."""
-    rows = "eval.defenses=[None, MID, MID-R]"
-    plain, own = key_payloads(load_config(CONFIG, [rows])), key_payloads(load_config(CONFIG, [rows, "models.mid_r.batch_size=128"]))
-    shared = key_payloads(load_config(CONFIG, [rows, "mid.batch_size=128"]))
+    rows = ["eval.defenses=[None, MID, MID-R]", "models.mid_r={}"]  # digits.yaml sets MID-R's schedule
+    plain = key_payloads(load_config(CONFIG, rows))
+    own = key_payloads(load_config(CONFIG, [*rows, "models.mid_r.batch_size=128"]))
+    shared = key_payloads(load_config(CONFIG, [*rows, "mid.batch_size=128"]))
     assert own["mid"] == plain["mid"] != shared["mid"]
     assert own["mid-r/run"] == shared["mid-r/run"] != plain["mid-r/run"]
-    unset = key_payloads(load_config(CONFIG, [rows, f"models.mid_r.batch_size={load_config(CONFIG).mid.batch_size}"]))
+    unset = key_payloads(load_config(CONFIG, [*rows, f"models.mid_r.batch_size={load_config(CONFIG).mid.batch_size}"]))
     assert unset["mid-r/run"] == plain["mid-r/run"]  # set to mid's own value: the same training, the same key
 
 
@@ -501,6 +502,7 @@ PERTURBATIONS: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "pool.refresh.attacks": [(["PGD_N", "MIM_N"], {})],
     "pool.refresh.eps_warmup_epochs": [(3, {"pool.refresh.every": 0})],
     "pool.refresh.success_samples": [(100, {"pool.refresh.every": 0})],
+    "pool.refresh.overlap": [(True, {"pool.refresh.every": 1})],  # between rounds of 1 epoch or more
 }
 
 

@@ -130,7 +130,8 @@ def test_refreshed_rows_cost_their_rounds_and_the_refreshes_between_them():
     units = {"forward": 1.0, "attack_step": 2.0, "train_step": 3.0, "teacher_step": 4.0, "mid_step": 50.0}
     shape = DataShape(1000, 100, 1, 16, 10, "test")
     base = ["eval.defenses=[MID-R, ATTA]", "eval.protocols=[adaptive]", "pool.attacks=[PGD_N, PGD_T, CW_N]",
-            "mid.epochs=6", "models.at.epochs=5", "pool.refresh.every=2", "pool.refresh.steps=3",
+            "mid.epochs=6", "models.mid_r={}", "models.at.epochs=5", "pool.refresh.every=2", "pool.refresh.steps=3",
+            "pool.refresh.start=pool",
             "eval.known=[PGD_N]", "eval.unknown=[PGD_T]"]
     cfg = load_config(REPO / "configs/digits.yaml", base)
     by_name = {s.name: s for s in stage_costs(cfg, shape, units)[0]}

@@ -29,7 +29,8 @@ TINY = [
     "models.baseline.epochs=2", "models.teacher.epochs=2", "mid.epochs=3", "models.at.epochs=2",
     "attacks.PGD.nb_iter=3", "attacks.PGD.eps=0.3", "attacks.PGD.eps_iter=0.1",
     "pool.attacks=[PGD_N, PGD_T]", "pool.variants=1", "pool.shard_size=16",
-    "pool.refresh.every=1", "pool.refresh.steps=200", "pool.refresh.step_size=0.002",
+    "pool.refresh.every=1", "pool.refresh.steps=200", "pool.refresh.step_size=0.002", "pool.refresh.start=pool",
+    "models.mid_r={}",  # MID-R on mid's 3 epochs, not digits.yaml's own schedule
     "eval.protocols=[adaptive]", "eval.known=[PGD_N]", "eval.unknown=[PGD_T]", "eval.batch_size=32",
 ]
 

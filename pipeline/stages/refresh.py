@@ -71,9 +71,9 @@ def random_start_spec(ctx: RunContext, attack: str) -> pool.RandomStartPool:
     return pool.RandomStartPool(attack, "train", 1, p.encoding, p.delta_step, None)
 
 
-def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
-    """What the workers continue in the step, and how (each attack's ε and step size; ATTA's
-    ε warm-up, AT's)."""
+def in_step_settings(ctx: RunContext) -> InStepRefresh:
+    """What the workers continue in the step, and how (each attack's ε and step size; the ε
+    warm-up, AT's unless set)."""
     family_settings = ctx.cfg.attacks.family_settings()
     attacks = []
     for name in run_plan.refreshed_attacks(ctx.cfg):
@@ -81,7 +81,7 @@ def in_step_settings(ctx: RunContext, objective: str) -> InStepRefresh:
         attacks.append(RefreshedAttack(name, attack.eps, key_rules.refresh_settings(ctx.cfg, name)["step_size"],
                                        attack.targeted))
     return InStepRefresh(tuple(attacks), ctx.cfg.pool.refresh.steps, ctx.cfg.pool.delta_step,
-                         run_plan.refreshed_eps_warmup(ctx.cfg, objective))
+                         run_plan.refreshed_eps_warmup(ctx.cfg))
 
 
 def run(ctx: RunContext, dataset: DatasetReader, row: str, trained: dict[str, dict[str, Any]],
@@ -338,7 +338,7 @@ class RefreshedRow:
                       augmentation=worker_augmentation(ctx), first_epoch=self.plan[first][0],
                       refreshed=RefreshedRounds(self.dataset.key, first, tuple(self.plan[first:]), channel,
                                                 self.rows_fit(workers, first),
-                                                in_step_settings(ctx, self.objective) if in_step(ctx) else None))
+                                                in_step_settings(ctx) if in_step(ctx) else None))
         if self.mid:
             return MIDJob(**common, teacher_key=self.teacher["key"], init_student=m.init_student,
                           step=replace(m.step(on_gpu=ctx.cfg.ray.use_gpu),

@@ -41,7 +41,7 @@ REFRESHED_ROWS = mid run configs/digits.yaml --out $(OUT)-refreshed --set 'eval.
 
 demo: install
 	$(BIN)/mid run configs/digits.yaml --out $(OUT)
-	@echo "Next: the two rows trained on pools refreshed against themselves (MID-R, ATTA), on this demo's store, every stage above reused (about 9 minutes on 2 cores):"
+	@echo "Next: the two rows trained on pools refreshed against themselves (MID-R, ATTA), on this demo's store, every stage above reused (their training about 3 minutes on 2 cores, then their evaluation):"
 	@echo "  $(BIN)/$(REFRESHED_ROWS)"
 
 lint: $(VENV)/.test-extra

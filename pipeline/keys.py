@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import run_plan
 from storage import datasets, pools
 from workers.attacks import parse_attack_name
+from workers.models import ARCHITECTURES
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -110,6 +111,9 @@ def uses_pretrained(cfg: RunConfig, kind: str) -> bool:
 def model_settings(cfg: RunConfig, kind: str, pretrained_sha256: str | None = None) -> dict[str, Any]:
     """The ``train`` part of a classifier's key (the worker gets the same settings)."""
     settings = {**training_settings(cfg, kind), **augmentation_settings(cfg)}
+    revision = ARCHITECTURES[cfg.models.arch].decoder_revision
+    if kind == "teacher" and revision:  # the teacher is the one model its decoder trains
+        settings["decoder_revision"] = revision
     if uses_pretrained(cfg, kind):
         if not pretrained_sha256:
             raise ValueError(f"{kind}: models.pretrained is set, its sha256 must enter the key")

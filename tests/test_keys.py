@@ -633,3 +633,14 @@ def test_the_declared_fields_are_config_fields():
     assert [f for f in [*keys.KEY_NEUTRAL, *keys.KEY_BY_CONTENT] if f not in fields] == []
     assert not set(keys.KEY_NEUTRAL) & set(keys.KEY_BY_CONTENT)
     assert all(reason.strip() for reason in [*keys.KEY_NEUTRAL.values(), *keys.KEY_BY_CONTENT.values()])
+
+
+def test_a_decoder_revision_retrains_that_family_s_teacher_alone():
+    """mid_cnn's decoder changed (workers/models/mid_cnn.py): its teachers are keyed by the
+    revision, so a store retrains them; its other models and every lenet model keep their keys."""
+    spec = {"arch": "mid_cnn", "in_channels": 1, "image_size": 16, "num_classes": 10, "feature_dim": 84}
+    cnn = load_config(CONFIG, ["models.arch=mid_cnn"])
+    assert keys.model_payload(cnn, FINGERPRINT, spec, "teacher")["train"]["decoder_revision"] == 1
+    assert "decoder_revision" not in keys.model_payload(cnn, FINGERPRINT, spec, "baseline")["train"]
+    lenet = key_payloads(load_config(CONFIG))
+    assert all("decoder_revision" not in payload.get("train", {}) for _, payload in lenet.values())

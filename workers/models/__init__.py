@@ -17,12 +17,16 @@ class Architecture(NamedTuple):
     description: str  # for models.arch's help
     has_decoder: bool  # the teacher's reconstruction loss applies
     max_side: int  # the largest image side it is run at: past it a model does not fit a worker's memory
+    # Raised when a change to the family's decoder changes what a teacher trained with it
+    # holds: it enters the teacher's key (pipeline/keys.py), so the store retrains it.
+    decoder_revision: int = 0
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     # LeNet and the authors' CNN flatten a (side/4)² feature map into dense layers.
     "lenet": Architecture("lenet:LeNet", "classic 6/16-channel LeNet-5, the digits demo", True, 256),
-    "mid_cnn": Architecture("mid_cnn:MidCNN", "the authors' MNIST network, a 64×7×7 feature map", True, 256),
+    "mid_cnn": Architecture("mid_cnn:MidCNN", "the authors' MNIST network, a 64×7×7 feature map", True, 256,
+                            decoder_revision=1),  # 1: no output Sigmoid (a blank image before)
     # CIFAR stem up to 64 pixels; used up to ImageNet scale
     "resnet18": Architecture("resnet:resnet18", "torchvision names", True, 1024),
     "resnet50": Architecture("resnet:resnet50", "torchvision names", True, 1024),

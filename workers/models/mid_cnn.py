@@ -8,6 +8,12 @@ The decoder mirrors the encoder with transposed 3×3 convolutions. Where the aut
 un-pool with the encoder's max-pool indices, this one up-samples with stride-2 transposed
 convolutions: the cyclic-consistency term feeds the *teacher's* decoder the *student's*
 features, so the decoder must be a function of z alone.
+
+Like the authors', it has no output activation (docs/design.md §3.1). It ended in a
+Sigmoid before, and under the teacher's L1 loss that collapsed to a blank image on MNIST,
+where most pixels are 0: the loss pushes every output down, the Sigmoid saturates and the
+stroke pixels lose their gradient, so the cyclic-consistency term was a constant. A clamp
+to [0, 1] learns, slowly, for the same reason (tests/test_backbones.py measures both).
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ class MidCNNDecoder(nn.Module):
         self.features = nn.Sequential(
             nn.ConvTranspose2d(CHANNELS[1], CHANNELS[0], 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
             nn.ConvTranspose2d(CHANNELS[0], spec.in_channels, 3, stride=2, padding=1, output_padding=1),
-            nn.Sigmoid(),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ features, so the decoder must be a function of z alone.
 Like the authors', it has no output activation (docs/design.md §3.1). It ended in a
 Sigmoid before, and under the teacher's L1 loss that collapsed to a blank image on MNIST,
 where most pixels are 0: the loss pushes every output down, the Sigmoid saturates and the
-stroke pixels lose their gradient, so the cyclic-consistency term was a constant. A clamp
-to [0, 1] learns, slowly, for the same reason (tests/test_backbones.py measures both).
+stroke pixels lose their gradient, so the cyclic-consistency term was a constant
+(tests/test_backbones.py trains this decoder beside a copy ending in a Sigmoid).
 """
 
 from __future__ import annotations

@@ -49,6 +49,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(module_of(item.nodeid), len(rank)))  # stable: file order otherwise
 
 
+@pytest.fixture(autouse=True)
+def no_ray_left_running(request):
+    """A test that starts Ray in the pytest process and leaves it running breaks whichever
+    test of that worker next asks for ``ray_local`` ("called ray.init twice"), depending on
+    how xdist happened to order the modules: fail the test that did it, by name, instead."""
+    import sys
+
+    def ray_up() -> bool:  # never imports Ray for a test that did not
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    was_up = ray_up()
+    yield
+    if not was_up and "ray_local" not in request.fixturenames and ray_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("left a Ray instance running in the pytest process: use the ray_local fixture, "
+                    "or run the driver in a subprocess")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray instance for the tests that need it (loopback, no dashboard)."""

@@ -174,6 +174,9 @@ def image_folder_config(tmp_path, data_path, **data):
 
 
 def ingest(config, tmp_path):
+    """The ingest stage in this process. An image folder streams through Ray Data, so the
+    caller holds ``ray_local``: the stage then joins that instance instead of starting one
+    of its own that would outlive the test (a driver ends Ray by exiting; pytest does not)."""
     from pipeline.config_loader import load_config
     from pipeline.context import RunContext
     from pipeline.stages import ingest as ingest_stage
@@ -183,7 +186,7 @@ def ingest(config, tmp_path):
 
 
 @pytest.mark.parametrize("tiny_imagenet", [False, True])
-def test_an_image_folder_streams_into_the_dataset_store(tmp_path, tiny_imagenet):
+def test_an_image_folder_streams_into_the_dataset_store(tmp_path, tiny_imagenet, ray_local):
     make_image_tree(tmp_path / "images", tiny_imagenet)
     dataset = ingest(image_folder_config(tmp_path, tmp_path / "images"), tmp_path)
     assert dataset.manifest["class_names"] == sorted(COLOURS)
